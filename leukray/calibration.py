@@ -1,0 +1,108 @@
+"""Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+
+Fine-tuned CNNs are over-confident, and the scorer's `confidence` / `needs_review` columns are only
+meaningful if probabilities are calibrated. One scalar T > 0 divides the logits: it is fitted on validation
+logits by minimising NLL, never changes the argmax (so accuracy is untouched), and is stored in the model card.
+
+T is optimised in log space (so it stays positive and the search is scale-symmetric) with scipy's bounded
+Brent method on a closed interval. NLL is convex in 1/T, hence unimodal in log T, so a bounded scalar search
+finds the global optimum; it is deterministic (no random init, no data order, float64 throughout).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+__all__ = ["TEMPERATURE_BOUNDS", "fit_temperature", "nll_with_temperature", "softmax_with_temperature"]
+
+log = logging.getLogger(__name__)
+
+TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
+"""Sane range for T: outside it the validation set is degenerate (e.g. all correct, or labels unrelated)."""
+
+
+def _as_logits(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Logits as a float64 (N, C) numpy array, whatever device or dtype the model produced them on."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(logits, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"logits must be (N, C), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("logits contain NaN or inf")
+    return arr
+
+
+def _as_labels(labels: np.ndarray | torch.Tensor | list[int], n: int, n_classes: int) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels).astype(np.int64).reshape(-1)
+    if arr.shape[0] != n:
+        raise ValueError(f"{n} logit rows but {arr.shape[0]} labels")
+    if n and (arr.min() < 0 or arr.max() >= n_classes):
+        raise ValueError(f"labels must be in [0, {n_classes - 1}], got range [{arr.min()}, {arr.max()}]")
+    return arr
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    logp = log_softmax(logits / temperature, axis=1)
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def nll_with_temperature(
+    logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | list[int], temperature: float = 1.0
+) -> float:
+    """Mean negative log-likelihood of `labels` under softmax(logits / T): the objective T is fitted on."""
+    z = _as_logits(logits)
+    y = _as_labels(labels, z.shape[0], z.shape[1])
+    if z.shape[0] == 0:
+        raise ValueError("no samples")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _nll(z, y, float(temperature))
+
+
+def fit_temperature(
+    logits: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | list[int],
+    bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+) -> float:
+    """Fit T minimising validation NLL of softmax(logits / T); returns T within `bounds`.
+
+    logits: (N, C) raw model outputs on the validation split (not probabilities); labels: (N,) int.
+    Use validation, not training, logits: training logits are over-fitted and would give T ≈ 1.
+    """
+    z = _as_logits(logits)
+    y = _as_labels(labels, z.shape[0], z.shape[1])
+    if z.shape[0] == 0:
+        raise ValueError("cannot fit a temperature on zero samples")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    result = minimize_scalar(
+        lambda log_t: _nll(z, y, math.exp(log_t)),
+        bounds=(math.log(lo), math.log(hi)),
+        method="bounded",
+        options={"xatol": 1e-6, "maxiter": 500},
+    )
+    temperature = float(math.exp(result.x))
+    # Never return a T that is worse than no scaling (possible only if the search failed to converge).
+    if _nll(z, y, temperature) > _nll(z, y, 1.0) and lo <= 1.0 <= hi:
+        log.warning("temperature search did not improve on T=1 (%s); keeping T=1", result.message)
+        return 1.0
+    if math.isclose(temperature, lo, rel_tol=1e-3) or math.isclose(temperature, hi, rel_tol=1e-3):
+        log.warning("fitted temperature %.4g is at the bound %s; the validation logits look degenerate", temperature, bounds)
+    return temperature
+
+
+def softmax_with_temperature(logits: np.ndarray | torch.Tensor, temperature: float) -> np.ndarray:
+    """Calibrated probabilities softmax(logits / T) as a float64 (N, C) array (rows sum to 1)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return softmax(_as_logits(logits) / float(temperature), axis=1)

@@ -1,0 +1,82 @@
+"""Temperature scaling recovers a known over-confidence factor on a synthetic model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from leukray.calibration import (
+    TEMPERATURE_BOUNDS,
+    fit_temperature,
+    nll_with_temperature,
+    softmax_with_temperature,
+)
+
+
+def _synthetic(n: int = 4000, c: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(true_logits): true_logits are perfectly calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(scale=1.5, size=(n, c))
+    prob = np.exp(true_logits) / np.exp(true_logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(c, p=p) for p in prob])
+    return true_logits, labels
+
+
+def test_recovers_overconfidence_factor() -> None:
+    true_logits, labels = _synthetic()
+    logits = true_logits * 3.0  # an over-confident model: T should be ~3
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert nll_with_temperature(logits, labels, t) < nll_with_temperature(logits, labels, 1.0)
+    calibrated = softmax_with_temperature(logits, t)
+    np.testing.assert_array_equal(calibrated.argmax(axis=1), logits.argmax(axis=1))
+    np.testing.assert_allclose(calibrated.sum(axis=1), 1.0)
+
+
+def test_underconfident_model_gets_t_below_one() -> None:
+    true_logits, labels = _synthetic(seed=1)
+    t = fit_temperature(true_logits * 0.5, labels)
+    assert t == pytest.approx(0.5, rel=0.1)
+
+
+def test_calibrated_model_keeps_t_near_one() -> None:
+    true_logits, labels = _synthetic(seed=2)
+    assert fit_temperature(true_logits, labels) == pytest.approx(1.0, rel=0.1)
+
+
+def test_deterministic_and_accepts_torch() -> None:
+    true_logits, labels = _synthetic(n=500, seed=3)
+    logits = true_logits * 2.0
+    t1 = fit_temperature(logits, labels)
+    t2 = fit_temperature(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels))
+    assert t1 == fit_temperature(logits, labels)
+    assert t2 == pytest.approx(t1, rel=1e-4)
+    probs = softmax_with_temperature(torch.tensor(logits), t1)
+    assert isinstance(probs, np.ndarray) and probs.shape == logits.shape
+
+
+def test_bounded_on_degenerate_data() -> None:
+    # Always right with huge margins: NLL keeps falling as T -> 0, so T must stop at the lower bound.
+    logits = np.eye(3)[[0, 1, 2, 0]] * 1.0
+    t = fit_temperature(logits, [0, 1, 2, 0])
+    assert TEMPERATURE_BOUNDS[0] <= t <= TEMPERATURE_BOUNDS[1]
+    assert t < 0.1  # driven to (near) the lower bound, not beyond it
+    # Always wrong: NLL keeps falling as T grows, so T must stop at the upper bound.
+    t_wrong = fit_temperature(np.eye(3)[[1, 2, 0, 1]], [0, 1, 2, 0])
+    assert TEMPERATURE_BOUNDS[1] * 0.99 <= t_wrong <= TEMPERATURE_BOUNDS[1]
+
+
+def test_softmax_with_temperature_values() -> None:
+    p = softmax_with_temperature(np.array([[2.0, 0.0]]), 2.0)
+    e = np.exp(1.0)
+    np.testing.assert_allclose(p, [[e / (e + 1), 1 / (e + 1)]])
+
+
+def test_invalid_inputs() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        softmax_with_temperature(np.zeros((1, 2)), 0.0)
+    with pytest.raises(ValueError, match="labels"):
+        fit_temperature(np.zeros((3, 2)), [0, 1])
+    with pytest.raises(ValueError, match="zero samples"):
+        fit_temperature(np.zeros((0, 2)), [])
