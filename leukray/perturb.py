@@ -1,0 +1,179 @@
+"""Robustness perturbations for the evaluation suite: stain, focus, sensor and compression shifts.
+
+Smear images vary between labs by staining (hue, saturation), illumination (brightness, contrast), focus
+(blur), sensor noise, JPEG compression and acquisition resolution (scale). The evaluator re-scores the test
+split under each perturbation at graded severities to show how accuracy degrades.
+
+Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray.images.decode_image`
+returns when stacked (a single HWC image is accepted too). The result has the same dtype and shape, so it
+goes through `leukray.images.to_chw` and into the model like any decoded batch.
+
+Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise` is random;
+it draws from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses the global torch RNG,
+which cannot be seeded per call without side effects on other code). Noise for an image depends on its
+position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+__all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
+
+PERTURBATIONS: dict[str, tuple[float, ...]] = {
+    # hue shift as a fraction of the hue circle, in [-0.5, 0.5] (stain colour drift)
+    "hue": (-0.1, -0.05, -0.02, 0.02, 0.05, 0.1),
+    # multiplicative factors; 1 = unchanged
+    "saturation": (0.5, 0.75, 1.25, 1.5),
+    "brightness": (0.6, 0.8, 1.2, 1.4),
+    "contrast": (0.6, 0.8, 1.2, 1.4),
+    # Gaussian blur sigma in pixels (defocus)
+    "blur": (0.5, 1.0, 2.0, 3.0),
+    # additive Gaussian noise sigma as a fraction of the pixel range [0, 1] (0.05 ≈ 12.75 grey levels)
+    "noise": (0.01, 0.02, 0.05, 0.1),
+    # JPEG quality (PIL re-encode, default 4:2:0 chroma subsampling as cameras and scanners write it)
+    "jpeg": (75, 50, 30, 10),
+    # downscale to this fraction of the side length, then upscale back (lower acquisition resolution)
+    "scale": (0.75, 0.5, 0.33, 0.25),
+}
+"""Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
+
+IDENTITY: dict[str, float] = {
+    "hue": 0.0,
+    "saturation": 1.0,
+    "brightness": 1.0,
+    "contrast": 1.0,
+    "blur": 0.0,
+    "noise": 0.0,
+    "scale": 1.0,
+}
+"""The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
+
+
+def iter_perturbations() -> list[tuple[str, float]]:
+    """Every (name, severity) pair in the registry, in a stable order, for the robustness suite."""
+    return [(name, severity) for name, severities in PERTURBATIONS.items() for severity in severities]
+
+
+def _to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC numpy → uint8 NCHW tensor (a view, no copy), the layout torchvision ops take."""
+    return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """uint8 NCHW tensor → a fresh uint8 NHWC array (always a copy: some ops return their input unchanged)."""
+    return np.array(tensor.permute(0, 2, 3, 1).numpy(), order="C", copy=True)
+
+
+def _check_range(name: str, severity: float, low: float, high: float) -> None:
+    if not (low <= severity <= high):
+        raise ValueError(f"{name} severity must be in [{low}, {high}], got {severity}")
+
+
+def _hue(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("hue", severity, -0.5, 0.5)
+    return _to_numpy(F.adjust_hue(_to_tensor(batch), hue_factor=severity))
+
+
+def _factor_op(name: str, op: Callable[[torch.Tensor, float], torch.Tensor]) -> Callable[[np.ndarray, float, int], np.ndarray]:
+    def apply(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+        if not (severity >= 0 and math.isfinite(severity)):
+            raise ValueError(f"{name} factor must be a finite number >= 0, got {severity}")
+        return _to_numpy(op(_to_tensor(batch), severity))
+
+    apply.__doc__ = f"{name} by a multiplicative factor (1 = unchanged)."
+    return apply
+
+
+def _blur(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    if not (severity >= 0 and math.isfinite(severity)):
+        raise ValueError(f"blur sigma must be a finite number >= 0, got {severity}")
+    if severity == 0:
+        return batch.copy()
+    height, width = batch.shape[1:3]
+    # Kernel covers ±3 sigma (odd size), capped so reflect padding stays smaller than the image.
+    kernel = 2 * math.ceil(3 * severity) + 1
+    limit = 2 * min(height, width) - 1
+    kernel = min(kernel, limit if limit % 2 == 1 else limit - 1)
+    return _to_numpy(F.gaussian_blur(_to_tensor(batch), kernel_size=[kernel, kernel], sigma=[severity, severity]))
+
+
+def _noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("noise", severity, 0.0, 1.0)
+    if severity == 0:
+        return batch.copy()
+    rng = np.random.default_rng(seed)
+    noisy = batch.astype(np.float32) + rng.normal(0.0, severity * 255.0, size=batch.shape).astype(np.float32)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def _jpeg(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    quality = int(severity)
+    if quality != severity or not 1 <= quality <= 100:
+        raise ValueError(f"jpeg quality must be an integer in [1, 100], got {severity}")
+    out = np.empty_like(batch)
+    for i, image in enumerate(batch):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            out[i] = np.asarray(decoded.convert("RGB"), dtype=np.uint8)
+    return out
+
+
+def _scale(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    if not (0 < severity <= 1):
+        raise ValueError(f"scale factor must be in (0, 1], got {severity}")
+    if severity == 1:
+        return batch.copy()
+    height, width = batch.shape[1:3]
+    small = [max(1, round(height * severity)), max(1, round(width * severity))]
+    tensor = _to_tensor(batch)
+    down = F.resize(tensor, small, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    up = F.resize(down, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return _to_numpy(up)
+
+
+_OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
+    "hue": _hue,
+    "saturation": _factor_op("saturation", F.adjust_saturation),
+    "brightness": _factor_op("brightness", F.adjust_brightness),
+    "contrast": _factor_op("contrast", F.adjust_contrast),
+    "blur": _blur,
+    "noise": _noise,
+    "jpeg": _jpeg,
+    "scale": _scale,
+}
+assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
+
+
+def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int = 0) -> np.ndarray:
+    """Apply perturbation `name` at `severity` to a uint8 RGB NHWC batch (or one HWC image).
+
+    Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a
+    given seed (only `noise` uses it). Raises ValueError for an unknown name (listing the allowed ones),
+    an out-of-range severity, or an input that is not uint8 RGB.
+    """
+    if name not in _OPS:
+        raise ValueError(f"unknown perturbation {name!r}; allowed: {', '.join(sorted(_OPS))}")
+    array = np.asarray(batch)
+    if array.dtype != np.uint8:
+        raise ValueError(f"perturbations take uint8 images (decode_image output), got dtype {array.dtype}")
+    single = array.ndim == 3
+    if single:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB NHWC (N, H, W, 3) or HWC (H, W, 3), got shape {np.asarray(batch).shape}")
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = np.array(array, order="C", copy=True)  # torch.from_numpy needs a writable, contiguous buffer
+    out = _OPS[name](array, float(severity) if name != "jpeg" else severity, int(seed))
+    assert out.dtype == np.uint8 and out.shape == array.shape
+    return out[0] if single else out

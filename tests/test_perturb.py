@@ -1,0 +1,136 @@
+"""Perturbations: deterministic per seed, identity at the neutral severity, graded, dtype/shape preserved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leukray.perturb import IDENTITY, PERTURBATIONS, apply_perturbation, iter_perturbations
+
+
+def _smear_like(n: int = 2, size: int = 48, seed: int = 0) -> np.ndarray:
+    """Pinkish background with purple 'cells' and mild texture: colourful and structured, like a smear."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    batch = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        img = np.empty((size, size, 3), dtype=np.float32)
+        img[:] = (205, 160, 170)
+        for _ in range(4):
+            cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(4, 9)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+            img[mask] = (110, 60, 150)
+        img += rng.normal(0, 6, size=img.shape)
+        batch[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return batch
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
+
+
+BATCH = _smear_like()
+
+
+def test_registry_contains_required_severities() -> None:
+    assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale"}
+    assert -0.05 in PERTURBATIONS["hue"]
+    assert 2 in PERTURBATIONS["blur"]
+    assert 10 in PERTURBATIONS["jpeg"]
+    assert 0.05 in PERTURBATIONS["noise"]
+    assert all(3 <= len(v) <= 6 for v in PERTURBATIONS.values())
+    assert len(iter_perturbations()) == sum(len(v) for v in PERTURBATIONS.values())
+
+
+@pytest.mark.parametrize(("name", "severity"), iter_perturbations())
+def test_dtype_shape_and_input_untouched(name: str, severity: float) -> None:
+    before = BATCH.copy()
+    out = apply_perturbation(BATCH, name, severity, seed=0)
+    assert out.dtype == np.uint8
+    assert out.shape == BATCH.shape
+    assert not np.shares_memory(out, BATCH)
+    np.testing.assert_array_equal(BATCH, before)
+    assert _diff(out, BATCH) > 0.1  # every registered severity actually does something
+
+
+@pytest.mark.parametrize(("name", "severity"), iter_perturbations())
+def test_deterministic_for_a_seed(name: str, severity: float) -> None:
+    a = apply_perturbation(BATCH, name, severity, seed=7)
+    b = apply_perturbation(BATCH, name, severity, seed=7)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_noise_differs_between_seeds() -> None:
+    a = apply_perturbation(BATCH, "noise", 0.05, seed=1)
+    b = apply_perturbation(BATCH, "noise", 0.05, seed=2)
+    assert not np.array_equal(a, b)
+    # sigma 0.05 of the range ≈ 12.75 grey levels; mean |N(0, s)| = s*sqrt(2/pi) ≈ 10.2 (a little less after clipping)
+    assert 8.0 < _diff(a, BATCH) < 11.0
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITY))
+def test_identity_severity_leaves_image_unchanged(name: str) -> None:
+    out = apply_perturbation(BATCH, name, IDENTITY[name], seed=3)
+    assert _diff(out, BATCH) <= 0.5  # exact for most; rounding in colour-space round trips at most
+
+
+def test_high_quality_jpeg_is_nearly_unchanged() -> None:
+    # Per-pixel chroma texture is lost to 4:2:0 subsampling even at q95, so compare against q10's damage.
+    mild = _diff(apply_perturbation(BATCH, "jpeg", 95), BATCH)
+    strong = _diff(apply_perturbation(BATCH, "jpeg", 10), BATCH)
+    assert mild < 6.0
+    assert mild < 0.6 * strong
+
+
+def _graded(name: str) -> list[list[float]]:
+    """Severities ordered from mild to strong, on each side of the identity where both sides exist."""
+    severities = PERTURBATIONS[name]
+    if name == "jpeg":
+        return [sorted(severities, reverse=True)]
+    ident = IDENTITY[name]
+    below = sorted((s for s in severities if s < ident), reverse=True)
+    above = sorted(s for s in severities if s > ident)
+    return [side for side in (below, above) if len(side) >= 2]
+
+
+@pytest.mark.parametrize("name", sorted(PERTURBATIONS))
+def test_larger_severity_changes_more(name: str) -> None:
+    sides = _graded(name)
+    assert sides
+    for side in sides:
+        diffs = [_diff(apply_perturbation(BATCH, name, s, seed=0), BATCH) for s in side]
+        assert diffs == sorted(diffs), f"{name}: {list(zip(side, diffs))}"
+        assert diffs[-1] > diffs[0]
+
+
+def test_single_hwc_image_and_readonly_input() -> None:
+    image = BATCH[0].copy()
+    image.flags.writeable = False
+    out = apply_perturbation(image, "blur", 2.0)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, apply_perturbation(BATCH, "blur", 2.0)[0])
+
+
+def test_unknown_name_names_bad_value_and_allowed() -> None:
+    with pytest.raises(ValueError) as err:
+        apply_perturbation(BATCH, "fog", 0.5)
+    message = str(err.value)
+    assert "'fog'" in message
+    for allowed in PERTURBATIONS:
+        assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("name", "severity"),
+    [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1)],
+)
+def test_out_of_range_severity(name: str, severity: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        apply_perturbation(BATCH, name, severity)
+
+
+def test_rejects_non_uint8() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        apply_perturbation(BATCH.astype(np.float32), "hue", 0.05)
+    with pytest.raises(ValueError, match="NHWC"):
+        apply_perturbation(BATCH.transpose(0, 3, 1, 2).copy(), "hue", 0.05)
