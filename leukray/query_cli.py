@@ -1,0 +1,166 @@
+"""`leukray query` and `leukray report ...`: argparse wiring for `leukray.query`.
+
+`leukray/cli.py` calls `add_query_commands(subparsers)`; every leaf command sets `func` on the namespace, called as
+`args.func(args)` and returning the process exit code (0 ok, 2 for a query/storage error, printed to stderr as
+`error: ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO
+
+from .config import StorageOptions
+
+DEFAULT_OUTPUT = "runs/score"
+FORMATS = ("table", "csv", "json")
+
+__all__ = ["add_query_commands", "build_parser", "main", "DEFAULT_OUTPUT"]
+
+
+def _common(since_until: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--output", "-o", metavar="URI", default=None,
+                   help="scoring output prefix, local folder or s3://bucket/prefix "
+                        f"(default: $LEUKRAY_OUTPUT or {DEFAULT_OUTPUT})")
+    p.add_argument("--endpoint-url", metavar="URL", default=None,
+                   help="S3-compatible endpoint (MinIO, Ceph, moto ...); default $AWS_ENDPOINT_URL_S3 / "
+                        "$AWS_ENDPOINT_URL, else AWS")
+    p.add_argument("--format", "-f", choices=FORMATS, default="table", help="output format (default: table)")
+    if since_until:
+        p.add_argument("--since", metavar="YYYY-MM-DD", default=None, help="first run_date to include")
+        p.add_argument("--until", metavar="YYYY-MM-DD", default=None, help="last run_date to include")
+    return p
+
+
+def add_query_commands(subparsers: Any) -> None:
+    """Register `query` and `report {summary,review,errors,drift}` on an argparse subparsers object."""
+    common = _common(since_until=False)
+    dated = _common(since_until=True)
+
+    q = subparsers.add_parser(
+        "query", parents=[common], help="run SQL over the committed scoring results (view 'results')",
+        description="Run one SQL statement with DuckDB over all committed scoring runs, exposed as the view "
+                    "'results' (columns of docs/architecture.md plus the partition column run_date).",
+        epilog="example: leukray query \"SELECT run_date, count(*) FROM results GROUP BY ALL ORDER BY 1\"",
+    )
+    q.add_argument("sql", help="the SQL statement (quote it)")
+    q.set_defaults(func=_run_query)
+
+    rep = subparsers.add_parser("report", help="canned reports over the scoring results",
+                                description="Canned reports over the committed scoring results.")
+    rsub = rep.add_subparsers(dest="report", metavar="{summary,review,errors,drift}")
+    rsub.required = True
+
+    s = rsub.add_parser("summary", parents=[dated], help="files, ok, errors, per-class counts, mean confidence",
+                        description="Per run (default) or per day: files, ok, errors, needs_review, a count per "
+                                    "predicted class and the mean confidence of ok rows.")
+    s.add_argument("--by", choices=("run", "day"), default="run", help="one row per run (default) or per day")
+    s.set_defaults(func=_run_summary)
+
+    r = rsub.add_parser("review", parents=[dated], help="needs-review queue, lowest confidence first",
+                        description="Images flagged needs_review, lowest confidence first, with their paths.")
+    r.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50; 0 = all)")
+    r.add_argument("--max-confidence", type=float, default=None, help="only rows at or below this confidence")
+    r.set_defaults(func=_run_review)
+
+    e = rsub.add_parser("errors", parents=[dated], help="failed images grouped by error message",
+                        description="Failed images grouped by error message: count, runs, first/last day and "
+                                    "example paths; most frequent first.")
+    e.add_argument("--examples", type=int, default=3, help="example paths per message (default 3)")
+    e.set_defaults(func=_run_errors)
+
+    d = rsub.add_parser("drift", parents=[dated], help="class mix per day vs the training distribution",
+                        description="Predicted class proportions per day against the training distribution "
+                                    "(model card class_counts), with total variation distance and a chi-square "
+                                    "goodness-of-fit p-value per day.")
+    d.add_argument("--model", metavar="URI", default=None,
+                   help="model package folder or model folder (LATEST); default: each run manifest's model_uri")
+    d.add_argument("--plot", metavar="PNG", default=None, help="also write stacked bars of the class mix per day")
+    d.set_defaults(func=_run_drift)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser with just these commands (tests; `python -m leukray.query_cli`)."""
+    parser = argparse.ArgumentParser(prog="leukray", description="query the leukray scoring results")
+    sub = parser.add_subparsers(dest="command", metavar="{query,report}")
+    sub.required = True
+    add_query_commands(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _results(args: argparse.Namespace):
+    from .query import Results
+
+    output = args.output or os.environ.get("LEUKRAY_OUTPUT") or DEFAULT_OUTPUT
+    opts = StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    return Results(output, opts)
+
+
+def _guard(fn):
+    def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+        from .query import QueryError
+        from .storage import StorageError
+
+        out = out or sys.stdout
+        err = err or sys.stderr
+        try:
+            table = fn(args)
+        except (QueryError, StorageError) as e:
+            err.write(f"error: {e}\n")
+            return 2
+        from .query import write_table
+
+        write_table(table, args.format, out)
+        return 0
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+@_guard
+def _run_query(args: argparse.Namespace):
+    with _results(args) as r:
+        return r.sql(args.sql)
+
+
+@_guard
+def _run_summary(args: argparse.Namespace):
+    with _results(args) as r:
+        return r.summary(args.since, args.until, by=args.by)
+
+
+@_guard
+def _run_review(args: argparse.Namespace):
+    with _results(args) as r:
+        return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence)
+
+
+@_guard
+def _run_errors(args: argparse.Namespace):
+    with _results(args) as r:
+        return r.errors(args.since, args.until, examples=args.examples)
+
+
+@_guard
+def _run_drift(args: argparse.Namespace):
+    with _results(args) as r:
+        table = r.drift(args.since, args.until, model=args.model, plot=args.plot)
+    if args.plot:
+        sys.stderr.write(f"wrote {args.plot}\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
