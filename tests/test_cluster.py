@@ -1,0 +1,197 @@
+"""cluster/: local Ray head + moto S3 on 127.0.0.1 (up → job submit → status → down), and the deployment YAMLs."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from localcluster import (  # noqa: E402
+    REPO,
+    cluster_local,
+    job_env,
+    local_cluster,
+    make_bucket,
+    reset_s3,
+    s3_client,
+    submit_job,
+)
+
+LOCAL_PY = REPO / "cluster" / "local.py"
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def _port_bindable(port: int) -> bool:
+    """Free for a new server: nothing listens on it (TIME_WAIT leftovers of closed connections are fine,
+    servers bind with SO_REUSEADDR as Ray's do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _tcp_ports(info: dict) -> list[int]:
+    return [p for k, p in info["ports"].items() if k not in ("min_worker", "max_worker")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
+        yield info
+
+
+# ------------------------------------------------------------------------------------------ local cluster
+def test_cluster_json_and_loopback_only(cluster):
+    state = json.loads((Path(cluster["state_dir"]) / "cluster.json").read_text())
+    assert state["ray_address"].startswith("127.0.0.1:")
+    assert state["dashboard_url"].startswith("http://127.0.0.1:")
+    assert state["s3_endpoint"].startswith("http://127.0.0.1:")
+    assert state["env"]["RAY_AUTH_MODE"] and state["env"]["AWS_ENDPOINT_URL"] == state["s3_endpoint"]
+    assert state["temp_dir"].startswith("/tmp/lr-")
+    with urllib.request.urlopen(state["dashboard_url"] + "/api/version", timeout=10) as r:
+        assert r.status == 200
+
+    procs = cluster_local.cluster_processes(state)
+    listening = cluster_local.listening_sockets({p["pid"] for p in procs})
+    assert listening, "the cluster listens on nothing?"
+    bad = [(a, port) for a, port, _pid in listening if a not in LOOPBACK]
+    assert not bad, f"sockets not on 127.0.0.1: {bad}"
+    ports = {port for _a, port, _pid in listening}
+    for name in ("gcs", "dashboard", "node_manager", "object_manager"):
+        assert state["ports"][name] in ports, name
+
+
+def test_job_submit_sees_cluster(cluster, tmp_path):
+    (tmp_path / "hello.txt").write_text("hi\n")
+    res = submit_job(
+        cluster,
+        ["python", "-c", "import ray; ray.init(); print('RES', ray.cluster_resources()); print(open('hello.txt').read())"],
+        working_dir=tmp_path,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-4000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RES "))
+    assert "'CPU': 2.0" in line
+    assert "hi" in res.stdout
+
+
+def test_status(cluster):
+    st = cluster_local.status(cluster["state_dir"])
+    assert st["up"] and st["alive"] == {"ray": True, "s3": True}
+    cp = subprocess.run(
+        [sys.executable, str(LOCAL_PY), "status", "--state-dir", cluster["state_dir"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["dashboard_url"] == cluster["dashboard_url"]
+
+
+def test_second_up_refused(cluster):
+    with pytest.raises(cluster_local.ClusterAlreadyRunning, match="already running"):
+        cluster_local.up(cluster["state_dir"], num_cpus=1)
+    cp = subprocess.run(
+        [sys.executable, str(LOCAL_PY), "up", "--state-dir", cluster["state_dir"], "--num-cpus", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 2
+    assert "already running" in cp.stderr and cluster["dashboard_url"] in cp.stderr
+    assert cluster_local.status(cluster["state_dir"])["up"]  # the first one is untouched
+
+
+def test_s3_server_and_reset(cluster):
+    ep = cluster["s3_endpoint"]
+    make_bucket(ep, "leukray-test")
+    c = s3_client(ep)
+    c.put_object(Bucket="leukray-test", Key="a/b.txt", Body=b"x")
+    assert [o["Key"] for o in c.list_objects_v2(Bucket="leukray-test")["Contents"]] == ["a/b.txt"]
+    # s3fs through the env a client gets
+    env = job_env(cluster)
+    code = "import s3fs; fs = s3fs.S3FileSystem(); print(fs.cat('leukray-test/a/b.txt'))"
+    cp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0 and "b'x'" in cp.stdout, cp.stderr[-3000:]
+    reset_s3(ep)
+    assert c.list_buckets()["Buckets"] == []
+
+
+def test_down_leaves_nothing(tmp_path):
+    """A separate small cluster (no S3) so the module fixture stays up: up (CLI) → down (CLI)."""
+    state = tmp_path / "st"
+    cp = subprocess.run(
+        [sys.executable, str(LOCAL_PY), "up", "--state-dir", str(state), "--num-cpus", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    info = json.loads((state / "cluster.json").read_text())
+    assert cluster_local.processes_naming(info["temp_dir"])
+    cp = subprocess.run(
+        [sys.executable, str(LOCAL_PY), "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=120
+    )
+    assert cp.returncode == 0, cp.stderr
+    assert cluster_local.processes_naming(info["temp_dir"]) == []
+    assert cluster_local.cluster_processes(info) == []
+    assert not (state / "cluster.json").exists()
+    assert not Path(info["temp_dir"]).exists()
+    busy = [p for p in _tcp_ports(info) if not _port_bindable(p)]
+    assert not busy, f"ports still bound after down: {busy}"
+    cp = subprocess.run(
+        [sys.executable, str(LOCAL_PY), "status", "--state-dir", str(state)], capture_output=True, text=True
+    )
+    assert cp.returncode == 3
+
+
+# ------------------------------------------------------------------------------------------ manifests
+CLUSTER_DIR = REPO / "cluster"
+YAMLS = sorted(p for p in CLUSTER_DIR.rglob("*") if p.suffix in (".yaml", ".yml"))
+REF = re.compile(r"(?<![\w/.-])((?:jobs/[\w./-]+?\.py)|(?:configs/[\w./-]+?\.ya?ml))(?![\w/])")
+
+
+def test_cluster_yamls_exist():
+    names = {p.relative_to(CLUSTER_DIR).as_posix() for p in YAMLS}
+    for must in (
+        "runtime_env.yaml",
+        "aws/leukray-gpu.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-tune.yaml",
+        "kuberay/rayjob-score.yaml",
+        "kuberay/cronjob-score-nightly.yaml",
+        "kuberay/kustomization.yaml",
+    ):
+        assert must in names, must
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(CLUSTER_DIR).as_posix())
+def test_yaml_parses_and_references_exist(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} is empty"
+    refs = set(REF.findall(path.read_text()))
+    missing = sorted(r for r in refs if not (REPO / r).is_file())
+    assert not missing, f"{path.relative_to(REPO)} references files not in the repo: {missing}"
+
+
+def test_kustomization_resources_exist():
+    k = yaml.safe_load((CLUSTER_DIR / "kuberay" / "kustomization.yaml").read_text())
+    for res in k.get("resources", []):
+        assert (CLUSTER_DIR / "kuberay" / res).is_file(), res
+
+
+def test_entry_points_referenced():
+    text = "\n".join(p.read_text() for p in YAMLS)
+    refs = set(REF.findall(text))
+    assert {"jobs/tune.py", "jobs/score.py", "configs/tune.yaml", "configs/score.yaml"} <= refs, refs
