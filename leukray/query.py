@@ -207,6 +207,10 @@ class Results:
         return ("s3://" + path) if storage.is_remote(self.output_uri) else path
 
     def _resolve_data_path(self, rel: str) -> str:
+        path = self._resolve_raw(rel)
+        return posixpath.normpath(path) if storage.is_remote(self.output_uri) else os.path.normpath(path)
+
+    def _resolve_raw(self, rel: str) -> str:
         if "://" in rel:
             rel = rel.split("://", 1)[1]
             return rel if storage.is_remote(self.output_uri) else "/" + rel.lstrip("/")
@@ -242,6 +246,7 @@ class Results:
         runs_dir = self._join("_runs")
         expected = f"{self.runs_uri}/*.json" if storage.is_remote(self.output_uri) else os.path.join(self.runs_uri, "*.json")
         storage.check_bucket(fs, root, self.output_uri)
+        fs.invalidate_cache(runs_dir)  # fsspec caches instances and listings per process: always list afresh
         try:
             names = sorted(p for p in fs.ls(runs_dir, detail=False) if p.endswith(".json"))
         except FileNotFoundError:
@@ -304,6 +309,7 @@ class Results:
         # here, not a FileNotFoundError from deep inside a scan.
         if files:
             results_dir = self._join("results")
+            fs.invalidate_cache(results_dir)
             try:
                 present = set(fs.find(results_dir)) if fs.exists(results_dir) else set()
             except FileNotFoundError:
@@ -687,6 +693,8 @@ def _cell(value: Any, float_digits: int = 4) -> str:
             return "NaN"
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
+        if value != 0 and abs(value) < 10 ** -float_digits * 5:
+            return f"{value:.{float_digits - 1}e}"
         return f"{value:.{float_digits}f}"
     if isinstance(value, _dt.datetime):
         return value.isoformat()
@@ -697,7 +705,7 @@ def _cell(value: Any, float_digits: int = 4) -> str:
     return str(value)
 
 
-def format_table(table: pa.Table, max_width: int = 80) -> str:
+def format_table(table: pa.Table, max_width: int = 160) -> str:
     """An aligned text table (numbers right-aligned), with a row count line."""
     names = table.schema.names
     rows = [[_cell(v) for v in row.values()] for row in table.to_pylist()]
@@ -768,13 +776,17 @@ def plot_class_mix(drift_table: pa.Table, path: str, storage_options: StorageOpt
     multi_model = len({r["model"] for r in rows}) > 1
     labels = []
     for r in rows:
+        version = str(r["model"]).rsplit(":", 1)[-1]
         if r["source"] == "training":
-            labels.append(f"training\n{r['model']}")
+            labels.append(f"training\n{version}")
         else:
-            labels.append(f"{r['run_date']}\n{r['model']}" if multi_model else f"{r['run_date']}\nn={r['n']}")
-    fig = Figure(figsize=(max(6.0, 0.7 * len(rows) + 2.5), 4.5))
+            labels.append(f"{r['run_date']}\n" + (f"{version} " if multi_model else "") + f"n={r['n']}")
+    n_train = sum(r["source"] == "training" for r in rows)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
     ax = fig.add_subplot(1, 1, 1)
-    xs = list(range(len(rows)))
+    xs = [i + (0.5 if i >= n_train else 0.0) for i in range(len(rows))]  # a gap after the training bar(s)
+    if 0 < n_train < len(rows):
+        ax.axvline(n_train - 0.25, color="grey", linestyle=":", linewidth=1)
     bottom = [0.0] * len(rows)
     cmap = matplotlib.colormaps["tab10"]
     for i, c in enumerate(classes):
@@ -786,8 +798,8 @@ def plot_class_mix(drift_table: pa.Table, path: str, storage_options: StorageOpt
         if r["tv_distance"] is not None:
             ax.text(x, 1.01, f"TV {r['tv_distance']:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=45 if len(rows) > 8 else 0, ha="right" if len(rows) > 8 else "center",
-                       fontsize=8)
+    many = len(rows) > 10
+    ax.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("proportion of ok predictions")
     ax.set_title("Predicted class mix per day vs training distribution")

@@ -59,7 +59,8 @@ def _rows(rng: random.Random, run_id: str, run_date: str, version: str, n: int, 
     # day-dependent class mix so that drift differs per day; seeded → deterministic
     weights = {"2026-11-25": [1, 2, 2, 2], "2026-11-26": [1, 1, 1, 1], "2026-11-27": [5, 1, 1, 1]}.get(
         run_date, [1, 1, 1, 1])
-    scored = dt.datetime.fromisoformat(run_date + "T03:30:00+00:00")
+    scored = dt.datetime.strptime(run_id[:15], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc) + dt.timedelta(
+        minutes=5)
     rows = []
     for i in range(n):
         path = f"s3://lab-images/{run_date}/{run_id[-6:]}-{file_no}-{i:03d}.jpg"
@@ -266,14 +267,28 @@ def test_sql_parameters_and_pandas(loc):
     assert len(r.to_pandas(r.errors())) == r.errors().num_rows
 
 
+def _put_outside_fsspec(loc: Loc, rel: str, data: bytes) -> None:
+    """Write as another process would (boto3 / plain open), so no fsspec listing cache knows about it."""
+    if loc.kind == "s3":
+        import boto3
+
+        bucket, prefix = loc.output[len("s3://"):].split("/", 1)
+        boto3.client("s3", endpoint_url=loc.endpoint, region_name="us-east-1").put_object(
+            Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
+    else:
+        with open(os.path.join(loc.output, rel), "wb") as f:
+            f.write(data)
+
+
 def test_new_commit_visible_after_refresh(loc, tmp_path):
     r = loc.results()
     before = r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"]
     # the crashed run is re-run and commits its (formerly orphan) file
     manifest = {"run_id": ORPHAN_RUN, "model_uri": f"{loc.registry}/{MODEL}", "model_version": "v0002",
                 "files": [f"results/run_date=2026-11-27/{ORPHAN_RUN}-0.parquet"]}
-    storage.write_json(storage.join(loc.output, "_runs", f"{ORPHAN_RUN}.json"), manifest, loc.opts)
+    _put_outside_fsspec(loc, f"_runs/{ORPHAN_RUN}.json", json.dumps(manifest).encode())
     assert r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"] == before  # cached
+    assert loc.results().sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"] == before + 12  # new handle
     r.refresh()
     assert r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"] == before + 12
     assert r.sql(f"SELECT DISTINCT run_date FROM results WHERE run_id = '{ORPHAN_RUN}'").to_pylist() == [
