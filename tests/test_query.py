@@ -593,3 +593,16 @@ def test_json_has_no_nan(loc):
     out = io.StringIO()
     write_table(t, "json", out)
     assert json.loads(out.getvalue()) == [{"a": None, "b": "x"}, {"a": None, "b": None}, {"a": 1.5, "b": "z"}]
+
+
+def test_only_empty_runs(tmp_path):
+    """Committed runs that found nothing to score: an empty view, zero rows in the per-run summary."""
+    runs = tmp_path / "score" / "_runs"
+    runs.mkdir(parents=True)
+    (runs / "20261128T031500Z-ffffff.json").write_text(json.dumps({"run_id": "20261128T031500Z-ffffff", "files": []}))
+    r = Results(str(tmp_path / "score"))
+    assert r.sql("SELECT count(*) AS n FROM results").to_pylist() == [{"n": 0}]
+    (row,) = r.summary().to_pylist()
+    assert row["run_id"] == "20261128T031500Z-ffffff" and row["run_date"] == "2026-11-28" and row["files"] == 0
+    assert r.summary(by="day").num_rows == r.review().num_rows == r.errors().num_rows == 0
+    assert r.drift().num_rows == 0
