@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Batch scoring entry point (thin): parse, load config, call leukray.score.run, print the summary.
+
+    python jobs/score.py --config configs/score.yaml [--input URI] [--output URI] [--model REF]
+    ray job submit --working-dir . -- python jobs/score.py --config configs/score.yaml
+    python jobs/score.py --smoke-test          # configs/score-smoke.yaml, creates a tiny archive + model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from leukray.config import ConfigError, load_config  # noqa: E402
+
+SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "score-smoke.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (configs/score.yaml)")
+    p.add_argument("--input", help="archive prefix, local or s3://bucket/prefix")
+    p.add_argument("--output", help="output root, local or s3://")
+    p.add_argument("--model", help="registry reference: package folder or model folder (LATEST)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny local run (configs/score-smoke.yaml)")
+    args = p.parse_args(argv)
+
+    from leukray import score
+
+    overrides = {k: v for k, v in (("input", args.input), ("output", args.output), ("model", args.model)) if v}
+    try:
+        cfg = load_config(score.ScoreConfig, args.config or (SMOKE_CONFIG if args.smoke_test else None), overrides)
+        if args.smoke_test:
+            score.prepare_smoke(cfg)
+        manifest = score.run(cfg)
+    except (ConfigError, score.ScoreError, LookupError, OSError, ValueError) as err:
+        print(f"score: error: {err}", file=sys.stderr)
+        return 2
+    print(score.summary(manifest))
+    print(score.main_summary_json(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

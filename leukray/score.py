@@ -1,0 +1,655 @@
+"""Batch scoring on Ray Data: an image archive (local folder or s3://prefix) → Parquet, nightly and incremental.
+
+The only module with Ray Data calls. One run:
+
+1. `clean_orphans`   remove what crashed runs left behind (files under results/ no manifest lists, old _staging/).
+2. `list_inputs`     list image files on the driver (path, size, source_version = S3 ETag / local mtime in ns).
+3. `already_scored`  anti-join against the committed rows of the same model name + version → only new/changed files.
+4. `build_dataset`   Ray Data pipeline: file table → `_ReadDecode` tasks (bytes → decode_image, one error row per
+                     bad file) → `_Scorer` actors (model loaded once per actor: ONNX Runtime on CPU, torch bf16 +
+                     channels_last on CUDA) → Arrow rows with the documented schema.
+5. `_write_rows`     THE place rows are written: the driver streams the pipeline's output into Parquet files in
+                     `<output>/_staging/<run_id>/` (every input file yields exactly one row).
+6. `_commit`         move the files to `<output>/results/run_date=YYYY-MM-DD/<run_id>-<n>.parquet`, then write the
+                     manifest `<output>/_runs/<run_id>.json` LAST: that is the commit readers (leukray.query) see.
+
+Layout and schema: docs/architecture.md ("Scoring output"); semantics and numbers: docs/scoring.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import posixpath
+import secrets
+import sys
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from . import CLASSES, registry, storage
+from .config import ConfigError, StorageOptions, StrictModel, dump_config
+from .images import ImageDecodeError, decode_image, is_image_name
+from .query import RESULTS_SCHEMA, prob_column
+
+FILE_SCHEMA = pa.schema([f for f in RESULTS_SCHEMA if f.name != "run_date"])
+"""Columns stored in each data file; `run_date` lives in the hive partition path."""
+
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("source_version", pa.string())])
+
+
+class ScoreConfig(StrictModel):
+    """configs/score.yaml. Unknown keys are rejected by name."""
+
+    input: str | None = None
+    """Archive prefix: local folder or s3://bucket/prefix; searched recursively for jpg/jpeg/png/tif/tiff/bmp
+    (any case)."""
+    output: str | None = None
+    """Output root (local or s3://): results/, _runs/, _staging/ live below it."""
+    model: str | None = None
+    """Registry reference: a package folder (model_card.json) or a model folder (LATEST → that version)."""
+    storage: StorageOptions = StorageOptions()
+    """Object storage (endpoint_url for S3-compatible stores; key/secret are masked in every dump)."""
+    batch_size: int = 64
+    """Images per model call (per actor)."""
+    decode_batch_size: int = 16
+    """Files per read+decode batch (small batches keep decode tasks short and the pipeline streaming)."""
+    files_per_block: int = 64
+    """Rows of the file table per input block."""
+    num_actors: int = 1
+    """Model actors (the Ray Data `concurrency` of the scoring stage)."""
+    num_cpus_per_actor: float = 1.0
+    """CPUs reserved per model actor (ONNX Runtime may use more threads, see intra_op_threads)."""
+    num_gpus_per_actor: float = 1.0
+    """GPUs per model actor, used only when the cluster has GPUs (and device is auto or cuda)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda actors when the cluster has GPUs, else CPU actors."""
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+    """auto: torch (bf16 autocast, channels_last) on CUDA, ONNX Runtime on CPU."""
+    intra_op_threads: int = 0
+    """ONNX Runtime intra-op threads per CPU actor; 0 = the CPUs of the node divided by num_actors."""
+    decode_num_cpus: float = 0.25
+    """CPUs reserved per read+decode task (decoding a smear field is light; small so it overlaps the model)."""
+    review_threshold: float = 0.7
+    """needs_review = confidence < review_threshold."""
+    max_file_bytes: int = 256 * 1024 * 1024
+    """Files larger than this are error rows without being read (decompression bombs are caught by pixel count)."""
+    max_rows_per_file: int = 200_000
+    """Rows per output Parquet file."""
+    run_date: str | None = None
+    """Partition date YYYY-MM-DD; default: the UTC date the run started (set it for backfills)."""
+    limit: int | None = None
+    """Score at most this many new files (smoke tests); the rest wait for the next run."""
+    ray_address: str | None = None
+    """Ray cluster address; default: $RAY_ADDRESS (e.g. inside `ray job submit`), else a local Ray on 127.0.0.1."""
+
+    def model_post_init(self, _: Any) -> None:
+        if self.batch_size < 1 or self.decode_batch_size < 1 or self.files_per_block < 1 or self.num_actors < 1:
+            raise ValueError("batch_size, decode_batch_size, files_per_block and num_actors must be >= 1")
+        if not 0.0 <= self.review_threshold <= 1.0:
+            raise ValueError(f"review_threshold={self.review_threshold} must be in [0, 1]")
+        if self.run_date is not None:
+            try:
+                dt.date.fromisoformat(self.run_date)
+            except ValueError:
+                raise ValueError(f"run_date={self.run_date!r} must be a date YYYY-MM-DD") from None
+
+
+class ScoreError(ValueError):
+    """The run cannot start or cannot commit; the message says why and where."""
+
+
+def log(msg: str) -> None:
+    print(f"[leukray score] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ locations
+def _uri(fs_path: str, remote: bool) -> str:
+    return ("s3://" + fs_path) if remote else fs_path
+
+
+def _pjoin(remote: bool, *parts: str) -> str:
+    return posixpath.join(*parts) if remote else os.path.join(*parts)
+
+
+def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
+    """Image files under `uri` (recursive): path (full URI), size, source_version (ETag or mtime ns), sorted."""
+    fs, root = storage.filesystem(uri, opts)
+    remote = storage.is_remote(uri)
+    rows: list[tuple[str, int, str]] = []
+    if remote:
+        storage.check_bucket(fs, root, uri)
+        fs.invalidate_cache()
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            found = {}
+        except PermissionError as err:
+            raise storage.StorageError(f"access denied listing {uri}: {err}") from None
+        for key, info in found.items():
+            if info.get("type", "file") != "file" or not is_image_name(key):
+                continue
+            version = str(info.get("ETag") or info.get("VersionId") or info.get("LastModified") or "").strip('"')
+            rows.append(("s3://" + key, int(info.get("size") or 0), version))
+    else:
+        if not os.path.exists(root):
+            raise storage.StorageError(f"input not found: {uri} (expected a folder of images)")
+        if os.path.isfile(root):
+            walk = [(os.path.dirname(root), [], [os.path.basename(root)])]
+        else:
+            walk = os.walk(root)
+        for dirpath, dirnames, filenames in walk:
+            dirnames.sort()
+            for name in filenames:
+                if not is_image_name(name):
+                    continue
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                rows.append((p, int(st.st_size), str(st.st_mtime_ns)))
+    rows.sort()
+    return pa.table({"path": [r[0] for r in rows], "size": [r[1] for r in rows],
+                     "source_version": [r[2] for r in rows]}, schema=LISTING_SCHEMA)
+
+
+def read_manifests(output: str, opts: StorageOptions | None = None) -> list[dict[str, Any]]:
+    """The committed run manifests under `<output>/_runs/`, each with "_files": data files as filesystem paths."""
+    fs, root = storage.filesystem(output, opts)
+    remote = storage.is_remote(output)
+    runs_dir = _pjoin(remote, root, "_runs")
+    fs.invalidate_cache(runs_dir)
+    try:
+        names = sorted(p for p in fs.ls(runs_dir, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        with fs.open(name, "rb") as f:
+            data = json.loads(f.read())
+        files = []
+        for rel in data.get("files") or []:
+            rel = str(rel)
+            if "://" in rel:
+                files.append(rel.split("://", 1)[1] if remote else rel.split("://", 1)[1])
+            elif not remote and os.path.isabs(rel):
+                files.append(rel)
+            else:
+                files.append(_pjoin(remote, root, rel))
+        data["_files"] = [posixpath.normpath(f) if remote else os.path.normpath(f) for f in files]
+        out.append(data)
+    return out
+
+
+def clean_orphans(output: str, opts: StorageOptions | None, keep_run: str | None = None) -> list[str]:
+    """Remove data files under results/ that no manifest lists and every _staging/ run folder (a crashed run's).
+    Assumes one writer per output location at a time. Returns what was removed (URIs)."""
+    fs, root = storage.filesystem(output, opts)
+    remote = storage.is_remote(output)
+    listed = {f for m in read_manifests(output, opts) for f in m["_files"]}
+    removed = []
+    results_dir = _pjoin(remote, root, "results")
+    fs.invalidate_cache(results_dir)
+    if fs.exists(results_dir):
+        for f in fs.find(results_dir):
+            if f not in listed:
+                fs.rm(f)
+                removed.append(_uri(f, remote))
+    staging = _pjoin(remote, root, "_staging")
+    fs.invalidate_cache(staging)
+    if fs.exists(staging):
+        for d in fs.ls(staging, detail=False):
+            if keep_run and posixpath.basename(d.rstrip("/")) == keep_run:
+                continue
+            fs.rm(d, recursive=True)
+            removed.append(_uri(d, remote))
+    return removed
+
+
+def already_scored(output: str, opts: StorageOptions | None, model_name: str, model_version: str) -> pa.Table:
+    """(path, source_version) of committed rows scored by this model name + version."""
+    import pyarrow.dataset as pads
+
+    fs, _root = storage.filesystem(output, opts)
+    files = [f for m in read_manifests(output, opts)
+             if m.get("model_name") == model_name and m.get("model_version") == model_version for f in m["_files"]]
+    if not files:
+        return pa.table({"path": pa.array([], pa.string()), "source_version": pa.array([], pa.string())})
+    d = pads.dataset(files, filesystem=fs, format="parquet")
+    return d.to_table(columns=["path", "source_version"])
+
+
+def select_new(listing: pa.Table, scored: pa.Table) -> pa.Table:
+    """Files of `listing` whose (path, source_version) is not among `scored` (new or changed files)."""
+    if scored.num_rows == 0 or listing.num_rows == 0:
+        return listing
+    keys = scored.group_by(["path", "source_version"]).aggregate([])
+    new = listing.join(keys, keys=["path", "source_version"], join_type="left anti")
+    return new.sort_by("path").select(listing.column_names)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline stages
+_FS_CACHE: dict[Any, Any] = {}
+
+
+def _fs_for(remote: bool, opts: StorageOptions | None):
+    key = (remote, opts.model_dump_json() if opts else None)
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = storage.filesystem("s3://x" if remote else "/", opts)[0]
+    return _FS_CACHE[key]
+
+
+def _read_decode(batch: dict[str, np.ndarray], image_size: int, opts: StorageOptions | None,
+                 max_file_bytes: int) -> dict[str, np.ndarray]:
+    """Ray Data task UDF: see `_ReadDecode`."""
+    return _ReadDecode(image_size, opts, max_file_bytes)(batch)
+
+
+class _ReadDecode:
+    """Batch of file rows → the same rows plus `image` (N, S, S, 3) uint8 and `error` ('' when decodable).
+    Never raises for a bad file: a read or decode failure becomes that file's error message."""
+
+    def __init__(self, image_size: int, opts: StorageOptions | None, max_file_bytes: int):
+        self.image_size = image_size
+        self.opts = opts
+        self.max_file_bytes = max_file_bytes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        sizes = batch["size"]
+        n, s = len(paths), self.image_size
+        images = np.zeros((n, s, s, 3), dtype=np.uint8)
+        errors = [""] * n
+        fetch = []
+        for i, p in enumerate(paths):
+            if int(sizes[i]) > self.max_file_bytes:
+                errors[i] = f"file too large: {int(sizes[i])} bytes exceeds max_file_bytes={self.max_file_bytes}"
+            else:
+                fetch.append(i)
+        data: dict[str, Any] = {}
+        remote_idx = [i for i in fetch if storage.is_remote(paths[i])]
+        local_idx = [i for i in fetch if not storage.is_remote(paths[i])]
+        if remote_idx:  # s3fs fetches a list of keys concurrently
+            fs = _fs_for(True, self.opts)
+            keys = [paths[i].split("://", 1)[1] for i in remote_idx]
+            try:
+                got = fs.cat(keys, on_error="return")
+            except Exception as err:  # noqa: BLE001 - the whole request failed: every file gets the reason
+                got = {k: err for k in keys}
+            for i, k in zip(remote_idx, keys):
+                data[paths[i]] = got.get(k, FileNotFoundError(k))
+        for i in local_idx:
+            try:
+                with open(paths[i], "rb") as f:
+                    data[paths[i]] = f.read(self.max_file_bytes + 1)
+            except OSError as err:
+                data[paths[i]] = err
+        for i in fetch:
+            raw = data[paths[i]]
+            if isinstance(raw, BaseException):
+                if isinstance(raw, FileNotFoundError):
+                    errors[i] = "cannot read file: it vanished after listing (not found)"
+                else:
+                    errors[i] = f"cannot read file: {type(raw).__name__}: {raw}"
+                continue
+            if len(raw) > self.max_file_bytes:
+                errors[i] = f"file too large: more than max_file_bytes={self.max_file_bytes} bytes"
+                continue
+            try:
+                images[i] = decode_image(raw, s)  # the one preprocessing path (same as training)
+            except ImageDecodeError as err:
+                errors[i] = str(err)
+            except Exception as err:  # noqa: BLE001 - anything else a decoder throws is still one file's problem
+                errors[i] = f"cannot decode image: {type(err).__name__}: {err}"
+        return {"path": batch["path"], "size": batch["size"], "source_version": batch["source_version"],
+                "image": images, "error": np.array(errors, dtype=object)}
+
+
+def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities: softmax(logits / T) in float64."""
+    z = logits.astype(np.float64) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def default_threads(num_actors: int = 1) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, num_actors))
+
+
+class _Scorer:
+    """Model actor: loads the package once, turns decoded batches into output rows (FILE_SCHEMA)."""
+
+    def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
+                 review_threshold: float, run_id: str, scored_at: dt.datetime):
+        pkg = registry.load_package(package_uri, opts, with_model=(backend == "torch"))
+        self.classes = pkg.classes
+        self.temperature = pkg.temperature
+        self.model_name, self.model_version = pkg.name, pkg.version
+        self.threshold = review_threshold
+        self.run_id, self.scored_at = run_id, scored_at
+        self.device, self.backend = device, backend
+        unknown = [c for c in self.classes if c not in CLASSES]
+        if unknown:
+            raise ScoreError(f"model {package_uri} has classes {unknown} outside {list(CLASSES)}")
+        if backend == "onnx":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
+            self.session = ort.InferenceSession(registry.read_onnx(pkg, opts), so, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+        else:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.torch = torch
+            self.dev = torch.device("cuda" if device == "cuda" else "cpu")
+            self.model = pkg.model.to(self.dev).to(memory_format=torch.channels_last).eval()
+
+    def logits(self, images_nhwc: np.ndarray) -> np.ndarray:
+        if self.backend == "onnx":
+            x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
+            return self.session.run(None, {self.input_name: x})[0]
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(self.dev, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+            if self.dev.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = self.model(x)
+            else:
+                out = self.model(x)
+            return out.float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = [str(e) for e in batch["error"]]
+        n = len(errors)
+        ok = np.array([e == "" for e in errors], dtype=bool)
+        k = len(self.classes)
+        probs = np.full((n, k), np.nan)
+        if ok.any():
+            probs[ok] = softmax_t(self.logits(batch["image"][ok]), self.temperature)
+        top = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
+        conf = np.where(ok, probs.max(axis=1, initial=-1.0) if n else np.zeros(0), np.nan)
+        mask = ~ok
+        cols: dict[str, pa.Array] = {
+            "path": pa.array([str(p) for p in batch["path"]], pa.string()),
+            "size": pa.array(np.asarray(batch["size"], dtype=np.int64)),
+            "source_version": pa.array([str(v) for v in batch["source_version"]], pa.string()),
+            "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),
+            "error": pa.array([None if o else e for o, e in zip(ok, errors)], pa.string()),
+            "predicted_class": pa.array([self.classes[t] if o else None for o, t in zip(ok, top)], pa.string()),
+            "confidence": pa.array(conf, pa.float64(), mask=mask),
+        }
+        for c in CLASSES:
+            if c in self.classes:
+                cols[prob_column(c)] = pa.array(probs[:, self.classes.index(c)], pa.float64(), mask=mask)
+            else:
+                cols[prob_column(c)] = pa.nulls(n, pa.float64())
+        cols["needs_review"] = pa.array(conf < self.threshold, pa.bool_(), mask=mask)
+        cols["model_name"] = pa.array([self.model_name] * n, pa.string())
+        cols["model_version"] = pa.array([self.model_version] * n, pa.string())
+        cols["run_id"] = pa.array([self.run_id] * n, pa.string())
+        cols["scored_at"] = pa.array([self.scored_at] * n, pa.timestamp("us", tz="UTC"))
+        return pa.table(cols, schema=FILE_SCHEMA)
+
+
+def init_ray(cfg: ScoreConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address="auto" if address == os.environ.get("RAY_ADDRESS") else address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def plan_device(cfg: ScoreConfig) -> tuple[str, str, float]:
+    """(device, backend, num_gpus per actor) for this cluster."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ScoreError("device=cuda but the Ray cluster has no GPUs")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "torch" if device == "cuda" else "onnx"
+    if device == "cuda" and backend == "onnx":
+        raise ScoreError("backend=onnx runs on CPU actors; use backend torch (or auto) with device=cuda")
+    return device, backend, (cfg.num_gpus_per_actor if device == "cuda" else 0.0)
+
+
+def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, image_size: int, run_id: str,
+                  scored_at: dt.datetime, device: str, backend: str, num_gpus: float):
+    """The Ray Data pipeline: file table → read+decode tasks → model actors → rows (FILE_SCHEMA)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    blocks = [files.slice(i, cfg.files_per_block) for i in range(0, files.num_rows, cfg.files_per_block)]
+    threads = cfg.intra_op_threads or default_threads(cfg.num_actors)
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(_read_decode, fn_kwargs={"image_size": image_size, "opts": cfg.storage,
+                                                 "max_file_bytes": cfg.max_file_bytes},
+                        batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=cfg.decode_num_cpus,
+                        zero_copy_batch=True)
+    ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
+                                                     cfg.review_threshold, run_id, scored_at),
+                        batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.num_actors,
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ writing + commit
+def _write_rows(ds, staging_dir: str, fs, remote: bool, run_id: str, max_rows: int) -> tuple[list[str], dict[str, int]]:
+    """THE place where rows are written: stream the pipeline's output into Parquet files in staging."""
+    import pyarrow.parquet as pq
+
+    staged: list[str] = []
+    counts = {"rows": 0, "scored": 0, "errors": 0}
+    writer, sink, rows_in_file = None, None, 0
+
+    def close() -> None:
+        nonlocal writer, sink
+        if writer is not None:
+            writer.close()
+            sink.close()
+        writer, sink = None, None
+
+    try:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if table.num_rows == 0:
+                continue
+            table = table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
+            if writer is None or rows_in_file >= max_rows:
+                close()
+                path = _pjoin(remote, staging_dir, f"{run_id}-{len(staged)}.parquet")
+                sink = fs.open(path, "wb")
+                writer = pq.ParquetWriter(sink, FILE_SCHEMA, compression="zstd")
+                staged.append(path)
+                rows_in_file = 0
+            writer.write_table(table)
+            rows_in_file += table.num_rows
+            counts["rows"] += table.num_rows
+            ok = int(table["status"].to_numpy(zero_copy_only=False).tolist().count("ok"))
+            counts["scored"] += ok
+            counts["errors"] += table.num_rows - ok
+    finally:
+        close()
+    return staged, counts
+
+
+def _commit(fs, remote: bool, root: str, staged: list[str], run_id: str, run_date: str) -> list[str]:
+    """Move staged files under results/run_date=…/; returns their paths relative to the output root."""
+    rel_files = []
+    part_dir = _pjoin(remote, root, "results", f"run_date={run_date}")
+    if not remote:
+        os.makedirs(part_dir, exist_ok=True)
+    for n, src in enumerate(staged):
+        rel = posixpath.join("results", f"run_date={run_date}", f"{run_id}-{n}.parquet")
+        dst = _pjoin(remote, root, *rel.split("/"))
+        if remote:
+            fs.mv(src, dst)
+        else:
+            os.replace(src, dst)
+        rel_files.append(rel)
+    return rel_files
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every new or changed image under cfg.input with cfg.model; commit one run; return its manifest."""
+    for key in ("input", "output", "model"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"score: '{key}' is required (set it in the config or pass --{key})")
+    opts = cfg.storage
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    run_date = cfg.run_date or started.date().isoformat()
+
+    # everything that can be checked without Ray first: a missing bucket or model fails here, clearly
+    out_fs, out_root = storage.filesystem(cfg.output, opts)
+    remote_out = storage.is_remote(cfg.output)
+    if remote_out:
+        storage.check_bucket(out_fs, out_root, cfg.output)
+    package_uri = registry.resolve(cfg.model, opts)
+    card = storage.read_json(storage.join(package_uri, registry.CARD), opts)
+    model_name, model_version = card["name"], card["version"]
+    image_size = int(card["preprocessing"]["image_size"])
+    listing = list_inputs(cfg.input, opts)
+    log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
+
+    removed = clean_orphans(cfg.output, opts, keep_run=None)
+    if removed:
+        log(f"removed {len(removed)} leftovers of crashed runs: {', '.join(removed[:5])}{' …' if len(removed) > 5 else ''}")
+    scored_before = already_scored(cfg.output, opts, model_name, model_version)
+    todo = select_new(listing, scored_before)
+    skipped = listing.num_rows - todo.num_rows
+    if cfg.limit is not None:
+        todo = todo.slice(0, cfg.limit)
+    log(f"{todo.num_rows} files to score, {skipped} already scored by {model_name} {model_version}")
+
+    staging_dir = _pjoin(remote_out, out_root, "_staging", run_id)
+    staged: list[str] = []
+    counts = {"rows": 0, "scored": 0, "errors": 0}
+    device = backend = "none"
+    t_pipe = time.perf_counter()
+    if todo.num_rows:
+        init_ray(cfg)
+        device, backend, num_gpus = plan_device(cfg)
+        t_pipe = time.perf_counter()
+        log(f"scoring on {device} ({backend}), {cfg.num_actors} actor(s), batch {cfg.batch_size}")
+        if not remote_out:
+            os.makedirs(staging_dir, exist_ok=True)
+        ds = build_dataset(todo, cfg, package_uri, image_size, run_id, started, device, backend, num_gpus)
+        staged, counts = _write_rows(ds, staging_dir, out_fs, remote_out, run_id, cfg.max_rows_per_file)
+        if counts["rows"] != todo.num_rows:
+            raise ScoreError(f"run {run_id}: {counts['rows']} rows for {todo.num_rows} input files; not committed")
+    elapsed = time.perf_counter() - t_pipe
+    files = _commit(out_fs, remote_out, out_root, staged, run_id, run_date)
+    if not remote_out:
+        import shutil
+
+        shutil.rmtree(staging_dir, ignore_errors=True)
+    else:
+        try:
+            out_fs.rm(staging_dir, recursive=True)
+        except FileNotFoundError:
+            pass
+    finished = dt.datetime.now(dt.timezone.utc)
+    processed = counts["scored"] + counts["errors"]
+    manifest = {
+        "run_id": run_id,
+        "run_date": run_date,
+        "status": "committed",
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "model_name": model_name,
+        "model_version": model_version,
+        "model_uri": package_uri,
+        "input": cfg.input,
+        "output": cfg.output,
+        "files": files,
+        "rows": counts["rows"],
+        "counts": {"seen": listing.num_rows, "scored": counts["scored"], "skipped": skipped,
+                   "errors": counts["errors"], "deferred": listing.num_rows - skipped - todo.num_rows},
+        "throughput": {"images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else 0.0,
+                       "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3)},
+        "execution": {"device": device, "backend": backend, "num_actors": cfg.num_actors},
+        "config": dump_config(cfg),
+    }
+    storage.write_json(storage.join(cfg.output, "_runs", f"{run_id}.json"), manifest, opts)  # the commit
+    return manifest
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    c, t = manifest["counts"], manifest["throughput"]
+    return (f"run {manifest['run_id']} ({manifest['model_name']} {manifest['model_version']}): "
+            f"files seen {c['seen']}, scored {c['scored']}, skipped as already scored {c['skipped']}, "
+            f"errors {c['errors']}" + (f", deferred by limit {c['deferred']}" if c.get("deferred") else "")
+            + f"; {t['images_per_s']} img/s ({t['pipeline_s']} s); {len(manifest['files'])} data file(s) under "
+            f"{manifest['output']}/results/run_date={manifest['run_date']}")
+
+
+# ------------------------------------------------------------------------------------------------ helpers for smoke/bench
+def untrained_package(out_dir: str, image_size: int, name: str = "leukray-smoke", version: str = "v0001",
+                      temperature: float = 1.0, seed: int = 0) -> str:
+    """A random-weight MobileNetV2 package (smoke tests, throughput benchmarks): weights, ONNX, card."""
+    import torch
+
+    from .model import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(weights="none", dropout=0.0), num_classes=len(CLASSES), verbose=False)
+    card = {"name": name, "version": version, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "classes": list(CLASSES), "architecture": {"arch": "mobilenet_v2", "dropout": 0.0, "head_width": 128},
+            "preprocessing": {"image_size": image_size, "input": "uint8 RGB NCHW, rescaled in-model",
+                              "decoder": "leukray.images.decode_image"},
+            "temperature": temperature, "metrics": {}, "class_counts": {}, "note": "untrained (random weights)",
+            "library_versions": registry.library_versions()}
+    registry.write_package(out_dir, model, card)
+    return out_dir
+
+
+def prepare_smoke(cfg: ScoreConfig) -> None:
+    """For --smoke-test: create the configured local archive (synthetic smears + one bad file) and an untrained
+    model package when they do not exist yet."""
+    from .synth import make_dataset
+
+    if cfg.model and not storage.is_remote(cfg.model) and not os.path.exists(os.path.join(cfg.model, registry.CARD)) \
+            and not os.path.exists(os.path.join(cfg.model, registry.LATEST)):
+        log(f"smoke test: writing an untrained model package to {cfg.model}")
+        untrained_package(cfg.model, image_size=64)
+    if cfg.input and not storage.is_remote(cfg.input) and not os.path.exists(cfg.input):
+        log(f"smoke test: writing a synthetic archive to {cfg.input}")
+        make_dataset(cfg.input, per_class=5, size=64, seed=0)
+        with open(os.path.join(cfg.input, "not-an-image.jpg"), "w") as f:
+            f.write("this is text, not a JPEG\n")
+
+
+def main_summary_json(manifest: dict[str, Any]) -> str:
+    keep = {k: manifest[k] for k in ("run_id", "run_date", "model_name", "model_version", "model_uri", "input",
+                                     "output", "files", "counts", "throughput", "execution")}
+    return json.dumps(keep, indent=2)
