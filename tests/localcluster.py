@@ -15,7 +15,8 @@ Module-scoped fixture in a test module:
         assert res.returncode == 0, res.stdout
 
 `info` is the dict written to <dir>/cluster.json (see cluster/local.py). A driver in the test process itself
-should call ray.init(address=info["ray_address"]) with job_env(info) applied (see ray_init_kwargs).
+connects with `os.environ.update(info["env"]); ray.init(address=info["ray_address"])` (the GCS address; not
+RAY_ADDRESS from job_env, which is the dashboard URL for `ray job submit`).
 """
 
 from __future__ import annotations

@@ -195,3 +195,53 @@ def test_entry_points_referenced():
     text = "\n".join(p.read_text() for p in YAMLS)
     refs = set(REF.findall(text))
     assert {"jobs/tune.py", "jobs/score.py", "configs/tune.yaml", "configs/score.yaml"} <= refs, refs
+
+
+def _pyproject_deps_without_ray() -> list[str]:
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return sorted(d.replace(" ", "") for d in deps if not re.match(r"ray(\[|=|>|<|$)", d))
+
+
+def _runtime_envs() -> dict[str, dict]:
+    """Every runtime env in cluster/: runtime_env.yaml and the runtimeEnvYAML of each RayJob / RayCronJob."""
+    out = {"runtime_env.yaml": yaml.safe_load((CLUSTER_DIR / "runtime_env.yaml").read_text())}
+    for path in YAMLS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") not in ("RayJob", "RayCronJob"):
+                continue
+            spec = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+            out[path.name] = yaml.safe_load(spec["runtimeEnvYAML"])
+    return out
+
+
+def test_runtime_env_pip_matches_pyproject():
+    want = _pyproject_deps_without_ray()
+    envs = _runtime_envs()
+    assert len(envs) >= 4, envs.keys()
+    for name, env in envs.items():
+        pip = env["pip"]["packages"] if isinstance(env["pip"], dict) else env["pip"]
+        assert sorted(p.replace(" ", "") for p in pip) == want, f"{name}: pip list differs from pyproject.toml"
+
+
+def test_runtime_env_excludes_heavy_dirs():
+    excludes = yaml.safe_load((CLUSTER_DIR / "runtime_env.yaml").read_text())["excludes"]
+    for d in (".venv", ".git", "runs", "data"):
+        assert any(d in e for e in excludes), d
+
+
+def test_cron_template_is_the_score_rayjob():
+    job = yaml.safe_load((CLUSTER_DIR / "kuberay" / "rayjob-score.yaml").read_text())
+    cron = yaml.safe_load((CLUSTER_DIR / "kuberay" / "cronjob-score-nightly.yaml").read_text())
+    assert cron["kind"] == "RayCronJob" and cron["spec"]["schedule"]
+    assert cron["spec"]["jobTemplate"] == job["spec"]
+
+
+def test_kuberay_images_match_ray_version():
+    import ray
+
+    text = "\n".join(p.read_text() for p in (CLUSTER_DIR / "kuberay").glob("*.yaml"))
+    images = set(re.findall(r"image:\s*(\S+)", text))
+    assert images == {f"rayproject/ray:{ray.__version__}-py311-gpu"}, images
+    assert set(re.findall(r'rayVersion:\s*"([^"]+)"', text)) == {ray.__version__}
