@@ -45,6 +45,39 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import StorageOptions
+    from .evaluate import evaluate
+
+    report = evaluate(args.model, args.data, args.out, split=args.split,
+                      storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
+                      robustness=args.robustness, seed=args.seed, batch_size=args.batch_size,
+                      split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device)
+    summary = {"out": args.out, "model": report["model"]["name"], "version": report["model"]["version"],
+               "split": report["split"], "n": report["n"], "accuracy": report["accuracy"],
+               "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"],
+               "review": {k: report["review"][k] for k in ("threshold", "flagged_fraction", "errors_caught_fraction")}}
+    if "robustness" in report:
+        w = report["robustness"]["worst"]
+        summary["robustness_worst"] = {k: w[k] for k in ("perturbation", "severity", "accuracy", "macro_f1")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from . import score
+
+    overrides = _overrides(args.set)
+    for key in ("input", "output", "model"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
+    cfg = load_config(score.ScoreConfig, args.config, overrides)
+    manifest = score.run(cfg)
+    print(score.summary(manifest), file=sys.stderr)
+    print(score.main_summary_json(manifest))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leukray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,6 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--duplicates", type=int, default=0)
     s.set_defaults(func=cmd_synth)
+
+    e = sub.add_parser("evaluate", help="evaluate a model package on a labelled folder (metrics, plots, robustness)")
+    e.add_argument("--model", required=True, help="package folder (model_card.json) or model folder (LATEST), local or s3://")
+    e.add_argument("--data", required=True, help="labelled image folder, local or s3://")
+    e.add_argument("--out", required=True, help="output folder or s3:// URI (evaluation.json, plots, robustness.csv)")
+    e.add_argument("--split", choices=["test", "val", "train", "all"], default="test",
+                   help="test (default): the split manifest's test rows when one covers the data, else all images")
+    e.add_argument("--split-manifest", help="split manifest (Parquet) to take the split from; default: the package's")
+    e.add_argument("--robustness", action="store_true", help="also re-score under every perturbation x severity")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) and the sample grid")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
+    e.set_defaults(func=cmd_evaluate)
+
+    sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → Parquet")
+    sc.add_argument("--config", help="YAML config (see configs/score.yaml)")
+    sc.add_argument("--input", help="archive prefix, local or s3://bucket/prefix (overrides input)")
+    sc.add_argument("--output", help="output root, local or s3:// (overrides output)")
+    sc.add_argument("--model", help="package folder or model folder (LATEST), local or s3:// (overrides model)")
+    sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
+    sc.set_defaults(func=cmd_score)
     return p
 
 

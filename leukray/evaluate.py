@@ -1,0 +1,369 @@
+"""`leukray evaluate`: measure a model package on a labelled folder, and (optionally) its robustness.
+
+Read top to bottom: load the package → list the data and pick the rows (the split manifest's test rows when a
+manifest covers the data, else every image) → decode once with the card's image size (`leukray.data`, the same
+path as training and scoring) → logits from the torch model → calibrated probabilities (card temperature) →
+metrics, review trade-off, plots, `evaluation.json`. With `robustness=True` the same decoded images are re-scored
+under every perturbation × severity of `leukray.perturb.PERTURBATIONS`.
+
+Which split manifest is used: `split_manifest=` (an error when it does not cover the data), else the package's
+own `split.parquet`, else the `split_manifest` URI recorded in its card. A manifest *covers* the data when every
+image of the folder is in it with the same content hash; otherwise the data is not the training data, nothing
+in it was trained on, and every image is evaluated (`split_source` in the report says why).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import storage
+from .config import StorageOptions
+from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
+
+SPLIT_CHOICES = ("test", "val", "train", "all")
+REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
+DEFAULT_REVIEW_THRESHOLD = 0.8
+"""needs_review threshold when neither the call nor the package names one (card `review_threshold`)."""
+PERTURB_CHUNK = 64
+"""Perturbations are applied in fixed chunks of this many images (seeded per chunk), independent of
+`batch_size`, so robustness numbers depend only on the images, the seed and the package."""
+SAMPLE_GRID = 16
+EVALUATION_JSON = "evaluation.json"
+
+
+def log(msg: str) -> None:
+    print(f"[leukray] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class EvalData:
+    root: str
+    paths: list[str]
+    """Paths relative to root, sorted."""
+    labels: np.ndarray
+    """Indices into the package's classes."""
+    images: np.ndarray
+    """(N, S, S, 3) uint8, decoded at the package's image size."""
+    split: str
+    split_source: str
+    manifest_uri: str | None
+    manifest_hash: str | None
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def _candidate_manifests(package_uri: str, card: dict[str, Any], explicit: str | None) -> list[tuple[str, bool]]:
+    if explicit:
+        return [(explicit, True)]
+    out = [(storage.join(package_uri, "split.parquet"), False)]
+    recorded = card.get("split_manifest")
+    if recorded and recorded not in {u for u, _ in out}:
+        out.append((recorded, False))
+    return out
+
+
+def load_eval_data(data_uri: str, classes: list[str], image_size: int, split: str, package_uri: str,
+                   card: dict[str, Any], split_manifest: str | None = None,
+                   storage_options: StorageOptions | None = None) -> EvalData:
+    """List, choose rows, decode (cached). Labels are indices into `classes` (the package's output order)."""
+    from .split import load_manifest, manifest_hash
+
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"split={split!r}; allowed: {', '.join(SPLIT_CHOICES)}")
+    listing = list_labelled_folder(data_uri, storage_options)
+    unknown = sorted(set(listing.labels) - set(classes))
+    if unknown:
+        raise DataError(f"{data_uri}: class(es) {unknown} are not outputs of this model (classes {classes})")
+    blobs = read_all(data_uri, listing.paths, storage_options)
+    hashes = [content_hash(b) for b in blobs]
+    have = dict(zip(listing.paths, hashes))
+
+    chosen: pa.Table | None = None
+    manifest_uri, source = None, "no split manifest found: every image of the folder"
+    for uri, explicit in _candidate_manifests(package_uri, card, split_manifest):
+        try:
+            if not storage.exists(uri, storage_options):
+                if explicit:
+                    raise DataError(f"split manifest not found: {uri}")
+                continue
+            table = load_manifest(uri, storage_options)
+        except DataError:
+            raise
+        except (OSError, ValueError) as err:
+            if explicit:
+                raise DataError(f"cannot read split manifest {uri}: {err}") from None
+            log(f"warning: ignoring unreadable split manifest {uri}: {err}")
+            continue
+        known = dict(zip(table["path"].to_pylist(), table["hash"].to_pylist()))
+        missing = [p for p in listing.paths if p not in known]
+        changed = [p for p in listing.paths if p in known and known[p] != have[p]]
+        if missing or changed:
+            why = (f"{len(missing)} image(s) of {data_uri} are not in it (e.g. {missing[:3]}), "
+                   f"{len(changed)} have different content (e.g. {changed[:3]})")
+            if explicit:
+                raise DataError(f"split manifest {uri} does not cover {data_uri}: {why}; "
+                                f"pass the manifest of this data or --split all without --split-manifest")
+            log(f"split manifest {uri} does not cover the data ({why}): evaluating every image")
+            source = f"{uri} does not cover the data: every image of the folder"
+            break
+        chosen, manifest_uri = table, uri
+        break
+
+    if chosen is not None:
+        split_of = dict(zip(chosen["path"].to_pylist(), chosen["split"].to_pylist()))
+        if split == "all":
+            keep = list(range(len(listing.paths)))
+            source = f"every image of the folder (includes the training rows of {manifest_uri})"
+        else:
+            keep = [i for i, p in enumerate(listing.paths) if split_of[p] == split]
+            source = f"{split} rows of {manifest_uri}"
+            if not keep:
+                raise DataError(f"the {split} split of {manifest_uri} holds none of the images of {data_uri}")
+        mhash = manifest_hash(chosen)
+    else:
+        if split in ("val", "train"):
+            raise DataError(f"split={split!r} needs a split manifest covering {data_uri}; none was found "
+                            f"(pass --split-manifest, or --split test/all)")
+        keep = list(range(len(listing.paths)))
+        split, mhash = "all", None
+
+    paths = [listing.paths[i] for i in keep]
+    sel_hashes = [hashes[i] for i in keep]
+    images = cached_decode(data_uri, paths, sel_hashes, image_size, storage_options,
+                           blobs={listing.paths[i]: blobs[i] for i in keep})
+    labels = np.array([classes.index(listing.labels[i]) for i in keep], dtype=np.int64)
+    return EvalData(data_uri, paths, labels, np.array(images, order="C"),  # writable copy of the cache
+                     split, source, manifest_uri, mhash)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def _prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _logits(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    from .train import predict_logits
+
+    return predict_logits(model, images, device, batch_size, channels_last=device.type == "cuda")
+
+
+def chunk_seed(seed: int, name: str, severity_index: int, chunk: int) -> int:
+    """Seed of one perturbation chunk: a pure function of (seed, perturbation, severity position, chunk)."""
+    from .perturb import PERTURBATIONS
+
+    names = list(PERTURBATIONS)
+    ss = np.random.SeedSequence([int(seed) % 2**63, names.index(name), severity_index, chunk])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def robustness_suite(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                     device: torch.device, batch_size: int, seed: int = 0,
+                     clean_pred: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy and macro-F1 under every perturbation × severity; the decoded images are perturbed chunk by chunk."""
+    from sklearn.metrics import f1_score
+
+    from .perturb import PERTURBATIONS, apply_perturbation
+
+    t0 = time.time()
+    labels_idx = list(range(len(classes)))
+
+    def summary(pred: np.ndarray) -> dict[str, float]:
+        return {"accuracy": float((pred == labels).mean()),
+                "macro_f1": float(f1_score(labels, pred, labels=labels_idx, average="macro", zero_division=0))}
+
+    if clean_pred is None:
+        clean_pred = _logits(model, images, device, batch_size).argmax(1)
+    clean = summary(clean_pred)
+    settings = [(name, k, severity) for name, severities in PERTURBATIONS.items() for k, severity in enumerate(severities)]
+    n = len(images)
+    preds = np.empty((len(settings), n), dtype=np.int64)
+
+    # Perturbed chunks of every setting stream into shared model batches: small evaluation sets still fill
+    # whole batches (one forward pass per batch_size images, not per setting), and memory stays one batch.
+    pending: list[tuple[int, int, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        out = _logits(model, np.concatenate([b for _, _, b in pending]), device, batch_size).argmax(1)
+        at = 0
+        for s_i, start, b in pending:
+            preds[s_i, start:start + len(b)] = out[at:at + len(b)]
+            at += len(b)
+        pending.clear()
+
+    for s_i, (name, k, severity) in enumerate(settings):
+        for c, start in enumerate(range(0, n, PERTURB_CHUNK)):
+            batch = apply_perturbation(images[start:start + PERTURB_CHUNK], name, severity,
+                                       seed=chunk_seed(seed, name, k, c))
+            pending.append((s_i, start, batch))
+            if sum(len(b) for _, _, b in pending) >= batch_size:
+                flush()
+    flush()
+    rows: list[dict[str, Any]] = []
+    for s_i, (name, _k, severity) in enumerate(settings):
+        pred = preds[s_i]
+        s = summary(pred)
+        rows.append({"perturbation": name, "severity": severity, **s,
+                     "accuracy_drop": clean["accuracy"] - s["accuracy"],
+                     "changed_fraction": float((pred != clean_pred).mean()), "n": int(n)})
+    worst = min(rows, key=lambda r: (r["accuracy"], r["macro_f1"]))
+    by_perturbation = {}
+    for name in PERTURBATIONS:
+        rs = [r for r in rows if r["perturbation"] == name]
+        w = min(rs, key=lambda r: (r["accuracy"], r["macro_f1"]))
+        by_perturbation[name] = {"mean_accuracy": float(np.mean([r["accuracy"] for r in rs])),
+                                 "worst_severity": w["severity"], "worst_accuracy": w["accuracy"],
+                                 "worst_macro_f1": w["macro_f1"]}
+    return {"seed": int(seed), "clean": clean, "results": rows, "worst": dict(worst),
+            "by_perturbation": by_perturbation, "wall_time_s": time.time() - t0}
+
+
+def format_robustness_table(rob: dict[str, Any]) -> str:
+    """Compact text table: one line per perturbation, accuracy at each severity (mildest first)."""
+    lines = [f"robustness (n={rob['results'][0]['n'] if rob['results'] else 0}, seed {rob['seed']}): "
+             f"clean accuracy {rob['clean']['accuracy']:.3f}, macro-F1 {rob['clean']['macro_f1']:.3f}",
+             f"{'perturbation':<12} accuracy by severity"]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rob["results"]:
+        by.setdefault(r["perturbation"], []).append(r)
+    for name, rs in by.items():
+        cells = "  ".join(f"{r['severity']:g}:{r['accuracy']:.3f}" for r in rs)
+        lines.append(f"{name:<12} {cells}")
+    w = rob["worst"]
+    lines.append(f"worst: {w['perturbation']} {w['severity']:g} accuracy {w['accuracy']:.3f} "
+                 f"(drop {w['accuracy_drop']:+.3f}), macro-F1 {w['macro_f1']:.3f}")
+    return "\n".join(lines)
+
+
+def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def _sample_indices(correct: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to n/2 mistakes (they are what a reviewer wants to see), filled with correct ones; seeded, sorted."""
+    rng = np.random.default_rng(seed)
+    wrong, right = np.flatnonzero(~correct), np.flatnonzero(correct)
+    take_wrong = min(len(wrong), n // 2)
+    take_right = min(len(right), n - take_wrong)
+    take_wrong = min(len(wrong), n - take_right)
+    pick = np.concatenate([rng.choice(wrong, take_wrong, replace=False), rng.choice(right, take_right, replace=False)])
+    return np.sort(pick.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
+             storage: StorageOptions | None = None, robustness: bool = False, seed: int = 0,
+             batch_size: int = 64, split_manifest: str | None = None, review_threshold: float | None = None,
+             device: str = "auto") -> dict[str, Any]:
+    """Evaluate a model package on a labelled folder; write evaluation.json, plots (and robustness.csv) to out_dir.
+
+    Returns the report written to `<out_dir>/evaluation.json`."""
+    from . import storage as st
+    from .calibration import softmax_with_temperature
+    from .metrics import classification_metrics, review_tradeoff
+    from .plots import plot_confusion_matrix, plot_reliability, plot_sample_grid
+    from .registry import load_package
+    from .train import select_device
+
+    t0 = time.time()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pkg = load_package(model_ref, storage)
+    classes = pkg.classes
+    data = load_eval_data(data_uri, classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
+    n = len(data.paths)
+    log(f"evaluate: {pkg.name} {pkg.version} on {n} image(s) of {data_uri} ({data.split_source})")
+
+    dev = select_device(device)
+    model = _prepare_model(pkg.model, dev)
+    logits = _logits(model, data.images, dev, batch_size)
+    probs = softmax_with_temperature(logits, pkg.temperature)
+    pred = probs.argmax(1)
+    metrics = classification_metrics(data.labels, probs, classes)
+
+    if review_threshold is not None:
+        threshold, threshold_source = float(review_threshold), "argument"
+    elif pkg.card.get("review_threshold") is not None:
+        threshold, threshold_source = float(pkg.card["review_threshold"]), "model card"
+    else:
+        threshold, threshold_source = DEFAULT_REVIEW_THRESHOLD, "default"
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"review threshold must be in [0, 1], got {threshold}")
+    thresholds = sorted(set(REVIEW_THRESHOLDS) | {threshold})
+    table = review_tradeoff(data.labels, probs, thresholds)
+    at = next(r for r in table if r["threshold"] == threshold)
+
+    report: dict[str, Any] = {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro"]["f1"],
+        "n": n,
+        "model": {"name": pkg.name, "version": pkg.version, "uri": pkg.uri, "image_size": pkg.image_size,
+                  "temperature": pkg.temperature, "classes": classes},
+        "data": data_uri,
+        "split": data.split,
+        "split_source": data.split_source,
+        "split_manifest": data.manifest_uri,
+        "split_manifest_hash": data.manifest_hash,
+        "same_split_as_training": (data.manifest_hash == pkg.card.get("split_manifest_hash")
+                                   if data.manifest_hash else None),
+        "metrics": metrics,
+        "review": {"threshold": threshold, "threshold_source": threshold_source, **at, "tradeoff": table},
+        "seed": int(seed),
+    }
+
+    rob = None
+    if robustness:
+        rob = robustness_suite(model, data.images, data.labels, classes, dev, batch_size, seed, clean_pred=pred)
+        report["robustness"] = rob
+        log(format_robustness_table(rob))
+
+    report["wall_time_s"] = time.time() - t0
+    confidence = probs.max(1)
+    predictions = [{"path": p, "actual": classes[int(y)], "predicted": classes[int(q)], "confidence": float(c),
+                    "needs_review": bool(c < threshold), "correct": bool(y == q)}
+                   for p, y, q, c in zip(data.paths, data.labels, pred, confidence)]
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_confusion_matrix(metrics["confusion_matrix"], classes, os.path.join(tmp, "confusion_matrix.png"),
+                              title=f"{pkg.name} {pkg.version}: {data.split} (n={n}, accuracy {metrics['accuracy']:.3f})")
+        plot_reliability(data.labels, probs, os.path.join(tmp, "reliability.png"))
+        idx = _sample_indices(pred == data.labels, SAMPLE_GRID, seed)
+        plot_sample_grid(data.images[idx], data.labels[idx], pred[idx], classes, os.path.join(tmp, "samples.png"),
+                         n=len(idx))
+        with open(os.path.join(tmp, "predictions.csv"), "w") as fh:
+            fh.write(_csv_text(predictions, ["path", "actual", "predicted", "confidence", "needs_review", "correct"]))
+        if rob is not None:
+            with open(os.path.join(tmp, "robustness.csv"), "w") as fh:
+                fh.write(_csv_text(rob["results"], ["perturbation", "severity", "accuracy", "macro_f1",
+                                                    "accuracy_drop", "changed_fraction", "n"]))
+        st.write_json(os.path.join(tmp, EVALUATION_JSON), report)
+        st.upload_dir(tmp, out_dir, storage)
+    log(f"evaluate: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro']['f1']:.4f}  ECE {metrics['ece']:.4f}  "
+        f"review<{threshold:g}: {at['flagged_fraction']:.1%} flagged, "
+        f"{'n/a' if at['errors_caught_fraction'] is None else format(at['errors_caught_fraction'], '.1%')} of errors "
+        f"caught  → {out_dir}")
+    return report

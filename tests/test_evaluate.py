@@ -1,0 +1,155 @@
+"""`leukray evaluate`: report contents checked against an independent computation, robustness grid, determinism,
+split selection and the errors a user sees."""
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leukray import CLASSES
+from leukray.data import DataError, canonical_class
+from leukray.evaluate import evaluate
+from leukray.images import decode_image
+from leukray.perturb import PERTURBATIONS
+from leukray.registry import RegistryError, load_package
+from leukray.split import load_manifest
+
+
+@pytest.fixture(scope="module")
+def package(synth_data, tmp_path_factory):
+    """A tiny trained package (32 px, untrained backbone, one epoch): fast, and good enough to measure."""
+    from leukray.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("pkg") / "package"
+    cfg = TrainConfig.model_validate({
+        "data": {"root": str(synth_data)}, "image_size": 32, "model": {"weights": "none"},
+        "epochs": 1, "batch_size": 16, "augment": "none", "seed": 0})
+    train(cfg, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(package, synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run1"
+    return out, evaluate(str(package), str(synth_data), str(out), robustness=True, seed=3, batch_size=32)
+
+
+def independent_accuracy(package: Path, data: Path, rel_paths: list[str]) -> float:
+    """Decode the files directly, run the package's torch model, argmax vs the folder labels."""
+    pkg = load_package(str(package))
+    images = np.stack([decode_image((data / p).read_bytes(), pkg.image_size) for p in rel_paths])
+    labels = np.array([pkg.classes.index(canonical_class(p.split("/")[0])) for p in rel_paths])
+    with torch.no_grad():
+        logits = pkg.model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def test_report_contents(report, package, synth_data):
+    out, r = report
+    on_disk = json.loads((out / "evaluation.json").read_text())
+    assert on_disk["accuracy"] == r["accuracy"]
+    for key in ("accuracy", "macro_f1", "n", "model", "data", "split", "split_manifest", "metrics", "review",
+                "robustness", "wall_time_s"):
+        assert key in on_disk, key
+    m = r["metrics"]
+    for key in ("per_class", "macro", "weighted", "confusion_matrix", "roc_auc_ovr", "ece", "benign_vs_malignant"):
+        assert key in m, key
+    assert set(m["per_class"]) == set(CLASSES)
+
+    # the package's test split, and only it
+    manifest = load_manifest(str(package / "split.parquet"))
+    test_paths = sorted(p for p, s in zip(manifest["path"].to_pylist(), manifest["split"].to_pylist()) if s == "test")
+    assert r["split"] == "test" and r["n"] == len(test_paths) > 0
+    assert r["same_split_as_training"] is True
+    assert r["accuracy"] == pytest.approx(independent_accuracy(package, Path(synth_data), test_paths), abs=1e-12)
+
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (len(CLASSES), len(CLASSES)) and cm.sum() == r["n"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(r["accuracy"])
+    assert r["model"]["name"] and r["model"]["version"]
+
+    rev = r["review"]
+    assert rev["threshold"] == 0.8 and rev["threshold_source"] == "default"
+    assert {row["threshold"] for row in rev["tradeoff"]} >= {0.5, 0.8, 0.99}
+    assert 0.0 <= rev["flagged_fraction"] <= 1.0
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["path"] for row in rows] == test_paths
+    assert sum(row["needs_review"] == "True" for row in rows) == rev["n_flagged"]
+
+    for png in ("confusion_matrix.png", "reliability.png", "samples.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+
+def test_robustness_grid(report):
+    out, r = report
+    rob = r["robustness"]
+    expected = {(name, sev) for name, sevs in PERTURBATIONS.items() for sev in sevs}
+    got = {(row["perturbation"], row["severity"]) for row in rob["results"]}
+    assert got == expected and len(rob["results"]) == len(expected)
+    for row in rob["results"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0 and row["n"] == r["n"]
+    assert rob["clean"]["accuracy"] == pytest.approx(r["accuracy"])
+    assert rob["worst"]["accuracy"] == min(row["accuracy"] for row in rob["results"])
+    assert set(rob["by_perturbation"]) == set(PERTURBATIONS)
+    with open(out / "robustness.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(expected)
+    assert {"perturbation", "severity", "accuracy", "macro_f1"} <= set(table[0])
+
+
+def test_deterministic_for_a_seed(report, package, synth_data, tmp_path):
+    _, first = report
+    again = evaluate(str(package), str(synth_data), str(tmp_path / "run2"), robustness=True, seed=3, batch_size=32)
+    assert again["robustness"]["results"] == first["robustness"]["results"]
+    assert again["metrics"] == first["metrics"]
+
+
+def test_split_selection(package, synth_data, tmp_path):
+    from leukray.synth import make_dataset
+
+    # the same file names with other content: nothing here was trained on, so every image is evaluated
+    other = make_dataset(tmp_path / "other", per_class=3, size=64, seed=1)
+    r = evaluate(str(package), str(other), str(tmp_path / "o"))
+    assert r["split"] == "all" and r["n"] == 12 and r["split_manifest"] is None
+    assert np.array(r["metrics"]["confusion_matrix"]).sum() == 12
+    # an explicit manifest that does not cover the data is an error, not a silent fallback
+    with pytest.raises(DataError, match="does not cover"):
+        evaluate(str(package), str(other), str(tmp_path / "o2"), split_manifest=str(package / "split.parquet"))
+    # --split all on the training data: every image, and the report says it includes training rows
+    r = evaluate(str(package), str(synth_data), str(tmp_path / "a"), split="all")
+    assert r["split"] == "all" and r["n"] == sum(1 for _ in Path(synth_data).rglob("*.jpg"))
+    assert "training rows" in r["split_source"]
+
+
+def test_bad_model_ref(synth_data, tmp_path):
+    with pytest.raises(RegistryError, match="no model package"):
+        evaluate(str(tmp_path / "nope"), str(synth_data), str(tmp_path / "out"))
+
+
+def test_unknown_class_folder(package, synth_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    (data / "Monocyte").mkdir()
+    shutil.copy(next((data / "Benign").glob("*.jpg")), data / "Monocyte" / "m.jpg")
+    with pytest.raises(DataError, match="Monocyte"):
+        evaluate(str(package), str(data), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli(package, synth_data, tmp_path, capsys):
+    from leukray.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["evaluate", "--model", str(package), "--data", str(synth_data), "--out", str(out),
+                 "--review-threshold", "0.9"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["split"] == "test" and summary["review"]["threshold"] == 0.9
+    assert os.path.exists(out / "evaluation.json") and not os.path.exists(out / "robustness.csv")
+    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(synth_data), "--out", str(out)]) == 2
+    assert "no model package" in capsys.readouterr().err
