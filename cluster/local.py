@@ -188,10 +188,34 @@ def _pid_alive(pid: int | None) -> bool:
     return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
+def _cmdline(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _leaders(info: dict) -> set[int]:
+    """The recorded session leaders, minus any whose pid now belongs to an unrelated process (pid reuse after
+    the cluster died). A dead leader stays: Linux does not reuse a pid while it is still some process's
+    session id, so its session's remaining processes are still ours."""
+    pids = info.get("pids") or {}
+    marks = {"ray": info.get("temp_dir") or "\0", "s3": "moto.server"}
+    out = set()
+    for kind, pid in pids.items():
+        if not pid:
+            continue
+        cmd = _cmdline(pid)
+        if cmd is None or not _pid_alive(pid) or marks.get(kind, "") in cmd:  # gone, zombie, or ours
+            out.add(pid)
+    return out
+
+
 def cluster_processes(info: dict) -> list[dict]:
     """Processes that belong to the cluster: in the sessions we started, descendants of them, or naming the
     temp dir on their command line. (Ray workers rename themselves to `ray::...`, so session ids matter.)"""
-    leaders = {p for p in (info.get("pids") or {}).values() if p}
+    leaders = _leaders(info)
     temp_dir = info.get("temp_dir")
     table = _proc_table()
     me = os.getpid()
@@ -276,7 +300,7 @@ def _kill_all(info: dict, grace: float = 10.0) -> list[int]:
     """Stop exactly this cluster's processes, in `ray stop`'s order (raylet, then the other Ray processes,
     then gcs_server, then the `ray start --block` leader and the S3 server), each step SIGTERM then SIGKILL
     after its share of grace; finally SIGKILL whatever is left. Returns pids that survived all that."""
-    leaders = {p for p in (info.get("pids") or {}).values() if p}
+    leaders = _leaders(info)
     step = max(grace / 4, 0.5)
 
     def is_raylet(p):
@@ -317,9 +341,10 @@ def read_state(state_dir: str | os.PathLike) -> dict | None:
 
 def _alive(info: dict) -> dict:
     pids = info.get("pids") or {}
-    out = {"ray": _pid_alive(pids.get("ray"))}
+    leaders = _leaders(info)
+    out = {"ray": pids.get("ray") in leaders and _pid_alive(pids.get("ray"))}
     if pids.get("s3"):
-        out["s3"] = _pid_alive(pids.get("s3"))
+        out["s3"] = pids.get("s3") in leaders and _pid_alive(pids.get("s3"))
     return out
 
 

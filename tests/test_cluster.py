@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -154,6 +155,28 @@ def test_down_leaves_nothing(tmp_path):
         [sys.executable, str(LOCAL_PY), "status", "--state-dir", str(state)], capture_output=True, text=True
     )
     assert cp.returncode == 3
+
+
+def test_stale_state_never_touches_reused_pids(tmp_path):
+    """A cluster.json whose pids now belong to unrelated processes: status says down, down kills nothing."""
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        for _ in range(100):  # until exec'd
+            if Path(f"/proc/{other.pid}/cmdline").read_bytes().startswith(b"sleep"):
+                break
+            time.sleep(0.05)
+        state = tmp_path / "stale"
+        state.mkdir()
+        info = {"pids": {"ray": other.pid, "s3": None}, "temp_dir": "/tmp/lr-doesnotexist",
+                "dashboard_url": "http://127.0.0.1:1", "state_dir": str(state)}
+        (state / "cluster.json").write_text(json.dumps(info))
+        assert cluster_local.cluster_processes(info) == []
+        assert cluster_local.status(state)["up"] is False
+        cluster_local.down(state, grace=1)
+        assert other.poll() is None, "down killed an unrelated process"
+    finally:
+        other.kill()
+        other.wait()
 
 
 # ------------------------------------------------------------------------------------------ manifests
