@@ -78,6 +78,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .search import run_from_args
+
+    return run_from_args(args, "leukray tune")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leukray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", help="package folder or model folder (LATEST), local or s3:// (overrides model)")
     sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
     sc.set_defaults(func=cmd_score)
+
+    tu = sub.add_parser("tune", help="hyperparameter search on Ray Tune (Optuna TPE + ASHA); publishes the winner")
+    from .search import add_arguments as _tune_arguments
+
+    _tune_arguments(tu)
+    tu.set_defaults(func=cmd_tune)
     return p
 
 

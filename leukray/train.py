@@ -238,6 +238,8 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         gen.set_state(resume["generator"])
+        if "torch_rng" in resume:  # dropout draws from torch's global generator
+            torch.set_rng_state(resume["torch_rng"])
         history = list(resume["history"])
         start_epoch = resume["epoch"] + 1
         best_score, best_epoch, bad_epochs = resume["best_score"], resume["best_epoch"], resume["bad_epochs"]
@@ -266,7 +268,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         val_logits = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.channels_last, cfg.amp)
@@ -295,10 +297,11 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
                 f"lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s{'  *' if improved else ''}")
 
         def checkpoint(epoch: int = epoch) -> dict[str, Any]:
-            return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "history": history, "epoch": epoch, "best_score": best_score,
+            """A snapshot (deep copy): later epochs do not change what was returned."""
+            return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch, "best_score": best_score,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_state": best_state,
-                    "config": dump_config(cfg)}
+                    "config": dump_config(cfg)})
 
         if on_epoch is not None:
             on_epoch(dict(row), checkpoint)

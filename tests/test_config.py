@@ -1,0 +1,39 @@
+import pytest
+
+from leukray.config import ConfigError, load_config
+from leukray.train import TrainConfig
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "train.yaml"
+    p.write_text("epochs: 2\nmodel:\n  dropuot: 0.3\n")
+    with pytest.raises(ConfigError, match=r"train.yaml: unknown key 'model.dropuot'"):
+        load_config(TrainConfig, p)
+
+
+def test_bad_value_is_named(tmp_path):
+    p = tmp_path / "train.yaml"
+    p.write_text("optimizer: sgd\n")
+    with pytest.raises(ConfigError, match=r"key 'optimizer' = 'sgd'"):
+        load_config(TrainConfig, p)
+
+
+def test_unknown_augment_policy_lists_allowed(tmp_path):
+    p = tmp_path / "train.yaml"
+    p.write_text("augment: heavy\n")
+    with pytest.raises(ConfigError, match=r"augment='heavy'.*none, study, stain, robust"):
+        load_config(TrainConfig, p)
+
+
+def test_missing_file_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+    cfg = load_config(TrainConfig, None, {"epochs": 3, "model.dropout": 0.5})
+    assert cfg.epochs == 3 and cfg.model.dropout == 0.5
+
+
+def test_shipped_train_config_is_valid():
+    from conftest import REPO
+
+    cfg = load_config(TrainConfig, REPO / "configs" / "train.yaml")
+    assert cfg.model.weights == "imagenet"

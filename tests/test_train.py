@@ -1,0 +1,99 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from leukray.config import load_config
+from leukray.registry import load_package
+from leukray.train import TrainConfig, fit, prepare_data, train
+
+
+def _cfg(root, **kw):
+    base = {"data.root": str(root), "image_size": 48, "epochs": 2, "batch_size": 16, "model.weights": "imagenet",
+            "augment": "study", "lr": 1e-3, "warmup_epochs": 0, "eval_batch_size": 64}
+    base.update(kw)
+    return load_config(TrainConfig, None, base)
+
+
+@pytest.fixture(scope="module")
+def bigger_data(tmp_path_factory):
+    from leukray.synth import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("synth50") / "data", per_class=50, size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(bigger_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-out")
+    card = train(_cfg(bigger_data, epochs=3), str(out))
+    return out, card
+
+
+def test_short_train_beats_chance(trained):
+    out, card = trained
+    test = card["metrics"]["test"]
+    assert test["n"] > 0
+    assert test["accuracy"] >= 0.6, test  # 4 classes: chance is 0.25
+
+
+def test_outputs_written(trained):
+    out, card = trained
+    for f in ("model.pt", "model.onnx", "model_card.json", "metrics.json", "history.json", "curves.png",
+              "confusion_matrix.png", "config.yaml", "split.parquet"):
+        assert (out / f).stat().st_size > 0, f
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall"} <= set(hist[0])
+    assert card["classes"] == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+    assert card["config"]["image_size"] == 48
+    assert len(card["split_manifest_hash"]) == 16
+    assert card["temperature"] > 0
+
+
+def test_package_loads_and_predicts_like_training(trained, bigger_data):
+    out, card = trained
+    pkg = load_package(str(out))
+    cfg = _cfg(bigger_data)
+    data = prepare_data(cfg, manifest_uri=str(out / "split.parquet"))  # reuses the saved split
+    from leukray.train import predict_logits
+    import torch
+    logits = predict_logits(pkg.model, np.ascontiguousarray(data.images[data.indices("test")]), torch.device("cpu"))
+    acc = float((logits.argmax(1) == data.labels[data.indices("test")]).mean())
+    assert acc == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+
+def test_seeded_runs_are_reproducible(synth_data, tmp_path):
+    cfg = _cfg(synth_data, epochs=1, **{"model.weights": "none", "data.limit_per_class": 10})
+    data = prepare_data(cfg, manifest_uri=str(tmp_path / "split.parquet"))
+    a = fit(cfg, data, verbose=False).history[0]
+    b = fit(cfg, data, verbose=False).history[0]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_resume_continues_where_it_stopped(synth_data, tmp_path):
+    cfg = _cfg(synth_data, epochs=2, **{"model.weights": "none", "data.limit_per_class": 10})
+    data = prepare_data(cfg, manifest_uri=str(tmp_path / "split.parquet"))
+    states = []
+    full = fit(cfg, data, on_epoch=lambda row, ckpt: states.append(ckpt()), verbose=False)
+    import copy
+    resumed = fit(cfg, data, resume=copy.deepcopy(states[0]), verbose=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[1]["val_loss"] == pytest.approx(full.history[1]["val_loss"], rel=1e-4)
+
+
+def test_manifest_mismatch_is_explained(synth_data, tmp_path):
+    cfg = _cfg(synth_data, **{"data.limit_per_class": 5, "model.weights": "none"})
+    prepare_data(cfg, manifest_uri=str(tmp_path / "split.parquet"))
+    cfg2 = _cfg(synth_data, **{"data.limit_per_class": 6, "model.weights": "none"})
+    from leukray.data import DataError
+    with pytest.raises(DataError, match="does not match"):
+        prepare_data(cfg2, manifest_uri=str(tmp_path / "split.parquet"))
+
+
+def test_cli_train_reports_errors(tmp_path, capsys):
+    from leukray.cli import main
+    (tmp_path / "empty").mkdir()
+    rc = main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "no images found" in capsys.readouterr().err
