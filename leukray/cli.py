@@ -128,10 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_score)
 
     tu = sub.add_parser("tune", help="hyperparameter search on Ray Tune (Optuna TPE + ASHA); publishes the winner")
-    from .search import add_arguments as _tune_arguments
+    from .search_args import add_arguments as _tune_arguments
 
     _tune_arguments(tu)
     tu.set_defaults(func=cmd_tune)
+
+    from .query_cli import add_query_commands
+
+    add_query_commands(sub)
     return p
 
 
