@@ -279,8 +279,10 @@ def _sample_indices(correct: np.ndarray, n: int, seed: int) -> np.ndarray:
 def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
              storage: StorageOptions | None = None, robustness: bool = False, seed: int = 0,
              batch_size: int = 64, split_manifest: str | None = None, review_threshold: float | None = None,
-             device: str = "auto") -> dict[str, Any]:
-    """Evaluate a model package on a labelled folder; write evaluation.json, plots (and robustness.csv) to out_dir.
+             device: str = "auto", plots: bool = True) -> dict[str, Any]:
+    """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
+    (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
+    robustness.csv to out_dir. `seed` fixes the random perturbations and the sample grid.
 
     Returns the report written to `<out_dir>/evaluation.json`."""
     from . import storage as st
@@ -348,12 +350,13 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
                     "needs_review": bool(c < threshold), "correct": bool(y == q)}
                    for p, y, q, c in zip(data.paths, data.labels, pred, confidence)]
     with tempfile.TemporaryDirectory() as tmp:
-        plot_confusion_matrix(metrics["confusion_matrix"], classes, os.path.join(tmp, "confusion_matrix.png"),
-                              title=f"{pkg.name} {pkg.version}: {data.split} (n={n}, accuracy {metrics['accuracy']:.3f})")
-        plot_reliability(data.labels, probs, os.path.join(tmp, "reliability.png"))
-        idx = _sample_indices(pred == data.labels, SAMPLE_GRID, seed)
-        plot_sample_grid(data.images[idx], data.labels[idx], pred[idx], classes, os.path.join(tmp, "samples.png"),
-                         n=len(idx))
+        if plots:
+            plot_confusion_matrix(metrics["confusion_matrix"], classes, os.path.join(tmp, "confusion_matrix.png"),
+                                  title=f"{pkg.name} {pkg.version}: {data.split} (n={n}, accuracy {metrics['accuracy']:.3f})")
+            plot_reliability(data.labels, probs, os.path.join(tmp, "reliability.png"))
+            idx = _sample_indices(pred == data.labels, SAMPLE_GRID, seed)
+            plot_sample_grid(data.images[idx], data.labels[idx], pred[idx], classes, os.path.join(tmp, "samples.png"),
+                             n=len(idx))
         with open(os.path.join(tmp, "predictions.csv"), "w") as fh:
             fh.write(_csv_text(predictions, ["path", "actual", "predicted", "confidence", "needs_review", "correct"]))
         if rob is not None:

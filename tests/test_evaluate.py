@@ -20,6 +20,15 @@ from leukray.registry import RegistryError, load_package
 from leukray.split import load_manifest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny 32 px batches: one intra-op thread is several times faster than oversubscribed ones on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def package(synth_data, tmp_path_factory):
     """A tiny trained package (32 px, untrained backbone, one epoch): fast, and good enough to measure."""
@@ -28,7 +37,7 @@ def package(synth_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pkg") / "package"
     cfg = TrainConfig.model_validate({
         "data": {"root": str(synth_data)}, "image_size": 32, "model": {"weights": "none"},
-        "epochs": 1, "batch_size": 16, "augment": "none", "seed": 0})
+        "epochs": 1, "batch_size": 16, "augment": "none", "seed": 0, "num_threads": 1})
     train(cfg, str(out))
     return out
 
@@ -105,7 +114,8 @@ def test_robustness_grid(report):
 
 def test_deterministic_for_a_seed(report, package, synth_data, tmp_path):
     _, first = report
-    again = evaluate(str(package), str(synth_data), str(tmp_path / "run2"), robustness=True, seed=3, batch_size=32)
+    again = evaluate(str(package), str(synth_data), str(tmp_path / "run2"), robustness=True, seed=3, batch_size=32,
+                     plots=False)
     assert again["robustness"]["results"] == first["robustness"]["results"]
     assert again["metrics"] == first["metrics"]
 
@@ -115,14 +125,15 @@ def test_split_selection(package, synth_data, tmp_path):
 
     # the same file names with other content: nothing here was trained on, so every image is evaluated
     other = make_dataset(tmp_path / "other", per_class=3, size=64, seed=1)
-    r = evaluate(str(package), str(other), str(tmp_path / "o"))
+    r = evaluate(str(package), str(other), str(tmp_path / "o"), plots=False)
     assert r["split"] == "all" and r["n"] == 12 and r["split_manifest"] is None
+    assert not (tmp_path / "o" / "samples.png").exists() and (tmp_path / "o" / "evaluation.json").exists()
     assert np.array(r["metrics"]["confusion_matrix"]).sum() == 12
     # an explicit manifest that does not cover the data is an error, not a silent fallback
     with pytest.raises(DataError, match="does not cover"):
         evaluate(str(package), str(other), str(tmp_path / "o2"), split_manifest=str(package / "split.parquet"))
     # --split all on the training data: every image, and the report says it includes training rows
-    r = evaluate(str(package), str(synth_data), str(tmp_path / "a"), split="all")
+    r = evaluate(str(package), str(synth_data), str(tmp_path / "a"), split="all", plots=False)
     assert r["split"] == "all" and r["n"] == sum(1 for _ in Path(synth_data).rglob("*.jpg"))
     assert "training rows" in r["split_source"]
 
@@ -145,10 +156,14 @@ def test_unknown_class_folder(package, synth_data, tmp_path):
 def test_cli(package, synth_data, tmp_path, capsys):
     from leukray.cli import main
 
+    from leukray.registry import publish
+
+    publish(str(package), str(tmp_path / "registry"), "leuk")  # a model folder: LATEST → v0001
     out = tmp_path / "cli"
-    assert main(["evaluate", "--model", str(package), "--data", str(synth_data), "--out", str(out),
-                 "--review-threshold", "0.9"]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "registry" / "leuk"), "--data", str(synth_data),
+                 "--out", str(out), "--review-threshold", "0.9"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == "leuk" and summary["version"] == "v0001"
     assert summary["split"] == "test" and summary["review"]["threshold"] == 0.9
     assert os.path.exists(out / "evaluation.json") and not os.path.exists(out / "robustness.csv")
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(synth_data), "--out", str(out)]) == 2
