@@ -277,7 +277,7 @@ def load_search_config(path: str | os.PathLike | None, overrides: dict[str, Any]
         node[leaf] = value
     base = data.get("base_config")
     if base:
-        cands = [Path(base)] + ([Path(path).parent / base] if path else [])
+        cands = ([Path(path).parent / base] if path else []) + [Path(base)]  # beside the search config, else cwd
         found = next((c for c in cands if c.is_file()), None)
         if found is None:
             raise ConfigError(f"{source}: key 'base_config' = {base!r}: file not found")
@@ -662,34 +662,11 @@ def print_summary(s: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-SMOKE_CONFIG = "configs/tune-smoke.yaml"
-DEFAULT_CONFIG = "configs/tune.yaml"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help=f"search YAML (default {DEFAULT_CONFIG}; {SMOKE_CONFIG} with --smoke-test)")
-    p.add_argument("--smoke-test", action="store_true", help=f"the tiny search ({SMOKE_CONFIG}) for tests/CI")
-    p.add_argument("--data", help="labelled image folder, local or s3:// (overrides train.data.root)")
-    p.add_argument("--storage-path", help="experiment storage, local or s3:// (overrides storage_path)")
-    p.add_argument("--registry", help="model registry, local or s3:// (overrides registry)")
-    p.add_argument("--name", help="experiment name (overrides name); rerun with the same name to resume")
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, e.g. --set resources.gpu=0.5)")
+from .search_args import DEFAULT_CONFIG, SMOKE_CONFIG, add_arguments, overrides_from_args  # noqa: E402,F401
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    overrides: dict[str, Any] = {}
-    for pair in args.set:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (e.g. --set num_samples=8)")
-        k, v = pair.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    for flag, key in (("data", "train.data.root"), ("storage_path", "storage_path"), ("registry", "registry"),
-                      ("name", "name"), ("num_samples", "num_samples"), ("epochs", "epochs")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
+    overrides = overrides_from_args(args)
     path = args.config or (SMOKE_CONFIG if args.smoke_test else DEFAULT_CONFIG)
     return load_search_config(path, overrides)
 
