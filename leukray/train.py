@@ -254,6 +254,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
         perm = torch.randperm(len(train_idx), generator=gen)
         total_loss, correct, seen = 0.0, 0, 0
         n_batches = max(1, len(perm) // cfg.batch_size) if len(perm) >= cfg.batch_size else 1
+        last_progress = t0
         for b in range(n_batches):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x = train_images[idx.to(train_images.device)].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -271,6 +272,10 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+            if verbose and time.time() - last_progress > 60:  # slow epochs (CPU) still show life
+                last_progress = time.time()
+                log(f"epoch {epoch}: batch {b + 1}/{n_batches}  loss {total_loss / seen:.4f}  "
+                    f"{seen / (time.time() - t0):.1f} img/s")
         val_logits = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.channels_last, cfg.amp)
         val_prob = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
         vm = classification_metrics(val_labels, val_prob, CLASSES)
