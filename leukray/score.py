@@ -162,7 +162,7 @@ def read_manifests(output: str, opts: StorageOptions | None = None) -> list[dict
     fs, root = storage.filesystem(output, opts)
     remote = storage.is_remote(output)
     runs_dir = _pjoin(remote, root, "_runs")
-    fs.invalidate_cache(runs_dir)
+    fs.invalidate_cache()  # s3fs caches listings per process (and only invalidates parents of a path): list afresh
     try:
         names = sorted(p for p in fs.ls(runs_dir, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
@@ -219,6 +219,7 @@ def already_scored(output: str, opts: StorageOptions | None, model_name: str, mo
              if m.get("model_name") == model_name and m.get("model_version") == model_version for f in m["_files"]]
     if not files:
         return pa.table({"path": pa.array([], pa.string()), "source_version": pa.array([], pa.string())})
+    fs.invalidate_cache()
     d = pads.dataset(files, filesystem=fs, format="parquet")
     return d.to_table(columns=["path", "source_version"])
 
@@ -524,6 +525,10 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         if not getattr(cfg, key):
             raise ConfigError(f"score: '{key}' is required (set it in the config or pass --{key})")
     opts = cfg.storage
+    if opts.endpoint_url is None and storage.endpoint_url(opts):
+        # resolve $AWS_ENDPOINT_URL on the driver: Ray workers may not share the driver's environment
+        opts = opts.model_copy(update={"endpoint_url": storage.endpoint_url(opts)})
+        cfg = cfg.model_copy(update={"storage": opts})
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Scoring throughput, side by side in one run, on N images (default 2000 generated 224x224 JPEG smears):
+
+  score_ips       the scoring job end to end (leukray.score.run: listing, Ray Data read+decode tasks, the model
+                  actor with the shipped CPU backend, Parquet write, commit) on a local Ray started beforehand
+  plain_torch_ips a plain PyTorch DataLoader loop (decode_image in 2 workers, the same package's torch model fp32)
+  model_only_ips  the model alone on pre-decoded uint8 tensors with the shipped backend (the same actor class)
+then the scoring job again at factor x N (hard links of the same files under other names), each with the peak RSS
+of the whole process tree (this driver + raylet + gcs + every Ray worker; psutil, sampled every 0.1 s).
+Prints one JSON object.
+
+    .venv/bin/python bench/score_throughput.py [--n 2000] [--factor 10] [--data ../shared/data/taleqani-all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+class PeakRSS:
+    """Peak of the summed RSS over this process and all its descendants (Ray's raylet, gcs, workers)."""
+
+    def __init__(self, interval: float = 0.1):
+        import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        total = 0
+        try:
+            procs = [self.me] + self.me.children(recursive=True)
+        except self.psutil.Error:
+            procs = [self.me]
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except self.psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.sample())
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def make_images(folder: Path, n: int, size: int = 224) -> list[Path]:
+    from leukray import CLASSES
+    from leukray.synth import smear_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        p = folder / f"img-{i:06d}.jpg"
+        if not p.exists():
+            smear_image(CLASSES[i % len(CLASSES)], rng, size=size).save(p, "JPEG", quality=90)
+        out.append(p)
+    return out
+
+
+def link_copies(files: list[Path], folder: Path, factor: int) -> None:
+    for k in range(factor):
+        d = folder / f"copy-{k:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for p in files:
+            q = d / p.name
+            if not q.exists():
+                os.link(p, q)
+
+
+def plain_torch(files: list[Path], pkg, batch_size: int, workers: int) -> float:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from leukray.images import decode_image
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(decode_image(files[i].read_bytes(), pkg.image_size)).permute(2, 0, 1)
+
+    loader = DataLoader(Files(), batch_size=batch_size, num_workers=workers)
+    model = pkg.model.eval()
+    n = 0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for x in loader:
+            model(x.float())
+            n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def model_only(files: list[Path], package_dir: str, image_size: int, batch_size: int) -> float:
+    import datetime as dt
+
+    from leukray.images import decode_image
+    from leukray.score import _Scorer, default_threads
+
+    x = np.stack([decode_image(p.read_bytes(), image_size) for p in files])
+    scorer = _Scorer(package_dir, None, "cpu", "onnx", default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc))
+    scorer.logits(x[:batch_size])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        scorer.logits(x[i:i + batch_size])
+    return len(x) / (time.perf_counter() - t)
+
+
+def score_job(input_dir: str, output_dir: str, package_dir: str, batch_size: int, extra: dict) -> tuple[float, float, dict]:
+    from leukray.score import ScoreConfig, run
+
+    cfg = ScoreConfig(input=input_dir, output=output_dir, model=package_dir, batch_size=batch_size, **extra)
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        m = run(cfg)
+        wall = time.perf_counter() - t
+    n = m["counts"]["scored"] + m["counts"]["errors"]
+    return n / wall, mem.mb, m
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--factor", type=int, default=10, help="second scoring run on factor x N images (0: skip)")
+    ap.add_argument("--data", help="use the first N images of this folder (recursive) instead of generated ones")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "leukray-bench-score"))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--plain-n", type=int, default=1000, help="images for the (slow) plain DataLoader loop")
+    ap.add_argument("--plain-workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra ScoreConfig keys")
+    args = ap.parse_args()
+
+    import shutil
+
+    import yaml
+
+    from leukray import registry
+    from leukray.images import is_image_name
+    from leukray.score import init_ray, untrained_package, ScoreConfig
+
+    work = Path(args.workdir)
+    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    load_start = os.getloadavg()
+    if args.data:
+        files = sorted(p for p in Path(args.data).rglob("*") if p.is_file() and is_image_name(p.name))[: args.n]
+        base = work / "data-n"
+        base.mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(files):
+            q = base / f"{i:06d}{p.suffix}"
+            if not q.exists():
+                os.link(p, q) if os.stat(p).st_dev == os.stat(base).st_dev else shutil.copy(p, q)
+        files = sorted(base.iterdir())
+    else:
+        files = make_images(work / "data-n", args.n)
+    pkg_dir = work / "model-224"
+    if not (pkg_dir / registry.CARD).exists():
+        untrained_package(str(pkg_dir), image_size=224, name="bench-mobilenetv2")
+    pkg = registry.load_package(str(pkg_dir))
+
+    init_ray(ScoreConfig())
+    out_n, out_10 = work / "out-n", work / "out-10x"
+    shutil.rmtree(out_n, ignore_errors=True)
+    shutil.rmtree(out_10, ignore_errors=True)
+
+    score_ips, rss_n, m_n = score_job(str(work / "data-n"), str(out_n), str(pkg_dir), args.batch_size, extra)
+    model_ips = model_only(files[: min(len(files), 512)], str(pkg_dir), pkg.image_size, args.batch_size)
+    plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
+    result = {
+        "images": len(files),
+        "score_ips": round(score_ips, 1),
+        "score_pipeline_ips": m_n["throughput"]["images_per_s"],
+        "plain_torch_ips": round(plain_ips, 1),
+        "model_only_ips": round(model_ips, 1),
+        "ratio_vs_plain": round(score_ips / plain_ips, 2),
+        "peak_rss_mb": rss_n,
+        "backend": m_n["execution"]["backend"],
+        "batch_size": args.batch_size,
+    }
+    if args.factor:
+        data_10 = work / "data-10x"
+        link_copies(files, data_10, args.factor)
+        ips_10, rss_10, m_10 = score_job(str(data_10), str(out_10), str(pkg_dir), args.batch_size, extra)
+        result.update({"images_10x": m_10["counts"]["seen"], "score_ips_10x": round(ips_10, 1),
+                       "peak_rss_mb_10x": rss_10, "rss_ratio_10x": round(rss_10 / rss_n, 2)})
+    result.update({"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load_start],
+                   "loadavg_end": [round(x, 2) for x in os.getloadavg()], "extra_config": extra})
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Batch scoring (leukray/score.py, jobs/score.py) end to end via `ray job submit` on a local Ray cluster, over a
+local folder and a moto S3 server (both on 127.0.0.1): one row per input file (bad files of every kind become
+error rows), incremental reruns, orphan cleanup, pyarrow + DuckDB read-back, no leaked secrets, and ONNX
+predictions equal to the PyTorch model's (same class, calibrated probabilities within 1e-4)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
+
+from leukray import registry, storage  # noqa: E402
+from leukray.config import ConfigError, StorageOptions, load_config  # noqa: E402
+from leukray.images import decode_image, is_image_name  # noqa: E402
+from leukray.query import RESULTS_SCHEMA, Results  # noqa: E402
+from leukray.score import FILE_SCHEMA, ScoreConfig, softmax_t  # noqa: E402
+from leukray.synth import make_dataset  # noqa: E402
+
+KEY = "AKIALEUKRAYLEAKTEST7"
+SECRET = "sEcReT-leukray-do-not-leak-5f3b9c"
+PROB_TOL = 1e-4
+THRESHOLD = 0.6
+
+# bad files: name → words the error message must contain
+BAD = {
+    "bad/empty.jpg": "empty",
+    "bad/truncated.jpg": "truncated",
+    "bad/text-not-image.jpg": "not an image",
+    "bad/garbage.PNG": "not an image",
+    "bad/bomb.png": "too large",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A tiny trained package, built the way users build one (leukray synth + leukray train)."""
+    root = tmp_path_factory.mktemp("model")
+    env = dict(os.environ, LEUKRAY_OFFLINE="1")
+    cli = [sys.executable, "-m", "leukray.cli"]
+    subprocess.run(cli + ["synth", "--out", str(root / "data"), "--per-class", "8", "--size", "40"],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run(cli + ["train", "--data", str(root / "data"), "--out", str(root / "pkg"), "--epochs", "1",
+                              "--set", "image_size=32", "--set", "batch_size=16", "--set", "model.weights=none"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(root / "pkg")
+
+
+def _jpeg(seed: int, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def build_archive(folder: Path) -> None:
+    """Synthetic smears in nested folders with mixed-case extensions and formats, plus every kind of bad file."""
+    make_dataset(folder / "day1", per_class=3, size=48, seed=1)
+    files = sorted(p for p in (folder / "day1").rglob("*.jpg"))
+    files[0].rename(files[0].with_suffix(".JPG"))
+    files[1].rename(files[1].with_suffix(".Jpeg"))
+    for p, fmt, ext in ((files[2], "PNG", ".png"), (files[3], "TIFF", ".TIF"), (files[4], "BMP", ".bmp")):
+        Image.open(p).convert("RGB").save(p.with_suffix(ext), fmt)
+        p.unlink()
+    (folder / "bad").mkdir()
+    (folder / "bad/empty.jpg").write_bytes(b"")
+    good = _jpeg(7)
+    (folder / "bad/truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "bad/text-not-image.jpg").write_text("lab notes, not a picture\n" * 5)
+    (folder / "bad/garbage.PNG").write_bytes(np.random.default_rng(3).bytes(3000))
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 MP > the decoder's 64 MP limit, ~80 KB on disk
+    (folder / "bad/bomb.png").write_bytes(buf.getvalue())
+    (folder / "README.txt").write_text("not an image file: ignored\n")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def loc(request, cluster, package, tmp_path_factory):
+    """Archive, model reference and output location, local or on the S3 server (model published to a registry
+    bucket, resolved through LATEST)."""
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"score-{kind}")
+    archive = tmp / "archive"
+    build_archive(archive)
+    endpoint = cluster["s3_endpoint"]
+    if kind == "local":
+        d = {"kind": kind, "archive": archive, "input": str(archive), "output": str(tmp / "out"), "model": package}
+    else:
+        for b in ("archive", "models", "scores"):
+            make_bucket(endpoint, b)
+        opts = StorageOptions(endpoint_url=endpoint, key=KEY, secret=SECRET)
+        storage.upload_dir(str(archive), "s3://archive/smears", opts)
+        registry.publish(package, "s3://models", "leukray-test", opts)
+        d = {"kind": kind, "archive": archive, "input": "s3://archive/smears", "output": "s3://scores/out",
+             "model": "s3://models/leukray-test"}
+    d["tmp"] = tmp
+    d["opts"] = StorageOptions(endpoint_url=endpoint, key=KEY, secret=SECRET)
+    cfg = {"input": d["input"], "output": d["output"], "model": d["model"],
+           "storage": {"endpoint_url": endpoint, "key": KEY, "secret": SECRET},
+           "batch_size": 8, "decode_batch_size": 4, "files_per_block": 6, "review_threshold": THRESHOLD}
+    d["config"] = tmp / "score.yaml"
+    d["config"].write_text(yaml.safe_dump(cfg))
+    d["logs"] = []
+    return d
+
+
+def _submit(cluster, loc) -> dict:
+    res = submit_job(cluster, [sys.executable, "jobs/score.py", "--config", str(loc["config"])], working_dir=REPO,
+                     timeout=600)
+    loc["logs"].append(res.stdout)
+    assert res.returncode == 0, res.stdout[-6000:]
+    assert "files seen" in res.stdout and "img/s" in res.stdout
+    return res
+
+
+def _put(loc, rel: str, data: bytes) -> None:
+    p = loc["archive"] / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    if loc["kind"] == "s3":
+        storage.write_bytes(f"{loc['input']}/{rel}", data, loc["opts"])
+
+
+def _uri(loc, p: Path) -> str:
+    if loc["kind"] == "local":
+        return str(p)
+    return f"{loc['input']}/{p.relative_to(loc['archive']).as_posix()}"
+
+
+def _results(loc) -> Results:
+    fs, _ = storage.filesystem(loc["output"], loc["opts"])
+    fs.invalidate_cache()  # s3fs instances (and their listing caches) are shared within this test process
+    return Results(loc["output"], loc["opts"])
+
+
+def _all_rows(loc) -> pa.Table:
+    return _results(loc).dataset.to_table()
+
+
+# the tests of one location run in order: first run, rerun, incremental run, then checks over everything
+def test_first_run_one_row_per_file(cluster, loc):
+    _submit(cluster, loc)
+    r = _results(loc)
+    assert len(r.runs) == 1
+    m = r.runs[0].raw
+    files = _image_files(loc["archive"])
+    t = r.dataset.to_table()
+    assert t.num_rows == len(files) == m["counts"]["seen"] == m["rows"]
+    assert sorted(t["path"].to_pylist()) == sorted(_uri(loc, p) for p in files)
+    assert m["counts"]["errors"] == len(BAD) and m["counts"]["scored"] == len(files) - len(BAD)
+    assert m["counts"]["skipped"] == 0 and m["throughput"]["images_per_s"] > 0
+    for f in m["files"]:
+        assert f.startswith(f"results/run_date={m['run_date']}/{m['run_id']}-") and f.endswith(".parquet")
+    assert m["model_version"] == ("v0001" if loc["kind"] == "s3" else m["model_version"])
+    # error rows name the problem
+    errs = {p: e for p, e, s in zip(t["path"].to_pylist(), t["error"].to_pylist(), t["status"].to_pylist())
+            if s == "error"}
+    for rel, words in BAD.items():
+        msg = errs.pop(_uri(loc, loc["archive"] / rel))
+        assert words in msg.lower(), (rel, msg)
+    assert not errs
+    err = t.filter(pc.equal(t["status"], "error"))
+    for col in ("predicted_class", "confidence", "prob_benign", "prob_pro_b", "needs_review"):
+        assert err[col].null_count == err.num_rows
+    ok = t.filter(pc.equal(t["status"], "ok"))
+    assert ok["error"].null_count == ok.num_rows
+    probs = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(probs.max(1), ok["confidence"].to_numpy())
+    assert ok["needs_review"].to_pylist() == (ok["confidence"].to_numpy() < THRESHOLD).tolist()
+    # schema: the documented one, run_date from the hive partition
+    assert t.schema.equals(RESULTS_SCHEMA), t.schema
+    fs, _ = storage.filesystem(loc["output"], loc["opts"])
+    import pyarrow.parquet as pq
+
+    with fs.open(r.files[0], "rb") as f:
+        assert pq.read_schema(f).remove_metadata().equals(FILE_SCHEMA)
+
+
+def test_predictions_match_pytorch(loc, package):
+    import torch
+
+    pkg = registry.load_package(package)
+    t = _all_rows(loc)
+    ok = t.filter(pc.equal(t["status"], "ok")).sort_by("path")
+    assert ok.num_rows >= 10
+    files = {_uri(loc, p): p for p in _image_files(loc["archive"])}
+    x = np.stack([decode_image(files[p].read_bytes(), pkg.image_size) for p in ok["path"].to_pylist()])
+    with torch.inference_mode():
+        logits = pkg.model(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
+    expected = softmax_t(logits, pkg.temperature)
+    got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
+    np.testing.assert_allclose(got, expected, atol=PROB_TOL, rtol=0)
+    assert ok["predicted_class"].to_pylist() == [pkg.classes[i] for i in expected.argmax(1)]
+
+
+def test_second_run_adds_nothing(cluster, loc):
+    before = _all_rows(loc).num_rows
+    _submit(cluster, loc)
+    r = _results(loc)
+    assert len(r.runs) == 2
+    m = r.runs[-1].raw
+    assert m["counts"]["scored"] == 0 and m["counts"]["errors"] == 0 and m["files"] == []
+    assert m["counts"]["skipped"] == m["counts"]["seen"] == before
+    assert r.dataset.to_table().num_rows == before
+
+
+def test_incremental_run_scores_only_new_and_changed(cluster, loc):
+    before = _all_rows(loc)
+    new = ["day2/Benign/new-1.jpg", "day2/Pro/NEW-2.JPEG"]
+    for i, rel in enumerate(new):
+        _put(loc, rel, _jpeg(100 + i))
+    changed = sorted((loc["archive"] / "day1").rglob("*.jpg"))[0]
+    _put(loc, changed.relative_to(loc["archive"]).as_posix(), _jpeg(200))
+    # leftovers of a crashed run: an orphan data file in results/ and a staging folder
+    orphan = storage.join(loc["output"], "results", "run_date=2026-01-01", "20260101T000000Z-dead00-0.parquet")
+    staged = storage.join(loc["output"], "_staging", "20260101T000000Z-dead00", "x.parquet")
+    for u in (orphan, staged):
+        storage.write_bytes(u, b"PAR1 crashed", loc["opts"])
+
+    _submit(cluster, loc)
+    r = _results(loc)
+    m = r.runs[-1].raw
+    expected = sorted([_uri(loc, loc["archive"] / rel) for rel in new] + [_uri(loc, changed)])
+    t = r.dataset.to_table()
+    mine = t.filter(pc.equal(t["run_id"], m["run_id"]))
+    assert sorted(mine["path"].to_pylist()) == expected
+    assert m["counts"]["scored"] == 3 and m["counts"]["skipped"] == before.num_rows - 1  # all but the changed one
+    assert t.num_rows == before.num_rows + 3
+    assert not storage.exists(orphan, loc["opts"]) and not storage.exists(staged, loc["opts"])
+    # the changed file has one row per version; no (path, version) twice
+    keys = list(zip(t["path"].to_pylist(), t["source_version"].to_pylist()))
+    assert len(keys) == len(set(keys))
+
+
+def test_reads_back_with_duckdb(loc):
+    r = _results(loc)
+    n = r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"]
+    assert n == len(_image_files(loc["archive"])) + 1  # + the old version of the changed file
+    by_status = {x["status"]: x["n"] for x in r.sql("SELECT status, count(*) AS n FROM results GROUP BY status").to_pylist()}
+    assert by_status["error"] == len(BAD)
+    rows = r.sql("SELECT DISTINCT run_date, model_name FROM results").to_pylist()
+    assert len(rows) == 1 and rows[0]["run_date"] == r.runs[0].run_date
+    import duckdb
+
+    if loc["kind"] == "local":  # the same files straight from DuckDB's own Parquet reader
+        files = [f for run in r.runs for f in run.files]
+        con = duckdb.connect()
+        got = con.execute(f"SELECT count(*) FROM read_parquet({files!r}, hive_partitioning = true)").fetchall()[0][0]
+        assert got == n
+
+
+def test_secrets_never_leak(cluster, loc):
+    fs, root = storage.filesystem(loc["output"], loc["opts"])
+    blobs = []
+    for f in fs.find(root):
+        with fs.open(f, "rb") as fh:
+            blobs.append((f, fh.read()))
+    assert any(f.endswith(".json") for f, _ in blobs)
+    for f, b in blobs:
+        assert SECRET.encode() not in b and KEY.encode() not in b, f
+    manifest = json.loads(next(b for f, b in blobs if f.endswith(".json")))
+    assert manifest["config"]["storage"]["secret"] == "**********"
+    for log in loc["logs"]:
+        assert SECRET not in log and KEY not in log
+    logs_dir = Path(cluster["temp_dir"]) / "session_latest" / "logs"
+    for p in logs_dir.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert SECRET.encode() not in data, p
+
+
+def test_missing_bucket_is_a_clear_error(cluster, tmp_path, package):
+    env = job_env(cluster)
+    r = subprocess.run([sys.executable, "jobs/score.py", "--input", "s3://no-such-bucket/smears", "--output",
+                        str(tmp_path / "out"), "--model", package], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2
+    assert "bucket 'no-such-bucket' does not exist" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "jobs/score.py", "--input", str(tmp_path), "--output",
+                        "s3://no-such-out-bucket/x", "--model", package], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "bucket 'no-such-out-bucket' does not exist" in r.stderr, r.stderr
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("input: /x\nbatchsize: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
+        load_config(ScoreConfig, p)
+    cfg = load_config(ScoreConfig, REPO / "configs" / "score.yaml")
+    assert cfg.review_threshold == 0.7 and cfg.storage.endpoint_url is None
+    load_config(ScoreConfig, REPO / "configs" / "score-smoke.yaml")
