@@ -123,14 +123,16 @@ def plain_torch(files: list[Path], pkg, batch_size: int, workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def model_only(files: list[Path], package_dir: str, image_size: int, batch_size: int) -> float:
+def model_only(files: list[Path], package_dir: str, image_size: int, batch_size: int, backend: str = "onnx",
+               precision: str = "f32") -> float:
     import datetime as dt
 
     from leukray.images import decode_image
     from leukray.score import _Scorer, default_threads
 
     x = np.stack([decode_image(p.read_bytes(), image_size) for p in files])
-    scorer = _Scorer(package_dir, None, "cpu", "onnx", default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc))
+    scorer = _Scorer(package_dir, None, "cpu", backend, default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc),
+                     precision)
     scorer.logits(x[:batch_size])  # warm-up
     t = time.perf_counter()
     for i in range(0, len(x), batch_size):
@@ -195,7 +197,8 @@ def main() -> int:
     shutil.rmtree(out_10, ignore_errors=True)
 
     score_ips, rss_n, m_n = score_job(str(work / "data-n"), str(out_n), str(pkg_dir), args.batch_size, extra)
-    model_ips = model_only(files[: min(len(files), 512)], str(pkg_dir), pkg.image_size, args.batch_size)
+    model_ips = model_only(files[: min(len(files), 512)], str(pkg_dir), pkg.image_size, args.batch_size,
+                           m_n["execution"]["backend"], extra.get("cpu_precision", "f32"))
     plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
     result = {
         "images": len(files),

@@ -30,13 +30,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from . import CLASSES, registry, storage
+from . import CLASSES, storage
 from .config import ConfigError, StorageOptions, StrictModel, dump_config
 from .images import ImageDecodeError, decode_image, is_image_name
 from .query import RESULTS_SCHEMA, prob_column
 
 FILE_SCHEMA = pa.schema([f for f in RESULTS_SCHEMA if f.name != "run_date"])
 """Columns stored in each data file; `run_date` lives in the hive partition path."""
+
+CARD, ONNX, LATEST = "model_card.json", "model.onnx", "LATEST"
+"""Package file names (as in leukray.registry, which imports torch: workers that only decode or run ONNX Runtime
+never import it, which keeps each Ray worker at a fraction of the memory)."""
 
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("source_version", pa.string())])
 
@@ -67,16 +71,25 @@ class ScoreConfig(StrictModel):
     """GPUs per model actor, used only when the cluster has GPUs (and device is auto or cuda)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda actors when the cluster has GPUs, else CPU actors."""
-    backend: Literal["auto", "onnx", "torch"] = "auto"
-    """auto: torch (bf16 autocast, channels_last) on CUDA, ONNX Runtime on CPU."""
+    backend: Literal["auto", "onnx", "openvino", "torch"] = "auto"
+    """auto: torch (bf16 autocast, channels_last) on CUDA, ONNX Runtime (fp32) on CPU. openvino: OpenVINO on CPU
+    (optional package `openvino`), see cpu_precision."""
+    cpu_precision: Literal["f32", "bf16"] = "f32"
+    """OpenVINO inference precision. bf16 (AMX / AVX512-BF16 CPUs) is ~2x faster than fp32 but its probabilities
+    differ from the PyTorch model by up to ~1e-2 instead of <1e-5 (docs/scoring.md)."""
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads per CPU actor; 0 = the CPUs of the node divided by num_actors."""
     decode_num_cpus: float = 0.25
     """CPUs reserved per read+decode task (decoding a smear field is light; small so it overlaps the model)."""
+    decode_concurrency: int = 2
+    """At most this many read+decode tasks at once (bounds memory; decoding only has to keep the model busy)."""
     review_threshold: float = 0.7
     """needs_review = confidence < review_threshold."""
     max_file_bytes: int = 256 * 1024 * 1024
     """Files larger than this are error rows without being read (decompression bombs are caught by pixel count)."""
+    object_store_limit_mb: int = 256
+    """Ray Data object store budget of the run: read+decode is backpressured beyond it, so memory stays flat however
+    large the archive (decoded 224 px images are 150 KB each); 0 = Ray's default (a share of the object store)."""
     max_rows_per_file: int = 200_000
     """Rows per output Parquet file."""
     run_date: str | None = None
@@ -330,11 +343,11 @@ class _Scorer:
     """Model actor: loads the package once, turns decoded batches into output rows (FILE_SCHEMA)."""
 
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
-                 review_threshold: float, run_id: str, scored_at: dt.datetime):
-        pkg = registry.load_package(package_uri, opts, with_model=(backend == "torch"))
-        self.classes = pkg.classes
-        self.temperature = pkg.temperature
-        self.model_name, self.model_version = pkg.name, pkg.version
+                 review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32"):
+        card = storage.read_json(storage.join(package_uri, CARD), opts)
+        self.classes = list(card["classes"])
+        self.temperature = float(card.get("temperature") or 1.0)
+        self.model_name, self.model_version = card["name"], card["version"]
         self.threshold = review_threshold
         self.run_id, self.scored_at = run_id, scored_at
         self.device, self.backend = device, backend
@@ -350,11 +363,29 @@ class _Scorer:
             so.inter_op_num_threads = 1
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
-            self.session = ort.InferenceSession(registry.read_onnx(pkg, opts), so, providers=["CPUExecutionProvider"])
+            onnx_bytes = storage.read_bytes(storage.join(package_uri, ONNX), opts)
+            self.session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name
+        elif backend == "openvino":
+            import tempfile
+
+            import openvino as ov
+
+            core = ov.Core()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, ONNX)
+                with open(path, "wb") as f:
+                    f.write(storage.read_bytes(storage.join(package_uri, ONNX), opts))
+                model = core.read_model(path)
+            self.compiled = core.compile_model(model, "CPU", {
+                "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": precision})
         else:
             import torch
 
+            from . import registry
+
+            pkg = registry.load_package(package_uri, opts)
             torch.set_num_threads(threads)
             self.torch = torch
             self.dev = torch.device("cuda" if device == "cuda" else "cpu")
@@ -364,6 +395,9 @@ class _Scorer:
         if self.backend == "onnx":
             x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
             return self.session.run(None, {self.input_name: x})[0]
+        if self.backend == "openvino":
+            x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)
+            return np.asarray(self.compiled(x)[0], dtype=np.float32)
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(self.dev, non_blocking=True)
@@ -436,8 +470,8 @@ def plan_device(cfg: ScoreConfig) -> tuple[str, str, float]:
     backend = cfg.backend
     if backend == "auto":
         backend = "torch" if device == "cuda" else "onnx"
-    if device == "cuda" and backend == "onnx":
-        raise ScoreError("backend=onnx runs on CPU actors; use backend torch (or auto) with device=cuda")
+    if device == "cuda" and backend in ("onnx", "openvino"):
+        raise ScoreError(f"backend={backend} runs on CPU actors; use backend torch (or auto) with device=cuda")
     return device, backend, (cfg.num_gpus_per_actor if device == "cuda" else 0.0)
 
 
@@ -448,15 +482,18 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, image_siz
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
+    if cfg.object_store_limit_mb:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=cfg.object_store_limit_mb * 2**20)
     blocks = [files.slice(i, cfg.files_per_block) for i in range(0, files.num_rows, cfg.files_per_block)]
     threads = cfg.intra_op_threads or default_threads(cfg.num_actors)
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(_read_decode, fn_kwargs={"image_size": image_size, "opts": cfg.storage,
                                                  "max_file_bytes": cfg.max_file_bytes},
                         batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=cfg.decode_num_cpus,
-                        zero_copy_batch=True)
+                        concurrency=cfg.decode_concurrency, zero_copy_batch=True)
     ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
-                                                     cfg.review_threshold, run_id, scored_at),
+                                                     cfg.review_threshold, run_id, scored_at, cfg.cpu_precision),
                         batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.num_actors,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
     return ds
@@ -539,8 +576,10 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     remote_out = storage.is_remote(cfg.output)
     if remote_out:
         storage.check_bucket(out_fs, out_root, cfg.output)
+    from . import registry
+
     package_uri = registry.resolve(cfg.model, opts)
-    card = storage.read_json(storage.join(package_uri, registry.CARD), opts)
+    card = storage.read_json(storage.join(package_uri, CARD), opts)
     model_name, model_version = card["name"], card["version"]
     image_size = int(card["preprocessing"]["image_size"])
     listing = list_inputs(cfg.input, opts)
@@ -624,6 +663,7 @@ def untrained_package(out_dir: str, image_size: int, name: str = "leukray-smoke"
     """A random-weight MobileNetV2 package (smoke tests, throughput benchmarks): weights, ONNX, card."""
     import torch
 
+    from . import registry
     from .model import ModelConfig, build_model
 
     torch.manual_seed(seed)
@@ -643,8 +683,8 @@ def prepare_smoke(cfg: ScoreConfig) -> None:
     model package when they do not exist yet."""
     from .synth import make_dataset
 
-    if cfg.model and not storage.is_remote(cfg.model) and not os.path.exists(os.path.join(cfg.model, registry.CARD)) \
-            and not os.path.exists(os.path.join(cfg.model, registry.LATEST)):
+    if cfg.model and not storage.is_remote(cfg.model) and not os.path.exists(os.path.join(cfg.model, CARD)) \
+            and not os.path.exists(os.path.join(cfg.model, LATEST)):
         log(f"smoke test: writing an untrained model package to {cfg.model}")
         untrained_package(cfg.model, image_size=64)
     if cfg.input and not storage.is_remote(cfg.input) and not os.path.exists(cfg.input):

@@ -315,3 +315,27 @@ def test_config_rejects_unknown_keys(tmp_path):
     cfg = load_config(ScoreConfig, REPO / "configs" / "score.yaml")
     assert cfg.review_threshold == 0.7 and cfg.storage.endpoint_url is None
     load_config(ScoreConfig, REPO / "configs" / "score-smoke.yaml")
+
+
+@pytest.mark.parametrize("backend,precision,tol", [("onnx", "f32", PROB_TOL), ("openvino", "f32", PROB_TOL),
+                                                   ("openvino", "bf16", 2e-2)])
+def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tol):
+    """The CPU actor's backends against the PyTorch model on the same decoded images (no Ray)."""
+    import datetime as dt
+
+    import torch
+
+    from leukray.score import _Scorer
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    make_dataset(tmp_path / "d", per_class=6, size=48, seed=5)
+    pkg = registry.load_package(package)
+    x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])
+    with torch.inference_mode():
+        expected = softmax_t(pkg.model(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy(), pkg.temperature)
+    scorer = _Scorer(package, None, "cpu", backend, 2, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc), precision)
+    got = softmax_t(scorer.logits(x), pkg.temperature)
+    np.testing.assert_allclose(got, expected, atol=tol, rtol=0)
+    if tol <= PROB_TOL:
+        assert (got.argmax(1) == expected.argmax(1)).all()
