@@ -343,7 +343,9 @@ class _Scorer:
     """Model actor: loads the package once, turns decoded batches into output rows (FILE_SCHEMA)."""
 
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
-                 review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32"):
+                 review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32",
+                 num_actors: int = 1):
+        threads = threads or default_threads(num_actors)  # CPUs of the node the actor runs on
         card = storage.read_json(storage.join(package_uri, CARD), opts)
         self.classes = list(card["classes"])
         self.temperature = float(card.get("temperature") or 1.0)
@@ -486,14 +488,15 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, image_siz
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.object_store_limit_mb * 2**20)
     blocks = [files.slice(i, cfg.files_per_block) for i in range(0, files.num_rows, cfg.files_per_block)]
-    threads = cfg.intra_op_threads or default_threads(cfg.num_actors)
+    threads = cfg.intra_op_threads  # 0: the actor picks its node's CPUs / num_actors (see _Scorer)
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(_read_decode, fn_kwargs={"image_size": image_size, "opts": cfg.storage,
                                                  "max_file_bytes": cfg.max_file_bytes},
                         batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=cfg.decode_num_cpus,
                         concurrency=cfg.decode_concurrency, zero_copy_batch=True)
     ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
-                                                     cfg.review_threshold, run_id, scored_at, cfg.cpu_precision),
+                                                     cfg.review_threshold, run_id, scored_at, cfg.cpu_precision,
+                                                     cfg.num_actors),
                         batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.num_actors,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
     return ds
