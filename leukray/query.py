@@ -309,7 +309,7 @@ class Results:
         # here, not a FileNotFoundError from deep inside a scan.
         if files:
             results_dir = self._join("results")
-            fs.invalidate_cache(results_dir)
+            fs.invalidate_cache()  # s3fs drops only the path and its parents otherwise: run_date= folders too
             try:
                 present = set(fs.find(results_dir)) if fs.exists(results_dir) else set()
             except FileNotFoundError:
