@@ -84,20 +84,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run_from_args(args, "leukray tune")
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from . import score
-
-    overrides = _overrides(args.set)
-    for key in ("input", "output", "model"):
-        if getattr(args, key):
-            overrides[key] = getattr(args, key)
-    cfg = load_config(score.ScoreConfig, args.config, overrides)
-    manifest = score.run(cfg)
-    print(score.summary(manifest), file=sys.stderr)
-    print(score.main_summary_json(manifest))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leukray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,13 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_query_commands(sub)
 
-    sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → Parquet")
-    sc.add_argument("--config", help="YAML config (see configs/score.yaml)")
-    sc.add_argument("--input", help="archive prefix, local or s3://bucket/prefix (overrides input)")
-    sc.add_argument("--output", help="output root, local or s3:// (overrides output)")
-    sc.add_argument("--model", help="package folder or model folder (LATEST), local or s3:// (overrides model)")
-    sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
-    sc.set_defaults(func=cmd_score)
     return p
 
 
