@@ -15,12 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 POLICIES = ("none", "study", "stain", "robust")
 
-# RGB ↔ YIQ: a hue shift is a rotation of the IQ plane, which batches as one matmul.
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def check_policy(name: str) -> str:
@@ -60,25 +59,25 @@ def flips_and_rotation(x: torch.Tensor, g: torch.Generator | None, max_degrees: 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def colour_jitter(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0) -> torch.Tensor:
+def colour_jitter(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0,
+                  hue_groups: int = 4) -> torch.Tensor:
+    """Stain and illumination: HSV hue shift (as a lab's stain drifts; per group of the batch, since torchvision
+    takes one factor per call), then per-image saturation, gamma, contrast and brightness."""
     n = x.shape[0]
     s = strength
-    hue = _rand(n, x, g, -0.08 * s, 0.08 * s) * 2 * math.pi
-    sat = _rand(n, x, g, 1 - 0.4 * s, 1 + 0.4 * s)
-    bright = _rand(n, x, g, 1 - 0.25 * s, 1 + 0.25 * s)
-    contrast = _rand(n, x, g, 1 - 0.3 * s, 1 + 0.3 * s)
-    gamma = _rand(n, x, g, 1 - 0.2 * s, 1 + 0.2 * s)
-    rgb2yiq, yiq2rgb = _RGB2YIQ.to(x), _YIQ2RGB.to(x)
-    yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, x / 255.0)
-    cos, sin = torch.cos(hue) * sat, torch.sin(hue) * sat
-    i, q = yiq[:, 1], yiq[:, 2]
-    c, s_ = cos.view(-1, 1, 1), sin.view(-1, 1, 1)
-    yiq = torch.stack([yiq[:, 0], i * c - q * s_, i * s_ + q * c], 1)
-    y = torch.einsum("ij,njhw->nihw", yiq2rgb, yiq).clamp(0, 1)
-    y = y ** gamma.view(-1, 1, 1, 1)
+    y = (x / 255.0).clamp(0, 1)
+    parts = []
+    for chunk in y.chunk(min(hue_groups, n)):
+        factor = float(_rand(1, x, g, -0.12 * s, 0.12 * s)[0])
+        parts.append(TF.adjust_hue(chunk, factor))
+    y = torch.cat(parts)
+    sat = _rand(n, x, g, 1 - 0.4 * s, 1 + 0.4 * s).view(-1, 1, 1, 1)
+    gray = (y * _LUMA.to(y).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    y = (gray + (y - gray) * sat).clamp(0, 1)
+    y = y ** _rand(n, x, g, 1 - 0.2 * s, 1 + 0.2 * s).view(-1, 1, 1, 1)
     mean = y.mean(dim=(1, 2, 3), keepdim=True)
-    y = (y - mean) * contrast.view(-1, 1, 1, 1) + mean
-    return (y * bright.view(-1, 1, 1, 1)).clamp(0, 1) * 255.0
+    y = (y - mean) * _rand(n, x, g, 1 - 0.3 * s, 1 + 0.3 * s).view(-1, 1, 1, 1) + mean
+    return (y * _rand(n, x, g, 1 - 0.3 * s, 1 + 0.3 * s).view(-1, 1, 1, 1)).clamp(0, 1) * 255.0
 
 
 def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.5) -> torch.Tensor:
