@@ -30,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from . import registry, storage
 from .augment import POLICIES
 from .config import ConfigError, StorageOptions, StrictModel, dump_config, parse_config
+from .raycluster import connect
 from .train import FitResult, TrainConfig, evaluate_and_package, log, prepare_data
 
 METRIC_MODES = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
@@ -408,22 +409,9 @@ def _tune_storage(cfg: SearchConfig):
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it), else start a local Ray on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # one checkpoint kept per trial forces a state snapshot per epoch: wanted (resume), not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        log(f"ray: joining the cluster at {os.environ['RAY_ADDRESS']}")
-        ray.init(address="auto", log_to_driver=True)
-    else:
-        log("ray: starting a local Ray on 127.0.0.1")
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+    connect(num_cpus=num_cpus)
 
 
 def _best_row(df, metric: str, mode: str):
