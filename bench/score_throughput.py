@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Scoring throughput, side by side in one run, on N images (default 2000 generated 224x224 JPEG smears):
 
-  score_ips       the scoring job end to end (leukray.score.run: listing, Ray Data read+decode tasks, the model
-                  actor with the shipped CPU backend, Parquet write, commit) on a local Ray started beforehand
+  score_ips       the scoring job end to end (leukray.score.run: listing, the Ray Data model actor that reads,
+                  decodes and scores with the shipped CPU backend, Parquet write, commit; actor start-up included)
+                  on a local Ray started beforehand; score_first_rows_s = start-up until the first rows,
+                  score_steady_ips = the rate after that
   plain_torch_ips a plain PyTorch DataLoader loop (decode_image in 2 workers, the same package's torch model fp32)
   model_only_ips  the model alone on pre-decoded uint8 tensors with the shipped backend (the same actor class)
 then the scoring job again at factor x N (hard links of the same files under other names), each with the peak RSS
 of the whole process tree (this driver + raylet + gcs + every Ray worker; psutil, sampled every 0.1 s).
-Prints one JSON object.
+The three measurements at N run back to back; `loadavg_before` has the 1-minute load average before each (the
+machine is shared: compare numbers only within one run). Prints one JSON object.
 
     .venv/bin/python bench/score_throughput.py [--n 2000] [--factor 10] [--data ../shared/data/taleqani-all]
 """
@@ -196,14 +199,20 @@ def main() -> int:
     shutil.rmtree(out_n, ignore_errors=True)
     shutil.rmtree(out_10, ignore_errors=True)
 
+    load = {"score": os.getloadavg()[0]}
     score_ips, rss_n, m_n = score_job(str(work / "data-n"), str(out_n), str(pkg_dir), args.batch_size, extra)
+    load["model_only"] = os.getloadavg()[0]
     model_ips = model_only(files[: min(len(files), 512)], str(pkg_dir), pkg.image_size, args.batch_size,
                            m_n["execution"]["backend"], extra.get("cpu_precision", "f32"))
+    load["plain"] = os.getloadavg()[0]
     plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
+    tp = m_n["throughput"]
     result = {
         "images": len(files),
         "score_ips": round(score_ips, 1),
         "score_pipeline_ips": m_n["throughput"]["images_per_s"],
+        "score_first_rows_s": tp["first_rows_s"],
+        "score_steady_ips": round(m_n["rows"] / (tp["pipeline_s"] - tp["first_rows_s"]), 1),
         "plain_torch_ips": round(plain_ips, 1),
         "model_only_ips": round(model_ips, 1),
         "ratio_vs_plain": round(score_ips / plain_ips, 2),
@@ -214,10 +223,12 @@ def main() -> int:
     if args.factor:
         data_10 = work / "data-10x"
         link_copies(files, data_10, args.factor)
+        load["score_10x"] = os.getloadavg()[0]
         ips_10, rss_10, m_10 = score_job(str(data_10), str(out_10), str(pkg_dir), args.batch_size, extra)
         result.update({"images_10x": m_10["counts"]["seen"], "score_ips_10x": round(ips_10, 1),
                        "peak_rss_mb_10x": rss_10, "rss_ratio_10x": round(rss_10 / rss_n, 2)})
     result.update({"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load_start],
+                   "loadavg_before": {k: round(v, 2) for k, v in load.items()},
                    "loadavg_end": [round(x, 2) for x in os.getloadavg()], "extra_config": extra})
     print(json.dumps(result))
     return 0

@@ -5,9 +5,10 @@ The only module with Ray Data calls. One run:
 1. `clean_orphans`   remove what crashed runs left behind (files under results/ no manifest lists, old _staging/).
 2. `list_inputs`     list image files on the driver (path, size, source_version = S3 ETag / local mtime in ns).
 3. `already_scored`  anti-join against the committed rows of the same model name + version → only new/changed files.
-4. `build_dataset`   Ray Data pipeline: file table → `_ReadDecode` tasks (bytes → decode_image, one error row per
-                     bad file) → `_Scorer` actors (model loaded once per actor: ONNX Runtime on CPU, torch bf16 +
-                     channels_last on CUDA) → Arrow rows with the documented schema.
+4. `build_dataset`   Ray Data pipeline, one stage: file table → `_Scorer` actors (model loaded once per actor:
+                     ONNX Runtime on CPU, torch bf16 + channels_last on CUDA), each reading + decoding its batch in
+                     a thread pool while the model runs the previous batch (one error row per bad file) → Arrow
+                     rows with the documented schema.
 5. `_write_rows`     THE place rows are written: the driver streams the pipeline's output into Parquet files in
                      `<output>/_staging/<run_id>/` (every input file yields exactly one row).
 6. `_commit`         move the files to `<output>/results/run_date=YYYY-MM-DD/<run_id>-<n>.parquet`, then write the
@@ -24,7 +25,9 @@ import os
 import posixpath
 import secrets
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -60,7 +63,7 @@ class ScoreConfig(StrictModel):
     batch_size: int = 64
     """Images per model call (per actor)."""
     decode_batch_size: int = 16
-    """Files per read+decode batch (small batches keep decode tasks short and the pipeline streaming)."""
+    """Files per read+decode chunk in the actor's decode thread pool (one s3fs request per chunk on S3)."""
     files_per_block: int = 64
     """Rows of the file table per input block."""
     num_actors: int = 1
@@ -79,17 +82,15 @@ class ScoreConfig(StrictModel):
     differ from the PyTorch model by up to ~1e-2 instead of <1e-5 (docs/scoring.md)."""
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads per CPU actor; 0 = the CPUs of the node divided by num_actors."""
-    decode_num_cpus: float = 0.25
-    """CPUs reserved per read+decode task (decoding a smear field is light; small so it overlaps the model)."""
-    decode_concurrency: int = 2
-    """At most this many read+decode tasks at once (bounds memory; decoding only has to keep the model busy)."""
+    decode_threads: int = 2
+    """Read+decode threads per model actor (PIL releases the GIL); they decode the next batch while the model runs."""
     review_threshold: float = 0.7
     """needs_review = confidence < review_threshold."""
     max_file_bytes: int = 256 * 1024 * 1024
     """Files larger than this are error rows without being read (decompression bombs are caught by pixel count)."""
     object_store_limit_mb: int = 256
-    """Ray Data object store budget of the run: read+decode is backpressured beyond it, so memory stays flat however
-    large the archive (decoded 224 px images are 150 KB each); 0 = Ray's default (a share of the object store)."""
+    """Ray Data object store budget of the run (only file rows and output rows pass through it now that decoding
+    happens inside the model actor); 0 = Ray's default (a share of the object store)."""
     max_rows_per_file: int = 200_000
     """Rows per output Parquet file."""
     run_date: str | None = None
@@ -100,8 +101,8 @@ class ScoreConfig(StrictModel):
     """Ray cluster address; default: $RAY_ADDRESS (e.g. inside `ray job submit`), else a local Ray on 127.0.0.1."""
 
     def model_post_init(self, _: Any) -> None:
-        if self.batch_size < 1 or self.decode_batch_size < 1 or self.files_per_block < 1 or self.num_actors < 1:
-            raise ValueError("batch_size, decode_batch_size, files_per_block and num_actors must be >= 1")
+        if min(self.batch_size, self.decode_batch_size, self.files_per_block, self.num_actors, self.decode_threads) < 1:
+            raise ValueError("batch_size, decode_batch_size, files_per_block, num_actors and decode_threads must be >= 1")
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ValueError(f"review_threshold={self.review_threshold} must be in [0, 1]")
         if self.run_date is not None:
@@ -257,70 +258,55 @@ def _fs_for(remote: bool, opts: StorageOptions | None):
     return _FS_CACHE[key]
 
 
-def _read_decode(batch: dict[str, np.ndarray], image_size: int, opts: StorageOptions | None,
-                 max_file_bytes: int) -> dict[str, np.ndarray]:
-    """Ray Data task UDF: see `_ReadDecode`."""
-    return _ReadDecode(image_size, opts, max_file_bytes)(batch)
-
-
-class _ReadDecode:
-    """Batch of file rows → the same rows plus `image` (N, S, S, 3) uint8 and `error` ('' when decodable).
-    Never raises for a bad file: a read or decode failure becomes that file's error message."""
-
-    def __init__(self, image_size: int, opts: StorageOptions | None, max_file_bytes: int):
-        self.image_size = image_size
-        self.opts = opts
-        self.max_file_bytes = max_file_bytes
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch["path"]]
-        sizes = batch["size"]
-        n, s = len(paths), self.image_size
-        images = np.zeros((n, s, s, 3), dtype=np.uint8)
-        errors = [""] * n
-        fetch = []
-        for i, p in enumerate(paths):
-            if int(sizes[i]) > self.max_file_bytes:
-                errors[i] = f"file too large: {int(sizes[i])} bytes exceeds max_file_bytes={self.max_file_bytes}"
+def read_decode(paths: list[str], sizes: list[int], image_size: int, opts: StorageOptions | None,
+                max_file_bytes: int) -> tuple[np.ndarray, list[str]]:
+    """Files → `(images (N, S, S, 3) uint8, errors)` with errors[i] == "" when file i decoded. Never raises for a
+    bad file: a read or decode failure becomes that file's error message (and later its error row)."""
+    n, s = len(paths), image_size
+    images = np.zeros((n, s, s, 3), dtype=np.uint8)
+    errors = [""] * n
+    fetch = []
+    for i, p in enumerate(paths):
+        if int(sizes[i]) > max_file_bytes:
+            errors[i] = f"file too large: {int(sizes[i])} bytes exceeds max_file_bytes={max_file_bytes}"
+        else:
+            fetch.append(i)
+    data: dict[str, Any] = {}
+    remote_idx = [i for i in fetch if storage.is_remote(paths[i])]
+    local_idx = [i for i in fetch if not storage.is_remote(paths[i])]
+    if remote_idx:  # s3fs fetches a list of keys concurrently
+        fs = _fs_for(True, opts)
+        keys = [paths[i].split("://", 1)[1] for i in remote_idx]
+        try:
+            got = fs.cat(keys, on_error="return")
+        except Exception as err:  # noqa: BLE001 - the whole request failed: every file gets the reason
+            got = {k: err for k in keys}
+        for i, k in zip(remote_idx, keys):
+            data[paths[i]] = got.get(k, FileNotFoundError(k))
+    for i in local_idx:
+        try:
+            with open(paths[i], "rb") as f:
+                data[paths[i]] = f.read(max_file_bytes + 1)
+        except OSError as err:
+            data[paths[i]] = err
+    for i in fetch:
+        raw = data[paths[i]]
+        if isinstance(raw, BaseException):
+            if isinstance(raw, FileNotFoundError):
+                errors[i] = "cannot read file: it vanished after listing (not found)"
             else:
-                fetch.append(i)
-        data: dict[str, Any] = {}
-        remote_idx = [i for i in fetch if storage.is_remote(paths[i])]
-        local_idx = [i for i in fetch if not storage.is_remote(paths[i])]
-        if remote_idx:  # s3fs fetches a list of keys concurrently
-            fs = _fs_for(True, self.opts)
-            keys = [paths[i].split("://", 1)[1] for i in remote_idx]
-            try:
-                got = fs.cat(keys, on_error="return")
-            except Exception as err:  # noqa: BLE001 - the whole request failed: every file gets the reason
-                got = {k: err for k in keys}
-            for i, k in zip(remote_idx, keys):
-                data[paths[i]] = got.get(k, FileNotFoundError(k))
-        for i in local_idx:
-            try:
-                with open(paths[i], "rb") as f:
-                    data[paths[i]] = f.read(self.max_file_bytes + 1)
-            except OSError as err:
-                data[paths[i]] = err
-        for i in fetch:
-            raw = data[paths[i]]
-            if isinstance(raw, BaseException):
-                if isinstance(raw, FileNotFoundError):
-                    errors[i] = "cannot read file: it vanished after listing (not found)"
-                else:
-                    errors[i] = f"cannot read file: {type(raw).__name__}: {raw}"
-                continue
-            if len(raw) > self.max_file_bytes:
-                errors[i] = f"file too large: more than max_file_bytes={self.max_file_bytes} bytes"
-                continue
-            try:
-                images[i] = decode_image(raw, s)  # the one preprocessing path (same as training)
-            except ImageDecodeError as err:
-                errors[i] = str(err)
-            except Exception as err:  # noqa: BLE001 - anything else a decoder throws is still one file's problem
-                errors[i] = f"cannot decode image: {type(err).__name__}: {err}"
-        return {"path": batch["path"], "size": batch["size"], "source_version": batch["source_version"],
-                "image": images, "error": np.array(errors, dtype=object)}
+                errors[i] = f"cannot read file: {type(raw).__name__}: {raw}"
+            continue
+        if len(raw) > max_file_bytes:
+            errors[i] = f"file too large: more than max_file_bytes={max_file_bytes} bytes"
+            continue
+        try:
+            images[i] = decode_image(raw, s)  # the one preprocessing path (same as training)
+        except ImageDecodeError as err:
+            errors[i] = str(err)
+        except Exception as err:  # noqa: BLE001 - anything else a decoder throws is still one file's problem
+            errors[i] = f"cannot decode image: {type(err).__name__}: {err}"
+    return images, errors
 
 
 def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -340,19 +326,29 @@ def default_threads(num_actors: int = 1) -> int:
 
 
 class _Scorer:
-    """Model actor: loads the package once, turns decoded batches into output rows (FILE_SCHEMA)."""
+    """Model actor, the one stage of the pipeline: a batch of file rows (path, size, source_version) → read +
+    decode in a small thread pool → the model → output rows (FILE_SCHEMA), one per file.
+
+    Ray Data runs two calls of an actor at once (`max_concurrent_calls_per_actor=2`): while one call holds the
+    model lock, the other reads and decodes the next batch (PIL and ONNX Runtime release the GIL), so decoding
+    hides behind the model without decoded images ever entering the object store."""
 
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
                  review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32",
-                 num_actors: int = 1):
+                 num_actors: int = 1, max_file_bytes: int = 256 * 1024 * 1024, decode_batch_size: int = 16,
+                 decode_threads: int = 2):
         threads = threads or default_threads(num_actors)  # CPUs of the node the actor runs on
         card = storage.read_json(storage.join(package_uri, CARD), opts)
         self.classes = list(card["classes"])
         self.temperature = float(card.get("temperature") or 1.0)
         self.model_name, self.model_version = card["name"], card["version"]
+        self.image_size = int(card["preprocessing"]["image_size"])
         self.threshold = review_threshold
         self.run_id, self.scored_at = run_id, scored_at
         self.device, self.backend = device, backend
+        self.opts, self.max_file_bytes, self.decode_batch_size = opts, max_file_bytes, decode_batch_size
+        self.decode_pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        self.model_lock = threading.Lock()  # one model call at a time; decoding runs beside it
         unknown = [c for c in self.classes if c not in CLASSES]
         if unknown:
             raise ScoreError(f"model {package_uri} has classes {unknown} outside {list(CLASSES)}")
@@ -411,21 +407,33 @@ class _Scorer:
                 out = self.model(x)
             return out.float().cpu().numpy()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = [str(e) for e in batch["error"]]
+    def read_decode(self, paths: list[str], sizes: list[int]) -> tuple[np.ndarray, list[str]]:
+        """`read_decode` over chunks of decode_batch_size files in the decode thread pool, in order."""
+        step = self.decode_batch_size
+        parts = list(self.decode_pool.map(
+            lambda i: read_decode(paths[i:i + step], sizes[i:i + step], self.image_size, self.opts,
+                                  self.max_file_bytes), range(0, len(paths), step)))
+        if not parts:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), []
+        return np.concatenate([p[0] for p in parts]), [e for p in parts for e in p[1]]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images, errors = self.read_decode(batch["path"].to_pylist(), batch["size"].to_pylist())
         n = len(errors)
         ok = np.array([e == "" for e in errors], dtype=bool)
         k = len(self.classes)
         probs = np.full((n, k), np.nan)
         if ok.any():
-            probs[ok] = softmax_t(self.logits(batch["image"][ok]), self.temperature)
+            with self.model_lock:
+                logits = self.logits(images[ok])
+            probs[ok] = softmax_t(logits, self.temperature)
         top = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
         conf = np.where(ok, probs.max(axis=1, initial=-1.0) if n else np.zeros(0), np.nan)
         mask = ~ok
         cols: dict[str, pa.Array] = {
-            "path": pa.array([str(p) for p in batch["path"]], pa.string()),
-            "size": pa.array(np.asarray(batch["size"], dtype=np.int64)),
-            "source_version": pa.array([str(v) for v in batch["source_version"]], pa.string()),
+            "path": batch["path"].combine_chunks(),
+            "size": batch["size"].combine_chunks(),
+            "source_version": batch["source_version"].combine_chunks(),
             "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),
             "error": pa.array([None if o else e for o, e in zip(ok, errors)], pa.string()),
             "predicted_class": pa.array([self.classes[t] if o else None for o, t in zip(ok, top)], pa.string()),
@@ -477,9 +485,9 @@ def plan_device(cfg: ScoreConfig) -> tuple[str, str, float]:
     return device, backend, (cfg.num_gpus_per_actor if device == "cuda" else 0.0)
 
 
-def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, image_size: int, run_id: str,
-                  scored_at: dt.datetime, device: str, backend: str, num_gpus: float):
-    """The Ray Data pipeline: file table → read+decode tasks → model actors → rows (FILE_SCHEMA)."""
+def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: str, scored_at: dt.datetime,
+                  device: str, backend: str, num_gpus: float):
+    """The Ray Data pipeline: file table → `_Scorer` actors (read + decode + model) → rows (FILE_SCHEMA)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -489,26 +497,27 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, image_siz
             object_store_memory=cfg.object_store_limit_mb * 2**20)
     blocks = [files.slice(i, cfg.files_per_block) for i in range(0, files.num_rows, cfg.files_per_block)]
     threads = cfg.intra_op_threads  # 0: the actor picks its node's CPUs / num_actors (see _Scorer)
+    pool = ray.data.ActorPoolStrategy(size=cfg.num_actors, max_concurrent_calls_per_actor=2,
+                                      enable_true_multi_threading=True)  # decode batch k+1 while batch k runs
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(_read_decode, fn_kwargs={"image_size": image_size, "opts": cfg.storage,
-                                                 "max_file_bytes": cfg.max_file_bytes},
-                        batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=cfg.decode_num_cpus,
-                        concurrency=cfg.decode_concurrency, zero_copy_batch=True)
     ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
                                                      cfg.review_threshold, run_id, scored_at, cfg.cpu_precision,
-                                                     cfg.num_actors),
-                        batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.num_actors,
+                                                     cfg.num_actors, cfg.max_file_bytes, cfg.decode_batch_size,
+                                                     cfg.decode_threads),
+                        batch_size=cfg.batch_size, batch_format="pyarrow", compute=pool,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
     return ds
 
 
 # ------------------------------------------------------------------------------------------------ writing + commit
-def _write_rows(ds, staging_dir: str, fs, remote: bool, run_id: str, max_rows: int) -> tuple[list[str], dict[str, int]]:
-    """THE place where rows are written: stream the pipeline's output into Parquet files in staging."""
+def _write_rows(ds, staging_dir: str, fs, remote: bool, run_id: str, max_rows: int) -> tuple[list[str], dict[str, Any]]:
+    """THE place where rows are written: stream the pipeline's output into Parquet files in staging.
+    Returns the staged files and counts (rows, scored, errors, first_rows_s: start-up until the first rows)."""
     import pyarrow.parquet as pq
 
     staged: list[str] = []
-    counts = {"rows": 0, "scored": 0, "errors": 0}
+    counts: dict[str, Any] = {"rows": 0, "scored": 0, "errors": 0, "first_rows_s": None}
+    t0 = time.perf_counter()
     writer, sink, rows_in_file = None, None, 0
 
     def close() -> None:
@@ -522,6 +531,8 @@ def _write_rows(ds, staging_dir: str, fs, remote: bool, run_id: str, max_rows: i
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if table.num_rows == 0:
                 continue
+            if counts["first_rows_s"] is None:
+                counts["first_rows_s"] = round(time.perf_counter() - t0, 3)
             table = table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
             if writer is None or rows_in_file >= max_rows:
                 close()
@@ -584,7 +595,6 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     package_uri = registry.resolve(cfg.model, opts)
     card = storage.read_json(storage.join(package_uri, CARD), opts)
     model_name, model_version = card["name"], card["version"]
-    image_size = int(card["preprocessing"]["image_size"])
     listing = list_inputs(cfg.input, opts)
     log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
 
@@ -600,7 +610,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
 
     staging_dir = _pjoin(remote_out, out_root, "_staging", run_id)
     staged: list[str] = []
-    counts = {"rows": 0, "scored": 0, "errors": 0}
+    counts: dict[str, Any] = {"rows": 0, "scored": 0, "errors": 0, "first_rows_s": None}
     device = backend = "none"
     t_pipe = time.perf_counter()
     if todo.num_rows:
@@ -610,7 +620,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         log(f"scoring on {device} ({backend}), {cfg.num_actors} actor(s), batch {cfg.batch_size}")
         if not remote_out:
             os.makedirs(staging_dir, exist_ok=True)
-        ds = build_dataset(todo, cfg, package_uri, image_size, run_id, started, device, backend, num_gpus)
+        ds = build_dataset(todo, cfg, package_uri, run_id, started, device, backend, num_gpus)
         staged, counts = _write_rows(ds, staging_dir, out_fs, remote_out, run_id, cfg.max_rows_per_file)
         if counts["rows"] != todo.num_rows:
             raise ScoreError(f"run {run_id}: {counts['rows']} rows for {todo.num_rows} input files; not committed")
@@ -643,7 +653,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         "counts": {"seen": listing.num_rows, "scored": counts["scored"], "skipped": skipped,
                    "errors": counts["errors"], "deferred": listing.num_rows - skipped - todo.num_rows},
         "throughput": {"images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else 0.0,
-                       "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3)},
+                       "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3),
+                       "first_rows_s": counts["first_rows_s"]},
         "execution": {"device": device, "backend": backend, "num_actors": cfg.num_actors},
         "config": dump_config(cfg),
     }
