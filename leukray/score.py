@@ -84,8 +84,8 @@ class ScoreConfig(StrictModel):
     """ONNX Runtime intra-op threads per CPU actor; 0 = the CPUs of the node divided by num_actors."""
     decode_threads: int = 2
     """Read+decode threads per model actor (PIL releases the GIL); they decode the next batch while the model runs."""
-    review_threshold: float = 0.7
-    """needs_review = confidence < review_threshold."""
+    review_threshold: float = 0.8
+    """needs_review = calibrated confidence < review_threshold (`leukray evaluate` reports what it catches)."""
     max_file_bytes: int = 256 * 1024 * 1024
     """Files larger than this are error rows without being read (decompression bombs are caught by pixel count)."""
     object_store_limit_mb: int = 256
@@ -453,18 +453,9 @@ class _Scorer:
 
 
 def init_ray(cfg: ScoreConfig) -> None:
-    import ray
+    from .raycluster import connect
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address="auto" if address == os.environ.get("RAY_ADDRESS") else address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    connect(address=cfg.ray_address)
 
 
 def plan_device(cfg: ScoreConfig) -> tuple[str, str, float]:

@@ -313,7 +313,7 @@ def test_config_rejects_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
         load_config(ScoreConfig, p)
     cfg = load_config(ScoreConfig, REPO / "configs" / "score.yaml")
-    assert cfg.review_threshold == 0.7 and cfg.storage.endpoint_url is None
+    assert cfg.review_threshold == 0.8 and cfg.storage.endpoint_url is None
     load_config(ScoreConfig, REPO / "configs" / "score-smoke.yaml")
 
 
