@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import pyarrow as pa
 import torch
+import yaml
 import torch.nn.functional as F
 from pydantic import Field
 
@@ -28,6 +29,7 @@ from .augment import POLICIES, augment_batch, check_policy
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
 from .model import LeukNet, ModelConfig, build_model
+from .registry import library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
 
 
@@ -351,19 +353,14 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
         "split": summarize(data.manifest), "split_manifest_hash": data.manifest_hash,
         "split_manifest": data.manifest_uri, "data": data.root,
         "config": dump_config(cfg),
-        "library_versions": __import__("leukray.registry", fromlist=["library_versions"]).library_versions(),
+        "library_versions": library_versions(),
     }
     card.update(extra_card or {})
-    from .registry import write_package
-
     with tempfile.TemporaryDirectory() as tmp:
         write_package(tmp, result.model, card)
         storage.write_json(os.path.join(tmp, "metrics.json"), {"val": val_metrics, "test": test_metrics,
                                                                 "temperature": temperature, "best_epoch": result.best_epoch})
         storage.write_json(os.path.join(tmp, "history.json"), result.history)
-        pa.Table.from_pylist(result.history)  # validates rows are tabular
-        import yaml
-
         with open(os.path.join(tmp, "config.yaml"), "w") as fh:
             yaml.safe_dump(dump_config(cfg), fh, sort_keys=False)
         plot_curves(result.history, os.path.join(tmp, "curves.png"))
