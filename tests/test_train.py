@@ -97,3 +97,54 @@ def test_cli_train_reports_errors(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "no images found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 for this test, stopped afterwards."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    import socket
+
+    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(var, value)
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="lab")
+    yield endpoint, client
+    server.stop()
+
+
+def test_train_from_and_to_s3(s3, synth_data, tmp_path):
+    """The same run over s3:// (data, split manifest and package on the S3 server) as over local folders."""
+    endpoint, client = s3
+    for f in synth_data.rglob("*.jpg"):
+        client.upload_file(str(f), "lab", f"data/{f.relative_to(synth_data).as_posix()}")
+    kw = {"epochs": 1, "model.weights": "none", "data.limit_per_class": 10}
+    local = train(_cfg(synth_data, **kw), str(tmp_path / "local"))
+    remote = train(_cfg("s3://lab/data", **kw, **{"storage.endpoint_url": endpoint}), "s3://lab/models/run1")
+    assert remote["split_manifest_hash"] == local["split_manifest_hash"]
+    assert remote["metrics"]["test"]["n"] == local["metrics"]["test"]["n"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="lab", Prefix="models/run1/")["Contents"]}
+    assert {"models/run1/model.pt", "models/run1/model.onnx", "models/run1/model_card.json",
+            "models/run1/split.parquet", "models/run1/curves.png"} <= keys
+    from leukray.config import StorageOptions
+    pkg = load_package("s3://lab/models/run1", StorageOptions(endpoint_url=endpoint))
+    assert pkg.classes == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+
+
+def test_missing_bucket_is_said(s3, synth_data):
+    endpoint, _ = s3
+    from leukray.data import DataError
+    from leukray.storage import StorageError
+    cfg = _cfg("s3://no-such-bucket/data", **{"storage.endpoint_url": endpoint, "model.weights": "none"})
+    with pytest.raises((StorageError, DataError), match="bucket 'no-such-bucket' does not exist"):
+        prepare_data(cfg)
