@@ -170,41 +170,18 @@ def test_cli(package, synth_data, tmp_path, capsys):
     assert "no model package" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_s3(report, package, synth_data, monkeypatch):
+def test_s3(report, package, synth_data, s3):
     """Package, data and output on s3:// (a moto server on 127.0.0.1): the same numbers as the local run."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
     from leukray.config import StorageOptions
 
-    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(var, value)
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        s3.create_bucket(Bucket="lab")
-        for prefix, root in (("pkg", Path(package)), ("data", Path(synth_data))):
-            for f in root.rglob("*"):
-                if f.is_file():
-                    s3.upload_file(str(f), "lab", f"{prefix}/{f.relative_to(root).as_posix()}")
-        r = evaluate("s3://lab/pkg", "s3://lab/data", "s3://lab/eval", storage=StorageOptions(endpoint_url=endpoint),
-                     plots=False)
-        assert r["split"] == "test" and r["split_manifest"] == "s3://lab/pkg/split.parquet"
-        assert r["metrics"]["confusion_matrix"] == report[1]["metrics"]["confusion_matrix"]
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="lab", Prefix="eval/")["Contents"]}
-        assert {"eval/evaluation.json", "eval/predictions.csv"} <= keys
-    finally:
-        server.stop()
+    endpoint, client = s3
+    for prefix, root in (("pkg", Path(package)), ("data", Path(synth_data))):
+        for f in root.rglob("*"):
+            if f.is_file():
+                client.upload_file(str(f), "lab", f"{prefix}/{f.relative_to(root).as_posix()}")
+    r = evaluate("s3://lab/pkg", "s3://lab/data", "s3://lab/eval", storage=StorageOptions(endpoint_url=endpoint),
+                 plots=False)
+    assert r["split"] == "test" and r["split_manifest"] == "s3://lab/pkg/split.parquet"
+    assert r["metrics"]["confusion_matrix"] == report[1]["metrics"]["confusion_matrix"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="lab", Prefix="eval/")["Contents"]}
+    assert {"eval/evaluation.json", "eval/predictions.csv"} <= keys
