@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""Scoring throughput, side by side in one run, on N images (default 2000 generated 224x224 JPEG smears):
+"""Scoring throughput, side by side in one run, on N images (default 4000 generated 224x224 JPEG smears):
 
   score_ips       the scoring job end to end (leukray.score.run: listing, the Ray Data model actor that reads,
                   decodes and scores with the shipped CPU backend, Parquet write, commit; actor start-up included)
                   on a local Ray started beforehand; score_first_rows_s = start-up until the first rows,
                   score_steady_ips = the rate after that
   plain_torch_ips a plain PyTorch DataLoader loop (decode_image in 2 workers, the same package's torch model fp32)
-  model_only_ips  the model alone on pre-decoded uint8 tensors with the shipped backend (the same actor class)
+  model_only_ips  the model alone on pre-decoded uint8 tensors with the shipped backend and precision (the same
+                  actor class); on those images also the largest calibrated-probability difference and the class
+                  agreement against the package's PyTorch fp32 model (meaningful with --model, a trained package)
 then the scoring job again at factor x N (hard links of the same files under other names), each with the peak RSS
 of the whole process tree (this driver + raylet + gcs + every Ray worker; psutil, sampled every 0.1 s).
 The three measurements at N run back to back; `loadavg_before` has the 1-minute load average before each (the
 machine is shared: compare numbers only within one run). Prints one JSON object.
 
-    .venv/bin/python bench/score_throughput.py [--n 2000] [--factor 10] [--data ../shared/data/taleqani-all]
+    .venv/bin/python bench/score_throughput.py [--n 4000] [--factor 10] [--data ../shared/data/taleqani-all]
+        [--model runs/taleqani/] [--set cpu_precision=f32] [--set backend=onnx]
 """
 
 from __future__ import annotations
@@ -126,21 +129,50 @@ def plain_torch(files: list[Path], pkg, batch_size: int, workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def model_only(files: list[Path], package_dir: str, image_size: int, batch_size: int, backend: str = "onnx",
-               precision: str = "f32") -> float:
+def trained_package(work: Path) -> Path:
+    """A 224 px package trained briefly on generated smears (cached in the work dir): scoring with bf16 re-scores
+    uncertain images in f32, so the model must be as confident as a trained one for the numbers to mean anything."""
+    import subprocess
+
+    from leukray import registry
+    from leukray.synth import make_dataset
+
+    pkg = work / "model-224-synth"
+    if not (pkg / registry.CARD).exists():
+        make_dataset(work / "train-data", per_class=64, size=224, seed=1)
+        subprocess.run([sys.executable, "-m", "leukray.cli", "train", "--data", str(work / "train-data"), "--out",
+                        str(pkg), "--epochs", "2", "--set", "image_size=224", "--set", "augment=study"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return pkg
+
+
+def model_only(files: list[Path], pkg, package_dir: str, batch_size: int, backend: str, precision: str,
+               recheck_below: float) -> tuple[float, dict]:
+    """Model-alone throughput of the shipped backend, and how its calibrated probabilities compare with the
+    package's PyTorch fp32 model on the same images."""
     import datetime as dt
 
-    from leukray.images import decode_image
-    from leukray.score import _Scorer, default_threads
+    import torch
 
-    x = np.stack([decode_image(p.read_bytes(), image_size) for p in files])
+    from leukray.images import decode_image
+    from leukray.score import _Scorer, default_threads, softmax_t
+
+    x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in files])
     scorer = _Scorer(package_dir, None, "cpu", backend, default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc),
-                     precision)
+                     precision, bf16_recheck_below=recheck_below)
     scorer.logits(x[:batch_size])  # warm-up
     t = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        scorer.logits(x[i:i + batch_size])
-    return len(x) / (time.perf_counter() - t)
+    logits = [scorer.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    ips = len(x) / (time.perf_counter() - t)
+    got = softmax_t(np.concatenate(logits), pkg.temperature)
+    with torch.inference_mode():
+        ref = np.concatenate([softmax_t(pkg.model.eval()(torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2)
+                                                         .float()).numpy(), pkg.temperature)
+                              for i in range(0, len(x), batch_size)])
+    agree = {"prob_max_abs_diff_vs_torch": float(np.abs(got - ref).max()),
+             "class_agreement_vs_torch": float((got.argmax(1) == ref.argmax(1)).mean()),
+             "agreement_images": len(x)}
+    return ips, agree
 
 
 def score_job(input_dir: str, output_dir: str, package_dir: str, batch_size: int, extra: dict) -> tuple[float, float, dict]:
@@ -157,10 +189,12 @@ def score_job(input_dir: str, output_dir: str, package_dir: str, batch_size: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--factor", type=int, default=10, help="second scoring run on factor x N images (0: skip)")
     ap.add_argument("--data", help="use the first N images of this folder (recursive) instead of generated ones")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "leukray-bench-score"))
+    ap.add_argument("--model", help="a trained package (default: a 224 px package trained 2 epochs on generated "
+                                    "smears, cached in the work dir)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--plain-n", type=int, default=1000, help="images for the (slow) plain DataLoader loop")
     ap.add_argument("--plain-workers", type=int, default=2)
@@ -173,7 +207,7 @@ def main() -> int:
 
     from leukray import registry
     from leukray.images import is_image_name
-    from leukray.score import init_ray, untrained_package, ScoreConfig
+    from leukray.score import init_ray, ScoreConfig
 
     work = Path(args.workdir)
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -189,9 +223,7 @@ def main() -> int:
         files = sorted(base.iterdir())
     else:
         files = make_images(work / "data-n", args.n)
-    pkg_dir = work / "model-224"
-    if not (pkg_dir / registry.CARD).exists():
-        untrained_package(str(pkg_dir), image_size=224, name="bench-mobilenetv2")
+    pkg_dir = Path(args.model) if args.model else trained_package(work)
     pkg = registry.load_package(str(pkg_dir))
 
     init_ray(ScoreConfig())
@@ -202,8 +234,9 @@ def main() -> int:
     load = {"score": os.getloadavg()[0]}
     score_ips, rss_n, m_n = score_job(str(work / "data-n"), str(out_n), str(pkg_dir), args.batch_size, extra)
     load["model_only"] = os.getloadavg()[0]
-    model_ips = model_only(files[: min(len(files), 512)], str(pkg_dir), pkg.image_size, args.batch_size,
-                           m_n["execution"]["backend"], extra.get("cpu_precision", "f32"))
+    cfg = ScoreConfig(input="-", output="-", model="-", **extra)
+    model_ips, agreement = model_only(files[: min(len(files), 512)], pkg, str(pkg_dir), args.batch_size,
+                                      m_n["execution"]["backend"], cfg.cpu_precision, cfg.bf16_recheck_below)
     load["plain"] = os.getloadavg()[0]
     plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
     tp = m_n["throughput"]
@@ -218,7 +251,10 @@ def main() -> int:
         "ratio_vs_plain": round(score_ips / plain_ips, 2),
         "peak_rss_mb": rss_n,
         "backend": m_n["execution"]["backend"],
+        "precision": m_n["execution"]["precision"],
         "batch_size": args.batch_size,
+        "model": str(args.model or "224 px, 2 epochs on generated smears"),
+        **{k: round(v, 6) if isinstance(v, float) else v for k, v in agreement.items()},
     }
     if args.factor:
         data_10 = work / "data-10x"
