@@ -141,12 +141,13 @@ def trained_package(work: Path) -> Path:
     if not (pkg / registry.CARD).exists():
         make_dataset(work / "train-data", per_class=64, size=224, seed=1)
         subprocess.run([sys.executable, "-m", "leukray.cli", "train", "--data", str(work / "train-data"), "--out",
-                        str(pkg), "--epochs", "2", "--set", "image_size=224", "--set", "augment=study"],
+                        str(pkg), "--epochs", "2", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml"),
+                        "--set", "image_size=224"],
                        check=True, stdout=subprocess.DEVNULL)
     return pkg
 
 
-def model_only(files: list[Path], pkg, package_dir: str, batch_size: int, backend: str, precision: str,
+def model_only(files: list[Path], package_dir: str, batch_size: int, backend: str, precision: str,
                recheck_below: float) -> tuple[float, dict]:
     """Model-alone throughput of the shipped backend, and how its calibrated probabilities compare with the
     package's PyTorch fp32 model on the same images."""
@@ -154,9 +155,11 @@ def model_only(files: list[Path], pkg, package_dir: str, batch_size: int, backen
 
     import torch
 
+    from leukray import registry
     from leukray.images import decode_image
     from leukray.score import _Scorer, default_threads, softmax_t
 
+    pkg = registry.load_package(package_dir)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in files])
     scorer = _Scorer(package_dir, None, "cpu", backend, default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc),
                      precision, bf16_recheck_below=recheck_below)
@@ -171,7 +174,10 @@ def model_only(files: list[Path], pkg, package_dir: str, batch_size: int, backen
                               for i in range(0, len(x), batch_size)])
     agree = {"prob_max_abs_diff_vs_torch": float(np.abs(got - ref).max()),
              "class_agreement_vs_torch": float((got.argmax(1) == ref.argmax(1)).mean()),
-             "agreement_images": len(x)}
+             "agreement_images": len(x),
+             "bf16_error": getattr(scorer, "bf16_error", None),
+             "bf16_kept": getattr(scorer, "compiled_f32", None) is not None,
+             "f32_recheck_fraction": scorer.rechecked / scorer.images if getattr(scorer, "images", 0) else None}
     return ips, agree
 
 
@@ -235,8 +241,14 @@ def main() -> int:
     score_ips, rss_n, m_n = score_job(str(work / "data-n"), str(out_n), str(pkg_dir), args.batch_size, extra)
     load["model_only"] = os.getloadavg()[0]
     cfg = ScoreConfig(input="-", output="-", model="-", **extra)
-    model_ips, agreement = model_only(files[: min(len(files), 512)], pkg, str(pkg_dir), args.batch_size,
-                                      m_n["execution"]["backend"], cfg.cpu_precision, cfg.bf16_recheck_below)
+    # In its own process: OpenVINO's thread pool and torch's forked DataLoader workers do not mix in one process.
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        model_ips, agreement = ex.submit(model_only, files[: min(len(files), 512)], str(pkg_dir), args.batch_size,
+                                         m_n["execution"]["backend"], cfg.cpu_precision,
+                                         cfg.bf16_recheck_below).result()
     load["plain"] = os.getloadavg()[0]
     plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
     tp = m_n["throughput"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import posixpath
 import secrets
@@ -84,8 +85,9 @@ class ScoreConfig(StrictModel):
     is scored again in f32 (docs/scoring.md). ONNX Runtime runs f32 only."""
     bf16_recheck_below: float = 0.99
     """With bf16: images whose calibrated bf16 confidence is below this are re-scored in f32, so every uncertain
-    prediction, and so every class decision and needs_review flag near a boundary, is f32's. Must exceed
-    review_threshold; 1.0 re-scores everything (pointless), 0 never re-scores."""
+    prediction, and so every class decision and needs_review flag near a boundary, is f32's. The first batch is
+    scored both ways to measure bf16's error on the model; if it is too large for this threshold (see
+    `_Scorer._check_bf16`) the run goes f32. Must exceed review_threshold; 0 = pure bf16 (no re-check)."""
     intra_op_threads: int = 0
     """Inference threads per CPU actor; 0 = the CPUs of the node divided by num_actors."""
     decode_threads: int = 2
@@ -337,7 +339,7 @@ def default_threads(num_actors: int = 1) -> int:
     return max(1, cpus // max(1, num_actors))
 
 
-BF16_PROB_TOL = 0.01
+BF16_PROB_TOL = 0.05
 """Stated tolerance of the bf16 path (bf16, uncertain images re-scored in f32) against the PyTorch fp32 model's
 calibrated probabilities (tested; f32 backends: 1e-4)."""
 
@@ -419,6 +421,8 @@ class _Scorer:
             self.compiled = openvino_model(onnx_bytes, threads, precision)
             self.recheck_below = bf16_recheck_below if precision == "bf16" else 0.0
             self.compiled_f32 = openvino_model(onnx_bytes, threads, "f32") if self.recheck_below else None
+            self.bf16_error: float | None = None  # measured on the first batch
+            self.images, self.rechecked = 0, 0  # how much of the run bf16 had to hand to f32
         else:
             import torch
 
@@ -437,10 +441,15 @@ class _Scorer:
         if self.backend == "openvino":  # uint8 NHWC in: the conversion is part of the compiled graph
             x = np.ascontiguousarray(images_nhwc)
             logits = np.array(self.compiled(x)[0], dtype=np.float32)
-            if self.compiled_f32 is not None:  # bf16: uncertain images again in f32
-                unsure = softmax_t(logits, self.temperature).max(axis=1) < self.recheck_below
-                if unsure.any():
-                    logits[unsure] = np.asarray(self.compiled_f32(np.ascontiguousarray(x[unsure]))[0])
+            if self.compiled_f32 is None:
+                return logits
+            if self.bf16_error is None:
+                return self._check_bf16(x, logits)
+            unsure = softmax_t(logits, self.temperature).max(axis=1) < self.recheck_below
+            self.images += len(x)
+            self.rechecked += int(unsure.sum())
+            if unsure.any():  # bf16: uncertain images again in f32
+                logits[unsure] = np.asarray(self.compiled_f32(np.ascontiguousarray(x[unsure]))[0])
             return logits
         torch = self.torch
         with torch.inference_mode():
@@ -452,6 +461,21 @@ class _Scorer:
             else:
                 out = self.model(x)
             return out.float().cpu().numpy()
+
+    def _check_bf16(self, x: np.ndarray, logits_bf16: np.ndarray) -> np.ndarray:
+        """First batch: score it in f32 too and measure bf16's logit error on this model. An image the re-check
+        trusts (bf16 confidence >= c) keeps its class and review flag while the calibrated error stays below
+        ln(c / (1 - c)); if twice the measured error is above that, bf16 is too coarse for this model (large logits,
+        a sharp temperature) and the actor scores the whole run in f32."""
+        ref = np.asarray(self.compiled_f32(x)[0], dtype=np.float32)
+        self.bf16_error = float(np.abs(ref - logits_bf16).max()) if len(x) else 0.0
+        c = self.recheck_below
+        allowed = math.log(c / (1 - c)) * self.temperature / 2 if c < 1 else math.inf
+        if self.bf16_error > allowed:
+            print(f"[leukray score] bf16 logit error {self.bf16_error:.3f} exceeds {allowed:.3f} for this model "
+                  f"(temperature {self.temperature:.3f}): scoring in f32", file=sys.stderr, flush=True)
+            self.compiled, self.compiled_f32 = self.compiled_f32, None
+        return ref
 
     def read_decode(self, paths: list[str], sizes: list[int]) -> tuple[np.ndarray, list[str]]:
         """`read_decode` over chunks of decode_batch_size files in the decode thread pool, in order."""
@@ -656,7 +680,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         precision = ("bf16" if device == "cuda" else
                      resolve_cpu_precision(cfg.cpu_precision) if backend == "openvino" else "f32")
         if precision == "bf16" and device == "cpu" and cfg.bf16_recheck_below:
-            precision_label = f"bf16, f32 below confidence {cfg.bf16_recheck_below}"
+            precision_label = (f"bf16, f32 below confidence {cfg.bf16_recheck_below} (f32 for the run if bf16's error "
+                               "on the first batch is too large for the model)")
         else:
             precision_label = precision
         t_pipe = time.perf_counter()
