@@ -141,14 +141,14 @@ def trained_package(work: Path) -> Path:
     if not (pkg / registry.CARD).exists():
         make_dataset(work / "train-data", per_class=64, size=224, seed=1)
         subprocess.run([sys.executable, "-m", "leukray.cli", "train", "--data", str(work / "train-data"), "--out",
-                        str(pkg), "--epochs", "2", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml"),
+                        str(pkg), "--epochs", "6", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml"),
                         "--set", "image_size=224"],
                        check=True, stdout=subprocess.DEVNULL)
     return pkg
 
 
-def model_only(files: list[Path], package_dir: str, batch_size: int, backend: str, precision: str,
-               recheck_below: float) -> tuple[float, dict]:
+def model_only(files: list[Path], package_dir: str, batch_size: int, backend: str, precision: str
+               ) -> tuple[float, dict]:
     """Model-alone throughput of the shipped backend, and how its calibrated probabilities compare with the
     package's PyTorch fp32 model on the same images."""
     import datetime as dt
@@ -162,7 +162,7 @@ def model_only(files: list[Path], package_dir: str, batch_size: int, backend: st
     pkg = registry.load_package(package_dir)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in files])
     scorer = _Scorer(package_dir, None, "cpu", backend, default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc),
-                     precision, bf16_recheck_below=recheck_below)
+                     precision)
     scorer.logits(x[:batch_size])  # warm-up
     t = time.perf_counter()
     logits = [scorer.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
@@ -199,7 +199,7 @@ def main() -> int:
     ap.add_argument("--factor", type=int, default=10, help="second scoring run on factor x N images (0: skip)")
     ap.add_argument("--data", help="use the first N images of this folder (recursive) instead of generated ones")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "leukray-bench-score"))
-    ap.add_argument("--model", help="a trained package (default: a 224 px package trained 2 epochs on generated "
+    ap.add_argument("--model", help="a trained package (default: a 224 px package trained 6 epochs on generated "
                                     "smears, cached in the work dir)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--plain-n", type=int, default=1000, help="images for the (slow) plain DataLoader loop")
@@ -247,8 +247,7 @@ def main() -> int:
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         model_ips, agreement = ex.submit(model_only, files[: min(len(files), 512)], str(pkg_dir), args.batch_size,
-                                         m_n["execution"]["backend"], cfg.cpu_precision,
-                                         cfg.bf16_recheck_below).result()
+                                         m_n["execution"]["backend"], cfg.cpu_precision).result()
     load["plain"] = os.getloadavg()[0]
     plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
     tp = m_n["throughput"]
@@ -265,7 +264,7 @@ def main() -> int:
         "backend": m_n["execution"]["backend"],
         "precision": m_n["execution"]["precision"],
         "batch_size": args.batch_size,
-        "model": str(args.model or "224 px, 2 epochs on generated smears"),
+        "model": str(args.model or "224 px, 6 epochs on generated smears"),
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in agreement.items()},
     }
     if args.factor:

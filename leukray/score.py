@@ -78,16 +78,13 @@ class ScoreConfig(StrictModel):
     backend: Literal["auto", "onnx", "openvino", "torch"] = "auto"
     """auto: torch (bf16 autocast, channels_last) on CUDA, OpenVINO on CPU. onnx: ONNX Runtime fp32 on CPU (the
     reference: probabilities within 1e-4 of the PyTorch model)."""
-    cpu_precision: Literal["auto", "f32", "bf16"] = "auto"
-    """OpenVINO inference precision. auto: bf16 where the CPU computes it natively (AMX / AVX512-BF16), else f32.
-    bf16 is ~2x faster but its logits differ from fp32 by ~1 %, which moves the probabilities of uncertain images by
-    up to ~0.3 (measured on a trained model), so with bf16 every image whose confidence is below bf16_recheck_below
-    is scored again in f32 (docs/scoring.md). ONNX Runtime runs f32 only."""
-    bf16_recheck_below: float = 0.99
-    """With bf16: images whose calibrated bf16 confidence is below this are re-scored in f32, so every uncertain
-    prediction, and so every class decision and needs_review flag near a boundary, is f32's. The first batch is
-    scored both ways to measure bf16's error on the model; if it is too large for this threshold (see
-    `_Scorer._check_bf16`) the run goes f32. Must exceed review_threshold; 0 = pure bf16 (no re-check)."""
+    cpu_precision: Literal["auto", "f32", "bf16"] = "f32"
+    """OpenVINO inference precision. f32 matches PyTorch within 1e-4. bf16 (AMX / AVX512-BF16 CPUs; auto = bf16
+    where the CPU has it) is ~2x faster, but its logits differ from fp32 by up to ~0.5-2.4 on trained models,
+    which moves uncertain images' probabilities by up to 0.3 and flips some classes, so it is guarded
+    (`_Scorer._guard_bf16`): images whose bf16 margin could hide such a change are scored again in f32, and the
+    run goes f32 when most would be — as it did for every trained Taleqani model (docs/scoring.md). ONNX Runtime
+    runs f32 only."""
     intra_op_threads: int = 0
     """Inference threads per CPU actor; 0 = the CPUs of the node divided by num_actors."""
     decode_threads: int = 2
@@ -113,9 +110,6 @@ class ScoreConfig(StrictModel):
             raise ValueError("batch_size, decode_batch_size, files_per_block, num_actors and decode_threads must be >= 1")
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ValueError(f"review_threshold={self.review_threshold} must be in [0, 1]")
-        if not (self.bf16_recheck_below == 0 or self.review_threshold < self.bf16_recheck_below <= 1):
-            raise ValueError(f"bf16_recheck_below={self.bf16_recheck_below} must be 0 (off) or above "
-                             f"review_threshold={self.review_threshold} (and at most 1)")
         if self.backend in ("onnx", "torch") and self.cpu_precision == "bf16":
             raise ValueError(f"cpu_precision=bf16 needs backend openvino (or auto on CPU); backend={self.backend} "
                              "runs f32 on CPU")
@@ -339,9 +333,11 @@ def default_threads(num_actors: int = 1) -> int:
     return max(1, cpus // max(1, num_actors))
 
 
-BF16_PROB_TOL = 0.05
-"""Stated tolerance of the bf16 path (bf16, uncertain images re-scored in f32) against the PyTorch fp32 model's
-calibrated probabilities (tested; f32 backends: 1e-4)."""
+BF16_PROB_TOL = 0.01
+"""Stated tolerance of the guarded bf16 path against the PyTorch fp32 model's calibrated probabilities, with the
+same class for every image (tested; f32 backends: 1e-4)."""
+BF16_ERROR_SAFETY = 2.0
+"""The guard assumes bf16's logit error is at most this times the largest error it has measured on the run."""
 
 
 def resolve_cpu_precision(precision: str) -> str:
@@ -387,7 +383,7 @@ class _Scorer:
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
                  review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32",
                  num_actors: int = 1, max_file_bytes: int = 256 * 1024 * 1024, decode_batch_size: int = 16,
-                 decode_threads: int = 2, bf16_recheck_below: float = 0.99):
+                 decode_threads: int = 2):
         threads = threads or default_threads(num_actors)  # CPUs of the node the actor runs on
         card = storage.read_json(storage.join(package_uri, CARD), opts)
         self.classes = list(card["classes"])
@@ -419,9 +415,8 @@ class _Scorer:
             onnx_bytes = storage.read_bytes(storage.join(package_uri, ONNX), opts)
             precision = resolve_cpu_precision(precision)
             self.compiled = openvino_model(onnx_bytes, threads, precision)
-            self.recheck_below = bf16_recheck_below if precision == "bf16" else 0.0
-            self.compiled_f32 = openvino_model(onnx_bytes, threads, "f32") if self.recheck_below else None
-            self.bf16_error: float | None = None  # measured on the first batch
+            self.compiled_f32 = openvino_model(onnx_bytes, threads, "f32") if precision == "bf16" else None
+            self.bf16_error: float | None = None  # largest |bf16 - f32| logit difference seen in this actor
             self.images, self.rechecked = 0, 0  # how much of the run bf16 had to hand to f32
         else:
             import torch
@@ -443,14 +438,7 @@ class _Scorer:
             logits = np.array(self.compiled(x)[0], dtype=np.float32)
             if self.compiled_f32 is None:
                 return logits
-            if self.bf16_error is None:
-                return self._check_bf16(x, logits)
-            unsure = softmax_t(logits, self.temperature).max(axis=1) < self.recheck_below
-            self.images += len(x)
-            self.rechecked += int(unsure.sum())
-            if unsure.any():  # bf16: uncertain images again in f32
-                logits[unsure] = np.asarray(self.compiled_f32(np.ascontiguousarray(x[unsure]))[0])
-            return logits
+            return self._guard_bf16(x, logits)
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(self.dev, non_blocking=True)
@@ -462,20 +450,35 @@ class _Scorer:
                 out = self.model(x)
             return out.float().cpu().numpy()
 
-    def _check_bf16(self, x: np.ndarray, logits_bf16: np.ndarray) -> np.ndarray:
-        """First batch: score it in f32 too and measure bf16's logit error on this model. An image the re-check
-        trusts (bf16 confidence >= c) keeps its class and review flag while the calibrated error stays below
-        ln(c / (1 - c)); if twice the measured error is above that, bf16 is too coarse for this model (large logits,
-        a sharp temperature) and the actor scores the whole run in f32."""
-        ref = np.asarray(self.compiled_f32(x)[0], dtype=np.float32)
-        self.bf16_error = float(np.abs(ref - logits_bf16).max()) if len(x) else 0.0
-        c = self.recheck_below
-        allowed = math.log(c / (1 - c)) * self.temperature / 2 if c < 1 else math.inf
-        if self.bf16_error > allowed:
-            print(f"[leukray score] bf16 logit error {self.bf16_error:.3f} exceeds {allowed:.3f} for this model "
-                  f"(temperature {self.temperature:.3f}): scoring in f32", file=sys.stderr, flush=True)
-            self.compiled, self.compiled_f32 = self.compiled_f32, None
-        return ref
+    def _guard_bf16(self, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """bf16 logits → logits within BF16_PROB_TOL of f32's after calibration, with f32's class.
+
+        If every logit is within E of f32's, f32's top-two margin is at least bf16's margin M minus 2E; when that
+        is at least T ln((K-1)/tol) (T the temperature, K classes), both top probabilities are >= 1 - tol, so no
+        probability moves by more than tol and the class cannot change. Images below that margin are scored again
+        in f32. E is BF16_ERROR_SAFETY x the largest error measured: on the whole first batch (scored both ways),
+        then on every re-scored image. When the first batch needs f32 for most images anyway, the run goes f32."""
+        first = self.bf16_error is None
+        if first:
+            ref = np.asarray(self.compiled_f32(x)[0], dtype=np.float32)
+            self.bf16_error = float(np.abs(ref - logits).max()) if len(x) else 0.0
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        need = 2 * BF16_ERROR_SAFETY * self.bf16_error + self.temperature * math.log((logits.shape[1] - 1) / BF16_PROB_TOL)
+        unsure = (top2[:, 1] - top2[:, 0]) < need
+        self.images += len(x)
+        self.rechecked += int(unsure.sum())
+        if first:
+            if unsure.mean() > 0.5:
+                print(f"[leukray score] bf16 is too coarse for this model (logit error {self.bf16_error:.3f}, "
+                      f"{unsure.mean():.0%} of the first batch would need f32): scoring in f32",
+                      file=sys.stderr, flush=True)
+                self.compiled, self.compiled_f32 = self.compiled_f32, None
+            return ref
+        if unsure.any():
+            redo = np.asarray(self.compiled_f32(np.ascontiguousarray(x[unsure]))[0], dtype=np.float32)
+            self.bf16_error = max(self.bf16_error, float(np.abs(redo - logits[unsure]).max()))
+            logits[unsure] = redo
+        return logits
 
     def read_decode(self, paths: list[str], sizes: list[int]) -> tuple[np.ndarray, list[str]]:
         """`read_decode` over chunks of decode_batch_size files in the decode thread pool, in order."""
@@ -564,7 +567,7 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: s
     ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
                                                      cfg.review_threshold, run_id, scored_at, precision,
                                                      cfg.num_actors, cfg.max_file_bytes, cfg.decode_batch_size,
-                                                     cfg.decode_threads, cfg.bf16_recheck_below),
+                                                     cfg.decode_threads),
                         batch_size=cfg.batch_size, batch_format="pyarrow", compute=pool,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
     return ds
@@ -679,9 +682,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         device, backend, num_gpus = plan_device(cfg)
         precision = ("bf16" if device == "cuda" else
                      resolve_cpu_precision(cfg.cpu_precision) if backend == "openvino" else "f32")
-        if precision == "bf16" and device == "cpu" and cfg.bf16_recheck_below:
-            precision_label = (f"bf16, f32 below confidence {cfg.bf16_recheck_below} (f32 for the run if bf16's error "
-                               "on the first batch is too large for the model)")
+        if precision == "bf16" and device == "cpu":
+            precision_label = "bf16 guarded (unsure images in f32; f32 for the run if most are)"
         else:
             precision_label = precision
         t_pipe = time.perf_counter()

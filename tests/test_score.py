@@ -317,12 +317,11 @@ def test_config_rejects_unknown_keys(tmp_path):
     load_config(ScoreConfig, REPO / "configs" / "score-smoke.yaml")
 
 
-@pytest.mark.parametrize("backend,precision", [("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16"),
-                                               ("openvino", "auto")])
+@pytest.mark.parametrize("backend,precision", [("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16")])
 def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision):
     """The CPU actor's backends against the PyTorch model on the same decoded images (no Ray): f32 within 1e-4;
-    bf16 within the stated BF16_PROB_TOL, and every image it was unsure of re-scored in f32 (so within 1e-4 and
-    the same class)."""
+    guarded bf16 within the stated BF16_PROB_TOL and the same class (here the guard finds bf16 too coarse for this
+    model, as it did for the trained Taleqani models, and scores in f32)."""
     import datetime as dt
 
     import torch
@@ -337,36 +336,65 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision):
     x = np.stack([decode_image(p.read_bytes(), card["preprocessing"]["image_size"])
                   for p in sorted((tmp_path / "d").rglob("*.jpg"))])
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float()
-    # The ImageNet backbone (its features differ from image to image, as a trained model's do) with the head's last
-    # layer set so the logits spread like a trained model's: some images sure, some not. bf16's error grows with
-    # the logits; the re-check must catch the unsure ones.
+    # The ImageNet backbone with its head fitted to these images (a linear probe, seconds): logits like a trained
+    # model's, image to image. bf16's error grows with the logits; the guard must keep the answers within tolerance.
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="imagenet"), 4, None, verbose=False).eval()
+    labels = torch.tensor([i // 6 for i in range(len(x))])  # make_dataset: 6 per class, class folders in order
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    with torch.no_grad():
+        feats = torch.flatten(model.pool(model.features(model.preprocess(xt))), 1)
+    model.head.train()
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
+        opt.step()
+    model.eval()
     with torch.inference_mode():
-        z = model(xt)
-        scale = 3.0 / float((z - z.mean(0)).std())
-        model.head[-1].weight.mul_(scale)
-        model.head[-1].bias.copy_((model.head[-1].bias - z.mean(0)) * scale)
         expected = softmax_t(model(xt).numpy(), 1.0)
     confident = tmp_path / "confident"
     registry.write_package(str(confident), model, card)
     scorer = _Scorer(str(confident), None, "cpu", backend, 2, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc),
-                     precision, bf16_recheck_below=0.99)
+                     precision)
     first = softmax_t(scorer.logits(x), 1.0)  # with bf16 the first batch also measures bf16's error: all f32
     np.testing.assert_allclose(first, expected, atol=PROB_TOL, rtol=0)
     if bf16:
-        assert scorer.bf16_error > 0 and scorer.compiled_f32 is not None, scorer.bf16_error  # bf16 kept
+        assert scorer.bf16_error > 0.01, scorer.bf16_error  # measured on the first batch
     got = softmax_t(scorer.logits(x), 1.0)
     np.testing.assert_allclose(got, expected, atol=BF16_PROB_TOL if bf16 else PROB_TOL, rtol=0)
     assert (got.argmax(1) == expected.argmax(1)).all()
-    if bf16:
-        unsure = expected.max(1) < 0.95
-        assert 0 < unsure.sum() < len(x), f"want sure and unsure images: {np.round(expected.max(1), 3)}"
-        np.testing.assert_allclose(got[unsure], expected[unsure], atol=PROB_TOL, rtol=0)  # re-scored in f32
+
+
+
+def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
+    """The guard's rule on known logits (stand-in bf16/f32 graphs: the rule, not OpenVINO, is under test)."""
+    import math
+
+    from leukray.score import BF16_ERROR_SAFETY, BF16_PROB_TOL, _Scorer
+
+    f32 = np.array([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [1.0, 0.9, 0, 0], [0, 0, 30.0, 0]] * 4, np.float32)
+    bf16 = f32 + np.float32(0.1) * np.sign(np.arange(f32.size).reshape(f32.shape) % 2 - 0.5).astype(np.float32)
+    scorer = _Scorer.__new__(_Scorer)
+    scorer.temperature, scorer.bf16_error, scorer.images, scorer.rechecked = 1.0, None, 0, 0
+    calls = []
+    scorer.compiled_f32 = lambda x: calls.append(len(x)) or [f32[x[:, 0, 0, 0]]]
+    scorer.compiled = None
+    idx = np.arange(len(f32)).reshape(-1, 1, 1, 1).repeat(1, axis=3)
+    first = scorer._guard_bf16(idx, bf16.copy())  # first batch: f32 for all, error measured
+    np.testing.assert_array_equal(first, f32)
+    assert scorer.bf16_error == pytest.approx(0.1, abs=1e-5) and scorer.compiled_f32 is not None  # 3 of 4 sure: bf16 kept
+    got = scorer._guard_bf16(idx, bf16.copy())
+    need = 2 * BF16_ERROR_SAFETY * 0.1 + math.log(3 / BF16_PROB_TOL)  # 6.1: margins 9 and 30 are sure, 0.1 is not
+    unsure = np.array([False, False, True, False] * 4)
+    assert calls == [16, int(unsure.sum())] and need < 9
+    np.testing.assert_array_equal(got[unsure], f32[unsure])
+    np.testing.assert_array_equal(got[~unsure], bf16[~unsure])
+    assert abs(softmax_t(got, 1.0) - softmax_t(f32, 1.0)).max() <= BF16_PROB_TOL
 
 
 def test_bf16_falls_back_to_f32_when_too_coarse_for_the_model(package, tmp_path):
-    """A sharp temperature multiplies bf16's logit error: the first batch shows it and the run goes f32."""
+    """When bf16's error would leave most images unsure (here: the 1-epoch package, whose logits barely differ between classes), the
+    first batch shows it and the run goes f32."""
     import datetime as dt
 
     import torch
@@ -376,21 +404,19 @@ def test_bf16_falls_back_to_f32_when_too_coarse_for_the_model(package, tmp_path)
     if resolve_cpu_precision("auto") != "bf16":
         pytest.skip("this CPU has no native bf16: OpenVINO runs f32 anyway")
     pkg = registry.load_package(package)
-    card = json.loads((Path(package) / registry.CARD).read_text()) | {"temperature": 1e-6}
-    registry.write_package(str(tmp_path / "sharp"), pkg.model, card)
+    card = json.loads((Path(package) / registry.CARD).read_text())
+    registry.write_package(str(tmp_path / "flat"), pkg.model, card)
     make_dataset(tmp_path / "d", per_class=4, size=48, seed=6)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])
     with torch.inference_mode():
         expected = pkg.model(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
-    scorer = _Scorer(str(tmp_path / "sharp"), None, "cpu", "openvino", 2, THRESHOLD, "r",
+    scorer = _Scorer(str(tmp_path / "flat"), None, "cpu", "openvino", 2, THRESHOLD, "r",
                      dt.datetime.now(dt.timezone.utc), "bf16")
     for _ in range(2):
         np.testing.assert_allclose(scorer.logits(x), expected, atol=1e-4, rtol=0)
     assert scorer.bf16_error > 0 and scorer.compiled_f32 is None  # now f32 only
 
 
-def test_bf16_needs_openvino_and_a_recheck_above_the_review_threshold():
+def test_bf16_needs_openvino():
     with pytest.raises(ValueError, match="cpu_precision=bf16 needs backend openvino"):
         ScoreConfig(input="/x", output="/y", model="/m", backend="onnx", cpu_precision="bf16")
-    with pytest.raises(ValueError, match="bf16_recheck_below=0.7 must be 0 .off. or above review_threshold=0.8"):
-        ScoreConfig(input="/x", output="/y", model="/m", bf16_recheck_below=0.7)
