@@ -6,7 +6,7 @@ The only module with Ray Data calls. One run:
 2. `list_inputs`     list image files on the driver (path, size, source_version = S3 ETag / local mtime in ns).
 3. `already_scored`  anti-join against the committed rows of the same model name + version → only new/changed files.
 4. `build_dataset`   Ray Data pipeline, one stage: file table → `_Scorer` actors (model loaded once per actor:
-                     ONNX Runtime on CPU, torch bf16 + channels_last on CUDA), each reading + decoding its batch in
+                     OpenVINO on CPU, torch bf16 + channels_last on CUDA), each reading + decoding its batch in
                      a thread pool while the model runs the previous batch (one error row per bad file) → Arrow
                      rows with the documented schema.
 5. `_write_rows`     THE place rows are written: the driver streams the pipeline's output into Parquet files in
@@ -70,7 +70,7 @@ class ScoreConfig(StrictModel):
     num_actors: int = 1
     """Model actors (the Ray Data `concurrency` of the scoring stage)."""
     num_cpus_per_actor: float = 1.0
-    """CPUs reserved per model actor (ONNX Runtime may use more threads, see intra_op_threads)."""
+    """CPUs reserved per model actor (the inference backend may use more threads, see intra_op_threads)."""
     num_gpus_per_actor: float = 1.0
     """GPUs per model actor, used only when the cluster has GPUs (and device is auto or cuda)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -377,7 +377,7 @@ class _Scorer:
     decode in a small thread pool → the model → output rows (FILE_SCHEMA), one per file.
 
     Ray Data runs two calls of an actor at once (`max_concurrent_calls_per_actor=2`): while one call holds the
-    model lock, the other reads and decodes the next batch (PIL and ONNX Runtime release the GIL), so decoding
+    model lock, the other reads and decodes the next batch (PIL and OpenVINO / ONNX Runtime release the GIL), so decoding
     hides behind the model without decoded images ever entering the object store."""
 
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
