@@ -59,6 +59,10 @@ class TrainConfig(StrictModel):
     early_stopping_patience: int = 6
     """Stop after this many epochs without improvement of `monitor`; 0 = never."""
     monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    """Validate, select and ship an exponential moving average of the weights (and BN statistics), updated every
+    step; 0 = off. Heavily augmented fine-tuning on a few thousand images moves val accuracy by ±2 % from epoch to
+    epoch; the average is steadier and usually better. 0.995 ≈ a 200-step (3-epoch) horizon at 70 steps/epoch."""
     device: str = "auto"
     amp: bool = True
     """bfloat16 autocast on CUDA."""
@@ -224,6 +228,9 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
     train_idx, val_idx = data.indices("train"), data.indices("val")
     steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s, steps_per_epoch))
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+                                               use_buffers=True) if cfg.ema_decay else None)
+    shipped = ema.module if ema is not None else model  # what is validated, selected and packaged
     use_amp = cfg.amp and device.type == "cuda"
     # On a GPU the decoded training set lives on the device: no per-batch host transfer, augmentation there too.
     train_images = torch.from_numpy(np.ascontiguousarray(data.images[train_idx]))
@@ -237,6 +244,8 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
     start_epoch, best_score, best_epoch, best_state, bad_epochs = 1, None, 0, None, 0
     if resume:
         model.load_state_dict(resume["model"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         gen.set_state(resume["generator"])
@@ -271,6 +280,8 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -278,7 +289,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
                 last_progress = time.time()
                 log(f"epoch {epoch}: batch {b + 1}/{n_batches}  loss {total_loss / seen:.4f}  "
                     f"{seen / (time.time() - t0):.1f} img/s")
-        val_logits = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.channels_last, cfg.amp)
+        val_logits = predict_logits(shipped, val_images, device, cfg.eval_batch_size, cfg.channels_last, cfg.amp)
         val_prob = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
         vm = classification_metrics(val_labels, val_prob, CLASSES)
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
@@ -294,7 +305,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
         improved = best_score is None or score < best_score - 1e-6
         if improved:
             best_score, best_epoch, bad_epochs = score, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in shipped.state_dict().items()}
         else:
             bad_epochs += 1
         row["best_epoch"] = best_epoch
@@ -305,7 +316,8 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
 
         def checkpoint(epoch: int = epoch) -> dict[str, Any]:
             """A snapshot (deep copy): later epochs do not change what was returned."""
-            return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            return copy.deepcopy({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch, "best_score": best_score,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_state": best_state,
                     "config": dump_config(cfg)})
@@ -318,9 +330,9 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
                 log(f"early stopping: {cfg.monitor} has not improved for {bad_epochs} epochs (best epoch {best_epoch})")
             break
     if best_state is not None:
-        model.load_state_dict(best_state)
+        shipped.load_state_dict(best_state)
     best = next((h for h in history if h["epoch"] == best_epoch), {})
-    return FitResult(model=model.eval(), history=history, best_epoch=best_epoch, best=best, stopped_early=stopped_early)
+    return FitResult(model=shipped.eval(), history=history, best_epoch=best_epoch, best=best, stopped_early=stopped_early)
 
 
 def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult, out_dir: str,
