@@ -366,6 +366,25 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision):
 
 
 
+@pytest.mark.parametrize("request_images", [1, 2, 5, 64])
+def test_openvino_requests_put_every_image_back_in_place(package, tmp_path, request_images):
+    """A batch cut into requests that run on parallel streams comes back in input order (odd sizes included)."""
+    import torch
+
+    from leukray.score import OpenVINOModel
+
+    pkg = registry.load_package(package)
+    make_dataset(tmp_path / "d", per_class=2, size=48, seed=7)
+    x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])[:7]
+    with torch.inference_mode():
+        expected = pkg.model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
+    model = OpenVINOModel((Path(package) / registry.ONNX).read_bytes(), 2, "f32", request_images)
+    for n in (7, 1, 0):
+        got = model(x[:n])
+        assert got.shape == (n, expected.shape[1])
+        np.testing.assert_allclose(got, expected[:n], atol=1e-4, rtol=0)
+
+
 def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
     """The guard's rule on known logits (stand-in bf16/f32 graphs: the rule, not OpenVINO, is under test)."""
     import math
@@ -377,7 +396,7 @@ def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
     scorer = _Scorer.__new__(_Scorer)
     scorer.temperature, scorer.bf16_error, scorer.images, scorer.rechecked = 1.0, None, 0, 0
     calls = []
-    scorer.compiled_f32 = lambda x: calls.append(len(x)) or [f32[x[:, 0, 0, 0]]]
+    scorer.compiled_f32 = lambda x: calls.append(len(x)) or f32[x[:, 0, 0, 0]]
     scorer.compiled = None
     idx = np.arange(len(f32)).reshape(-1, 1, 1, 1).repeat(1, axis=3)
     first = scorer._guard_bf16(idx, bf16.copy())  # first batch: f32 for all, error measured
