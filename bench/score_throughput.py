@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -92,17 +93,20 @@ def make_images(folder: Path, n: int, size: int = 224) -> list[Path]:
         if not p.exists():
             smear_image(CLASSES[i % len(CLASSES)], rng, size=size).save(p, "JPEG", quality=90)
         out.append(p)
+    keep = set(out)
+    for p in folder.iterdir():  # a folder left by a larger --n would otherwise be scored whole
+        if p not in keep:
+            p.unlink()
     return out
 
 
 def link_copies(files: list[Path], folder: Path, factor: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # exactly factor x these files
     for k in range(factor):
         d = folder / f"copy-{k:02d}"
         d.mkdir(parents=True, exist_ok=True)
         for p in files:
-            q = d / p.name
-            if not q.exists():
-                os.link(p, q)
+            os.link(p, d / p.name)
 
 
 def plain_torch(files: list[Path], pkg, batch_size: int, workers: int) -> float:
@@ -207,7 +211,6 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra ScoreConfig keys")
     args = ap.parse_args()
 
-    import shutil
 
     import yaml
 
@@ -220,15 +223,16 @@ def main() -> int:
     load_start = os.getloadavg()
     if args.data:
         files = sorted(p for p in Path(args.data).rglob("*") if p.is_file() and is_image_name(p.name))[: args.n]
-        base = work / "data-n"
-        base.mkdir(parents=True, exist_ok=True)
+        base = work / "data-given"  # rebuilt every run: exactly these files, nothing left from another run
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
         for i, p in enumerate(files):
             q = base / f"{i:06d}{p.suffix}"
-            if not q.exists():
-                os.link(p, q) if os.stat(p).st_dev == os.stat(base).st_dev else shutil.copy(p, q)
+            os.link(p, q) if os.stat(p).st_dev == os.stat(base).st_dev else shutil.copy(p, q)
         files = sorted(base.iterdir())
     else:
-        files = make_images(work / "data-n", args.n)
+        base = work / "data-n"
+        files = make_images(base, args.n)
     pkg_dir = Path(args.model) if args.model else trained_package(work)
     pkg = registry.load_package(str(pkg_dir))
 
@@ -238,7 +242,7 @@ def main() -> int:
     shutil.rmtree(out_10, ignore_errors=True)
 
     load = {"score": os.getloadavg()[0]}
-    score_ips, rss_n, m_n = score_job(str(work / "data-n"), str(out_n), str(pkg_dir), args.batch_size, extra)
+    score_ips, rss_n, m_n = score_job(str(base), str(out_n), str(pkg_dir), args.batch_size, extra)
     load["model_only"] = os.getloadavg()[0]
     cfg = ScoreConfig(input="-", output="-", model="-", **extra)
     # In its own process: OpenVINO's thread pool and torch's forked DataLoader workers do not mix in one process.

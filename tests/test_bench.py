@@ -1,0 +1,51 @@
+"""Smoke run of bench/score_throughput.py: the benchmark keeps working and prints the JSON its readers use.
+
+Numbers are not asserted (they belong to the machine); keys, counts and the agreement with PyTorch are."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"images", "score_ips", "plain_torch_ips", "model_only_ips", "ratio_vs_plain", "peak_rss_mb",
+        "peak_rss_mb_10x", "images_10x", "score_ips_10x", "rss_ratio_10x", "prob_max_abs_diff_vs_torch",
+        "class_agreement_vs_torch", "backend", "precision"}
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-model")
+    env = dict(os.environ, LEUKRAY_OFFLINE="1")
+    cli = [sys.executable, "-m", "leukray.cli"]
+    subprocess.run(cli + ["synth", "--out", str(root / "data"), "--per-class", "8", "--size", "40"],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run(cli + ["train", "--data", str(root / "data"), "--out", str(root / "pkg"), "--epochs", "1",
+                              "--set", "image_size=32", "--set", "batch_size=16", "--set", "model.weights=none"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root
+
+
+def _bench(*args: str) -> dict:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "score_throughput.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_score_benchmark_smoke(package, tmp_path):
+    work = tmp_path / "work"
+    out = _bench("--n", "24", "--factor", "2", "--plain-n", "16", "--batch-size", "8", "--model",
+                 str(package / "pkg"), "--workdir", str(work))
+    assert KEYS <= set(out), KEYS - set(out)
+    assert out["images"] == 24 and out["images_10x"] == 48
+    assert out["class_agreement_vs_torch"] == 1.0 and out["prob_max_abs_diff_vs_torch"] < 1e-4
+    assert min(out["score_ips"], out["plain_torch_ips"], out["model_only_ips"]) > 0
+    # a second run with a smaller N on the same work dir scores exactly N (nothing left over from the first)
+    out = _bench("--n", "12", "--factor", "0", "--plain-n", "8", "--batch-size", "8", "--model", str(package / "pkg"),
+                 "--workdir", str(work), "--data", str(package / "data"))
+    assert out["images"] == 12 and "images_10x" not in out
