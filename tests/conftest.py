@@ -23,6 +23,25 @@ def synth_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("synth") / "data", per_class=24, size=64, seed=0, duplicates=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory):
+    """`data/` (leukray synth) and `pkg/`, a tiny package trained on it the way users build one (leukray train).
+    Read-only for the tests that share it."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    env = dict(os.environ, LEUKRAY_OFFLINE="1")
+    cli = [sys.executable, "-m", "leukray.cli"]
+    subprocess.run(cli + ["synth", "--out", str(root / "data"), "--per-class", "8", "--size", "40"],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run(cli + ["train", "--data", str(root / "data"), "--out", str(root / "pkg"), "--epochs", "1",
+                              "--set", "image_size=32", "--set", "batch_size=16", "--set", "model.weights=none"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root
+
+
 def needs_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(),
                               reason=f"real dataset not present at {SHARED_DATA} (../shared is absent on a fresh clone)")

@@ -3,7 +3,6 @@
 Numbers are not asserted (they belong to the machine); keys, counts and the agreement with PyTorch are."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,8 @@ KEYS = {"images", "score_ips", "plain_torch_ips", "model_only_ips", "ratio_vs_pl
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench-model")
-    env = dict(os.environ, LEUKRAY_OFFLINE="1")
-    cli = [sys.executable, "-m", "leukray.cli"]
-    subprocess.run(cli + ["synth", "--out", str(root / "data"), "--per-class", "8", "--size", "40"],
-                   check=True, env=env, capture_output=True)
-    r = subprocess.run(cli + ["train", "--data", str(root / "data"), "--out", str(root / "pkg"), "--epochs", "1",
-                              "--set", "image_size=32", "--set", "batch_size=16", "--set", "model.weights=none"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return root
+def package(tiny_package):
+    return tiny_package
 
 
 def _bench(*args: str) -> dict:

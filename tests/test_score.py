@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,18 +50,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
+def package(tiny_package):
     """A tiny trained package, built the way users build one (leukray synth + leukray train)."""
-    root = tmp_path_factory.mktemp("model")
-    env = dict(os.environ, LEUKRAY_OFFLINE="1")
-    cli = [sys.executable, "-m", "leukray.cli"]
-    subprocess.run(cli + ["synth", "--out", str(root / "data"), "--per-class", "8", "--size", "40"],
-                   check=True, env=env, capture_output=True)
-    r = subprocess.run(cli + ["train", "--data", str(root / "data"), "--out", str(root / "pkg"), "--epochs", "1",
-                              "--set", "image_size=32", "--set", "batch_size=16", "--set", "model.weights=none"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return str(root / "pkg")
+    return str(tiny_package / "pkg")
 
 
 def _jpeg(seed: int, size: int = 48) -> bytes:
