@@ -385,6 +385,7 @@ class OpenVINOModel:
             "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": precision})
         self.request_images = max(1, request_images)
+        self.num_classes = self.compiled.output(0).get_partial_shape()[1].get_length()
         self.queue = ov.AsyncInferQueue(self.compiled, threads)
         self._out: np.ndarray | None = None
         self.queue.set_callback(self._done)
@@ -395,8 +396,7 @@ class OpenVINOModel:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 → (N, K) float32 logits; one call at a time (the actor's model lock)."""
-        k = self.compiled.output(0).get_partial_shape()[1].get_length()
-        self._out = out = np.empty((len(x), k), np.float32)
+        self._out = out = np.empty((len(x), self.num_classes), np.float32)
         for start in range(0, len(x), self.request_images):
             self.queue.start_async({0: np.ascontiguousarray(x[start:start + self.request_images])}, start)
         self.queue.wait_all()
