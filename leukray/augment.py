@@ -6,6 +6,10 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
 - `stain`: study + per-image colour/stain jitter (hue, saturation, brightness, contrast, gamma): labs stain and
   photograph differently.
 - `robust`: stain + camera/compression artefacts (blur, sensor noise, down-/up-scaling, JPEG re-encoding).
+
+`zoom` (every policy but `none`): magnification jitter, a factor drawn log-uniformly from [1/zoom, zoom] and
+folded into the flip/rotation resample (no extra pass): labs use different objectives and cameras, so the same
+cell covers a different number of pixels. 1.0 = off.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ def check_policy(name: str) -> str:
 
 
 def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | None = None,
-                  strength: float = 1.0) -> torch.Tensor:
+                  strength: float = 1.0, zoom: float = 1.0) -> torch.Tensor:
     """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device."""
     check_policy(policy)
+    if zoom < 1.0:
+        raise ValueError(f"zoom must be >= 1.0 (the largest magnification factor; 1.0 = off), got {zoom}")
     if policy == "none":
         return x
-    x = flips_and_rotation(x, generator)
+    x = flips_and_rotation(x, generator, zoom=zoom)
     if policy in ("stain", "robust"):
         x = colour_jitter(x, generator, strength)
     if policy == "robust":
@@ -46,12 +52,17 @@ def _rand(n: int, x: torch.Tensor, g: torch.Generator | None, lo: float, hi: flo
     return torch.rand(n, generator=g, device="cpu").to(x.device, x.dtype) * (hi - lo) + lo
 
 
-def flips_and_rotation(x: torch.Tensor, g: torch.Generator | None, max_degrees: float = 180.0) -> torch.Tensor:
-    """Random flips and any rotation: a cell in a smear has no up (reflection padding keeps the field natural)."""
+def flips_and_rotation(x: torch.Tensor, g: torch.Generator | None, max_degrees: float = 180.0,
+                       zoom: float = 1.0) -> torch.Tensor:
+    """Random flips and any rotation: a cell in a smear has no up (reflection padding keeps the field natural).
+    With zoom > 1 each image is also magnified by a factor in [1/zoom, zoom] (log-uniform)."""
     n = x.shape[0]
     angle = _rand(n, x, g, -max_degrees, max_degrees) * math.pi / 180
     sx = torch.where(_rand(n, x, g, 0, 1) < 0.5, -1.0, 1.0).to(x)
     sy = torch.where(_rand(n, x, g, 0, 1) < 0.5, -1.0, 1.0).to(x)
+    if zoom > 1.0:  # the grid maps output to input coordinates: sampling a span of 1/m magnifies by m
+        inv = torch.exp(-_rand(n, x, g, -math.log(zoom), math.log(zoom)))
+        sx, sy = sx * inv, sy * inv
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros_like(cos)], 1),
                          torch.stack([sin * sx, cos * sy, torch.zeros_like(cos)], 1)], 1)

@@ -28,3 +28,25 @@ def test_stain_changes_colour_not_only_geometry():
 def test_unknown_policy_lists_allowed():
     with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust"):
         augment_batch(torch.zeros(1, 3, 8, 8), "heavy")
+
+
+def _disk_areas(zoom: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    disk = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 8 ** 2).float() * 255
+    x = disk.expand(32, 3, 64, 64).clone()
+    y = augment_batch(x, "study", torch.Generator().manual_seed(1), zoom=zoom)
+    return (y[:, 0] > 127).float().sum(dim=(1, 2)) / float((disk > 127).sum())
+
+
+def test_zoom_magnifies_within_its_range():
+    plain = _disk_areas(1.0)
+    assert float(plain.min()) > 0.9 and float(plain.max()) < 1.1  # flips/rotations keep a centred disk's area
+    zoomed = _disk_areas(2.0)
+    # linear factor in [1/2, 2] → area in [1/4, 4]; 32 draws reach well into both ends
+    assert float(zoomed.min()) >= 0.2 and float(zoomed.max()) <= 4.4
+    assert float(zoomed.min()) < 0.6 and float(zoomed.max()) > 2.0
+
+
+def test_zoom_below_one_is_refused():
+    with pytest.raises(ValueError, match="zoom must be >= 1.0"):
+        augment_batch(torch.zeros(1, 3, 8, 8), "study", zoom=0.5)

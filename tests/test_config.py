@@ -11,10 +11,12 @@ def test_unknown_key_is_named(tmp_path):
         load_config(TrainConfig, p)
 
 
-def test_bad_value_is_named(tmp_path):
+@pytest.mark.parametrize("text, match", [("optimizer: sgd\n", r"key 'optimizer' = 'sgd'"),
+                                         ("augment_zoom: 0.5\n", r"key 'augment_zoom' = 0.5")])
+def test_bad_value_is_named(tmp_path, text, match):
     p = tmp_path / "train.yaml"
-    p.write_text("optimizer: sgd\n")
-    with pytest.raises(ConfigError, match=r"key 'optimizer' = 'sgd'"):
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
         load_config(TrainConfig, p)
 
 
