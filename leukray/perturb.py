@@ -1,7 +1,8 @@
 """Robustness perturbations for the evaluation suite: stain, focus, sensor and compression shifts.
 
 Smear images vary between labs by staining (hue, saturation), illumination (brightness, contrast), focus
-(blur), sensor noise, JPEG compression and acquisition resolution (scale). The evaluator re-scores the test
+(blur), sensor noise, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
+the same cell covers more or fewer pixels). The evaluator re-scores the test
 split under each perturbation at graded severities to show how accuracy degrades.
 
 Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray.images.decode_image`
@@ -43,6 +44,9 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     "jpeg": (75, 50, 30, 10),
     # downscale to this fraction of the side length, then upscale back (lower acquisition resolution)
     "scale": (0.75, 0.5, 0.33, 0.25),
+    # magnification factor: > 1 crops the centre and enlarges it (a stronger objective), < 1 shrinks the image and
+    # fills the border by reflection (a weaker one: more field of view)
+    "magnification": (0.8, 0.9, 1.1, 1.25),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -54,6 +58,7 @@ IDENTITY: dict[str, float] = {
     "blur": 0.0,
     "noise": 0.0,
     "scale": 1.0,
+    "magnification": 1.0,
 }
 """The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
 
@@ -142,6 +147,26 @@ def _scale(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     return _to_numpy(up)
 
 
+def _magnification(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("magnification", severity, 0.5, 2.0)
+    if severity == 1:
+        return batch.copy()
+    height, width = batch.shape[1:3]
+    tensor = _to_tensor(batch)
+    if severity > 1:
+        crop = [max(1, round(height / severity)), max(1, round(width / severity))]
+        out = F.resize(F.center_crop(tensor, crop), [height, width], interpolation=InterpolationMode.BILINEAR,
+                       antialias=True)
+    else:
+        small = [max(1, round(height * severity)), max(1, round(width * severity))]
+        out = F.resize(tensor, small, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        top, left = (height - small[0]) // 2, (width - small[1]) // 2
+        # reflect padding needs float input in torch; values stay exact uint8 levels
+        out = F.pad(out.float(), [left, top, width - small[1] - left, height - small[0] - top],
+                    padding_mode="reflect").round().to(torch.uint8)
+    return _to_numpy(out)
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -151,6 +176,7 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "noise": _noise,
     "jpeg": _jpeg,
     "scale": _scale,
+    "magnification": _magnification,
 }
 assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 

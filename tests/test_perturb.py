@@ -33,7 +33,8 @@ BATCH = _smear_like()
 
 
 def test_registry_contains_required_severities() -> None:
-    assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale"}
+    assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale",
+                                 "magnification"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert 2 in PERTURBATIONS["blur"]
     assert 10 in PERTURBATIONS["jpeg"]
@@ -122,7 +123,8 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
 
 @pytest.mark.parametrize(
     ("name", "severity"),
-    [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1)],
+    [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1),
+     ("magnification", 0.4), ("magnification", 2.5)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
@@ -134,3 +136,16 @@ def test_rejects_non_uint8() -> None:
         apply_perturbation(BATCH.astype(np.float32), "hue", 0.05)
     with pytest.raises(ValueError, match="NHWC"):
         apply_perturbation(BATCH.transpose(0, 3, 1, 2).copy(), "hue", 0.05)
+
+
+def test_magnification_changes_the_size_of_a_cell() -> None:
+    yy, xx = np.mgrid[0:64, 0:64]
+    image = np.full((1, 64, 64, 3), 230, dtype=np.uint8)
+    image[0][(yy - 31.5) ** 2 + (xx - 31.5) ** 2 < 10 ** 2] = (90, 40, 140)  # one centred cell
+
+    def area(b: np.ndarray) -> float:
+        return float((b[0, :, :, 0] < 160).sum())
+
+    base = area(image)
+    assert area(apply_perturbation(image, "magnification", 1.25)) == pytest.approx(base * 1.25 ** 2, rel=0.1)
+    assert area(apply_perturbation(image, "magnification", 0.8)) == pytest.approx(base * 0.8 ** 2, rel=0.1)
