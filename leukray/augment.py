@@ -109,7 +109,8 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
     x = torch.where(pick(), F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False), x)
     # sensor noise, sigma up to 0.08 of the range
     noise_sigma = _rand(n, x, g, 0, 0.08 * strength).view(-1, 1, 1, 1) * 255
-    noise = torch.randn(x.shape, generator=g, device="cpu").to(x) * noise_sigma
+    # CPU: the seeded generator repeats a run exactly; GPU (g is None): drawn there, seeded by torch.manual_seed
+    noise = (torch.randn(x.shape, generator=g, device="cpu").to(x) if g is not None else torch.randn_like(x)) * noise_sigma
     x = torch.where(pick(), x + noise, x)
     # JPEG re-encoding at quality 5-60
     jpeg_mask = pick().view(-1)
@@ -117,8 +118,8 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
         quality = int(_rand(1, x, g, 5, 60)[0])
         idx = torch.nonzero(jpeg_mask).view(-1)
         u8 = x[idx].clamp(0, 255).round().to(torch.uint8)
-        try:
-            out = decode_jpeg(encode_jpeg(list(u8), quality=quality), device=x.device)
+        try:  # on a GPU: nvJPEG both ways; decode_jpeg takes its bytes from host memory
+            out = decode_jpeg([e.cpu() for e in encode_jpeg(list(u8), quality=quality)], device=x.device)
         except RuntimeError:  # no GPU codec: go through the CPU
             out = decode_jpeg(encode_jpeg(list(u8.cpu()), quality=quality))
         x = x.clone()
