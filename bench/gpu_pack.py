@@ -5,6 +5,7 @@ they are. Both are packed losslessly: each JPEG is transcoded to progressive wit
 coefficients, so the decoded pixels are identical: checked here for every image, abort otherwise) and exact
 duplicates are stored once; the weights are byte-shuffled and xz-compressed. The split manifest travels with
 the hashes of the carried bytes (same paths, splits and groups). `bench/gpu_recipes.py` unpacks on the device.
+Without jpegtran (Debian: libjpeg-turbo-progs) the images travel as they are: 61 MB, too much beside the weights.
 
     python bench/gpu_pack.py --data ../shared/data/taleqani-all --manifest runs/taleqani-128/split.parquet \
         --jpegtran /path/to/jpegtran --out .gpu-carry
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -24,10 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
+from PIL import Image
 
 from leukray.data import list_labelled_folder
-from leukray.images import decode_image
 from leukray.model import load_backbone_weights
 from leukray.split import load_manifest, save_manifest
 
@@ -35,9 +36,16 @@ WHEELS = ["pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
           "typing-extensions==4.16.0"]
 
 
-def transcode(jpegtran: str, data: bytes) -> bytes:
-    return subprocess.run([jpegtran, "-copy", "none", "-progressive"], input=data, capture_output=True,
-                          check=True).stdout
+def transcode(jpegtran: str | None, rel: str, data: bytes) -> bytes:
+    """Lossless: progressive JPEG of the same coefficients, or the bytes as they are."""
+    if jpegtran is None or not rel.lower().endswith((".jpg", ".jpeg")):
+        return data
+    packed = subprocess.run([jpegtran, "-copy", "none", "-progressive"], input=data, capture_output=True,
+                            check=True).stdout
+    pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in (data, packed)]
+    if not np.array_equal(*pixels):
+        raise SystemExit(f"{rel}: transcoded pixels differ; not packing")
+    return packed
 
 
 def pack_weights(out: str) -> int:
@@ -60,11 +68,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--manifest", required=True)
-    ap.add_argument("--jpegtran", default=shutil.which("jpegtran"))
+    ap.add_argument("--jpegtran", default=shutil.which("jpegtran"), help="default: jpegtran on PATH")
     ap.add_argument("--out", default=".gpu-carry")
+    ap.add_argument("--no-wheels", dest="wheels", action="store_false", help="do not download the pydantic wheels")
     a = ap.parse_args()
     if not a.jpegtran:
-        sys.exit("jpegtran not found: install libjpeg-turbo-progs or pass --jpegtran PATH")
+        print("warning: jpegtran not found (libjpeg-turbo-progs): images travel as they are", file=sys.stderr)
     shutil.rmtree(a.out, ignore_errors=True)
     os.makedirs(os.path.join(a.out, "images"))
     listing = list_labelled_folder(a.data)
@@ -72,9 +81,7 @@ def main() -> int:
     def one(rel: str) -> tuple[str, str]:
         with open(os.path.join(a.data, rel), "rb") as fh:
             original = fh.read()
-        packed = transcode(a.jpegtran, original)
-        if not np.array_equal(decode_image(original, 224), decode_image(packed, 224)):
-            raise SystemExit(f"{rel}: transcoded pixels differ; not packing")
+        packed = transcode(a.jpegtran, rel, original)
         digest = hashlib.sha256(packed).hexdigest()
         path = os.path.join(a.out, "images", digest + ".jpg")
         if not os.path.exists(path):
@@ -94,9 +101,11 @@ def main() -> int:
     table = table.set_column(table.schema.get_field_index("hash"), "hash", pc.cast(hashes, table.schema.field("hash").type))
     save_manifest(table, os.path.join(a.out, "split.parquet"))
     wsize = pack_weights(a.out)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
-                    "--platform", "manylinux2014_x86_64", "-d", os.path.join(a.out, "wheels"), *WHEELS], check=True)
+    if a.wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
+                        "--platform", "manylinux2014_x86_64", "-d", os.path.join(a.out, "wheels"), *WHEELS],
+                       check=True)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.out) for f in fs)
     print(json.dumps({"images": len(index), "unique_files": len(set(index.values())), "weights_xz_bytes": wsize,
                       "total_bytes": total}))

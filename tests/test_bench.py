@@ -39,3 +39,65 @@ def test_score_benchmark_smoke(package, tmp_path):
     out = _bench("--n", "12", "--factor", "0", "--plain-n", "8", "--batch-size", "8", "--model", str(package / "pkg"),
                  "--workdir", str(work), "--data", str(package / "data"))
     assert out["images"] == 12 and "images_10x" not in out
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_pack_round_trip_and_recipe_run(tmp_path, monkeypatch):
+    """What the lent GPU machine gets back from a pack is the same data (pixels, split) and the same weights, and
+    a recipe run over it trains and evaluates on the carried split (here on the CPU, tiny)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from leukray.config import parse_config
+    from leukray.model import load_backbone_weights
+    from leukray.synth import make_dataset
+    from leukray.train import TrainConfig, prepare_data
+
+    monkeypatch.setenv("LEUKRAY_OFFLINE", "1")
+    monkeypatch.setenv("LEUKRAY_CACHE", str(tmp_path / "cache"))
+    data, manifest, carry = tmp_path / "data", tmp_path / "split.parquet", tmp_path / "carry"
+    make_dataset(data, per_class=10, size=40, seed=3, duplicates=2)
+    prepare_data(parse_config(TrainConfig, {"data": {"root": str(data)}, "split": {"manifest": str(manifest)},
+                                            "image_size": 32}))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_pack.py"), "--data", str(data), "--manifest",
+                        str(manifest), "--out", str(carry), "--no-wheels"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    packed = json.loads(r.stdout.strip().splitlines()[-1])
+    assert packed["images"] == 48 and packed["unique_files"] == 40  # exact duplicates are stored once
+
+    recipes = _load_script("gpu_recipes")
+    got_data, got_weights, got_manifest = recipes.unpack(str(carry), str(tmp_path / "work"))
+    originals = sorted(p.relative_to(data) for p in data.rglob("*.jpg"))
+    assert sorted(p.relative_to(got_data) for p in Path(got_data).rglob("*.jpg")) == originals
+    for rel in originals:
+        a, b = (np.asarray(Image.open(root / rel).convert("RGB")) for root in (data, Path(got_data)))
+        assert np.array_equal(a, b), rel
+    want, _ = load_backbone_weights("imagenet")
+    have, _ = load_backbone_weights(got_weights)
+    assert want.keys() == have.keys() and all(want[k].dtype == have[k].dtype and (want[k] == have[k]).all() for k in want)
+    a, b = pq.read_table(manifest), pq.read_table(got_manifest)
+    assert a.select(["path", "group", "class", "split"]).equals(b.select(["path", "group", "class", "split"]))
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_recipes.py"), "--carry", str(carry), "--work",
+                        str(tmp_path / "work2"), "--out", str(out), "--recipes", "study", "--seeds", "0", "--epochs",
+                        "1", "--concurrency", "1", "--set", "image_size=32", "--set", "device=cpu",
+                        "--set", "batch_size=8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    (rec,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rec["status"] == "ok", rec
+    n_test = b.column("split").to_pylist().count("test")
+    assert rec["eval"]["n"] == n_test and len(rec["errors"]) == round((1 - rec["eval"]["accuracy"]) * n_test)
+    assert rec["eval"]["accuracy"] == rec["train"]["test_accuracy"]  # evaluate found the split it was trained on
+    assert {p for p, _s, _a in rec["robustness"]} >= {"hue", "blur", "jpeg", "noise", "magnification"}
+    assert json.loads((out / "summary.json").read_text())["recipes"]["study"]["s0"]["status"] == "ok"
