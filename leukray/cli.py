@@ -52,7 +52,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.data, args.out, split=args.split,
                       storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
                       robustness=args.robustness, seed=args.seed, batch_size=args.batch_size,
-                      split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device)
+                      split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device,
+                      backend=args.backend)
     summary = {"out": args.out, "model": report["model"]["name"], "version": report["model"]["version"],
                "split": report["split"], "n": report["n"], "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"],
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
     e.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
     e.set_defaults(func=cmd_evaluate)
 

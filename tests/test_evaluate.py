@@ -45,7 +45,8 @@ def package(synth_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(package, synth_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run1"
-    return out, evaluate(str(package), str(synth_data), str(out), robustness=True, seed=3, batch_size=32)
+    return out, evaluate(str(package), str(synth_data), str(out), robustness=True, seed=3, batch_size=32,
+                         backend="torch")
 
 
 def independent_accuracy(package: Path, data: Path, rel_paths: list[str]) -> float:
@@ -115,9 +116,34 @@ def test_robustness_grid(report):
 def test_deterministic_for_a_seed(report, package, synth_data, tmp_path):
     _, first = report
     again = evaluate(str(package), str(synth_data), str(tmp_path / "run2"), robustness=True, seed=3, batch_size=32,
-                     plots=False)
+                     plots=False, backend="torch")
     assert again["robustness"]["results"] == first["robustness"]["results"]
     assert again["metrics"] == first["metrics"]
+
+
+def test_openvino_backend_matches_torch(report, package, synth_data, tmp_path):
+    """The CPU default runs the package's ONNX graph under OpenVINO: the same probabilities to ~1e-6, hence the
+    same class wherever PyTorch's top two are not tied, and a robustness suite with the same grid."""
+    out, torch_report = report
+    assert torch_report["backend"] == "torch cpu"
+    r = evaluate(str(package), str(synth_data), str(tmp_path / "ov"), robustness=True, seed=3, batch_size=32,
+                 plots=False)
+    assert r["backend"] == "openvino f32"
+    pkg = load_package(str(package))
+    rows_t = list(csv.DictReader(open(out / "predictions.csv")))
+    rows_o = list(csv.DictReader(open(tmp_path / "ov" / "predictions.csv")))
+    assert [x["path"] for x in rows_t] == [x["path"] for x in rows_o]
+    images = np.stack([decode_image((Path(synth_data) / x["path"]).read_bytes(), pkg.image_size) for x in rows_t])
+    with torch.no_grad():
+        top2 = torch.softmax(pkg.model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float()) / pkg.temperature,
+                             1).topk(2).values.numpy()
+    for a, b, (p1, p2) in zip(rows_t, rows_o, top2):
+        assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-4
+        assert a["predicted"] == b["predicted"] or p1 - p2 < 1e-4  # only a tie may go either way
+    assert [(x["perturbation"], x["severity"]) for x in r["robustness"]["results"]] == \
+        [(x["perturbation"], x["severity"]) for x in torch_report["robustness"]["results"]]
+    with pytest.raises(ValueError, match="allowed: auto, torch, openvino"):
+        evaluate(str(package), str(synth_data), str(tmp_path / "bad"), backend="onnx")
 
 
 def test_split_selection(package, synth_data, tmp_path):
