@@ -11,6 +11,7 @@ scikit-learn, matplotlib, fsspec, pyyaml and the carried pydantic wheels on PYTH
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import lzma
 import os
@@ -129,9 +130,9 @@ def run_one(recipe: str, seed: int, a: argparse.Namespace, data: str, weights: s
                             "review": ev["review"]})
         if "robustness" in ev:
             rec["robustness"] = [[r["perturbation"], r["severity"], r["accuracy"]] for r in ev["robustness"]["results"]]
-        with open(os.path.join(out, "eval", "predictions.csv")) as fh:
-            rows = [line.rstrip("\n").split(",") for line in fh][1:]
-        rec["errors"] = [r[:4] for r in rows if r[5] == "False"]
+        with open(os.path.join(out, "eval", "predictions.csv"), newline="") as fh:
+            rec["errors"] = [[r["path"], r["actual"], r["predicted"], r["confidence"]]
+                             for r in csv.DictReader(fh) if r["correct"] == "False"]
     with LOCK, open(os.path.join(a.out, "results.jsonl"), "a") as fh:
         fh.write(json.dumps(rec) + "\n")
     return rec
