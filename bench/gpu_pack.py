@@ -67,7 +67,7 @@ def pack_weights(out: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
-    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--manifest", required=True, help="split manifest (Parquet); made here if it does not exist")
     ap.add_argument("--jpegtran", default=shutil.which("jpegtran"), help="default: jpegtran on PATH")
     ap.add_argument("--out", default=".gpu-carry")
     ap.add_argument("--no-wheels", dest="wheels", action="store_false", help="do not download the pydantic wheels")
@@ -93,6 +93,12 @@ def main() -> int:
         index = dict(pool.map(one, listing.paths))
     with open(os.path.join(a.out, "index.json"), "w") as fh:
         json.dump(index, fh)
+    if not os.path.exists(a.manifest):  # leukray's seeded split, as `leukray train` would make it
+        from leukray.config import parse_config
+        from leukray.train import TrainConfig, prepare_data
+
+        prepare_data(parse_config(TrainConfig, {"data": {"root": a.data}, "split": {"manifest": a.manifest},
+                                                "image_size": 32}))
     table = load_manifest(a.manifest)
     missing = set(table["path"].to_pylist()) ^ set(index)
     if missing:
