@@ -72,6 +72,7 @@ HYPERPARAMETERS: dict[str, tuple[str, str, Any]] = {
     "batch_size": ("batch_size", "int", _check_range(1, 4096)),
     "augment": ("augment", "cat", _check_in(POLICIES)),
     "optimizer": ("optimizer", "cat", _check_in(("adam", "adamw"))),
+    "schedule": ("schedule", "cat", _check_in(("cosine", "constant"))),
 }
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 

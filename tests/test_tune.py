@@ -116,6 +116,7 @@ SPACE = "space:\n  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
     ("space:\n  lr: {type: loguniform, low: 1.0e-2, high: 1.0e-4}\n", "low=0.01 must be below high=0.0001"),
     ("space:\n  lr: {type: loguniform, low: 0, high: 1.0e-2}\n", "needs low > 0"),
     ("space:\n  augment: {type: choice, values: [stain, sharpen]}\n", "augment: 'sharpen' is not one of"),
+    ("space:\n  schedule: {type: choice, values: [cosine, step]}\n", "schedule: 'step' is not one of"),
     ("space:\n  dropout: {type: uniform, low: 0.1, high: 1.5}\n", "dropout: 1.5 is above"),
     ("space:\n  batch_size: {type: uniform, low: 8, high: 64}\n", "batch_size: an integer hyperparameter"),
     ("space:\n  lr: {type: choice}\n", "needs a non-empty 'values'"),
