@@ -7,6 +7,8 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
   photograph differently.
 - `robust`: stain + camera/compression artefacts (blur, sensor noise, down-/up-scaling, JPEG re-encoding).
 
+`p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
+
 `zoom` (every policy but `none`): magnification jitter, a factor drawn log-uniformly from [1/zoom, zoom] and
 folded into the flip/rotation resample (no extra pass): labs use different objectives and cameras, so the same
 cell covers a different number of pixels. 1.0 = off.
@@ -33,19 +35,27 @@ def check_policy(name: str) -> str:
 
 
 def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | None = None,
-                  strength: float = 1.0, zoom: float = 1.0) -> torch.Tensor:
-    """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device."""
+                  strength: float = 1.0, zoom: float = 1.0, p: float = 1.0) -> torch.Tensor:
+    """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device.
+
+    `p`: the fraction of images that get the colour (stain, robust) and camera (robust) part; flips, rotation and
+    zoom apply to every image. Below 1 the others keep their true colour and texture."""
     check_policy(policy)
     if zoom < 1.0:
         raise ValueError(f"zoom must be >= 1.0 (the largest magnification factor; 1.0 = off), got {zoom}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1] (the fraction of images that get colour/camera augmentation), got {p}")
     if policy == "none":
         return x
     x = flips_and_rotation(x, generator, zoom=zoom)
-    if policy in ("stain", "robust"):
-        x = colour_jitter(x, generator, strength)
+    if policy == "study" or p == 0.0:
+        return x.clamp_(0, 255)
+    y = colour_jitter(x, generator, strength)
     if policy == "robust":
-        x = camera_artefacts(x, generator, strength)
-    return x.clamp_(0, 255)
+        y = camera_artefacts(y, generator, strength)
+    if p < 1.0:
+        y = torch.where((_rand(x.shape[0], x, generator, 0, 1) < p).view(-1, 1, 1, 1), y, x)
+    return y.clamp_(0, 255)
 
 
 def _rand(n: int, x: torch.Tensor, g: torch.Generator | None, lo: float, hi: float) -> torch.Tensor:

@@ -66,6 +66,7 @@ HYPERPARAMETERS: dict[str, tuple[str, str, Any]] = {
     "label_smoothing": ("label_smoothing", "float", _check_range(0.0, 1.0, hi_open=True)),
     "augment_strength": ("augment_strength", "float", _check_range(0.0, 4.0)),
     "augment_zoom": ("augment_zoom", "float", _check_range(1.0, 4.0)),
+    "augment_p": ("augment_p", "float", _check_range(0.0, 1.0)),
     "ema_decay": ("ema_decay", "float", _check_range(0.0, 1.0, hi_open=True)),
     "warmup_epochs": ("warmup_epochs", "float", _check_range(0.0, 100.0)),
     "head_width": ("model.head_width", "int", _check_range(0, 4096)),

@@ -49,6 +49,8 @@ class TrainConfig(StrictModel):
     augment: str = "stain"
     augment_strength: float = 1.0
     augment_zoom: float = Field(1.0, ge=1.0, le=4.0)
+    augment_p: float = Field(1.0, ge=0.0, le=1.0)
+    """Fraction of training images that get the policy's colour/camera part (flips, rotation, zoom: all); 1.0 = all."""
     """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
     epochs: int = 30
     batch_size: int = 32
@@ -273,7 +275,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             x = train_images[idx.to(train_images.device)].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
             y = train_labels[idx.to(train_labels.device)]
             x = augment_batch(x, cfg.augment, gen if device.type == "cpu" else None, cfg.augment_strength,
-                              cfg.augment_zoom)
+                              cfg.augment_zoom, cfg.augment_p)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):

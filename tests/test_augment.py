@@ -50,3 +50,18 @@ def test_zoom_magnifies_within_its_range():
 def test_zoom_below_one_is_refused():
     with pytest.raises(ValueError, match="zoom must be >= 1.0"):
         augment_batch(torch.zeros(1, 3, 8, 8), "study", zoom=0.5)
+
+
+def test_p_is_the_fraction_of_images_with_colour_and_camera_augmentation():
+    x = torch.rand(64, 3, 16, 16) * 255
+    study = augment_batch(x.clone(), "study", torch.Generator().manual_seed(5))
+    # p=0: flips/rotations alone, the same draws as the study policy; p=1: the policy as before (the default)
+    assert torch.equal(augment_batch(x.clone(), "robust", torch.Generator().manual_seed(5), p=0.0), study)
+    assert torch.equal(augment_batch(x.clone(), "robust", torch.Generator().manual_seed(5), p=1.0),
+                       augment_batch(x.clone(), "robust", torch.Generator().manual_seed(5)))
+    half = augment_batch(x.clone(), "robust", torch.Generator().manual_seed(5), p=0.5)
+    assert torch.equal(half, augment_batch(x.clone(), "robust", torch.Generator().manual_seed(5), p=0.5))
+    untouched = (half == study).flatten(1).all(1)  # these images kept their flipped/rotated pixels exactly
+    assert 16 <= int(untouched.sum()) <= 48
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        augment_batch(x, "robust", p=1.5)
