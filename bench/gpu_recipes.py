@@ -33,7 +33,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "study": ("configs/study.yaml", []),
     # the shipped default
     "default": ("configs/train.yaml", []),
-    "adam-noema": ("configs/train.yaml", ADAM + ["ema_decay=0"]),
+    # half of the images keep their true colour and texture (augment_p)
+    "adam-half": ("configs/train.yaml", ADAM + ["augment_p=0.5"]),
 }
 
 T0 = time.time()
@@ -143,7 +144,7 @@ def main() -> int:
     ap.add_argument("--carry", default=".gpu-carry")
     ap.add_argument("--work", default="/tmp/leukray-gpu")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--recipes", default="adam,study,default,adam-noema")
+    ap.add_argument("--recipes", default="adam-half,study,default,adam", help=f"comma-separated: {', '.join(RECIPES)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--concurrency", type=int, default=6)
