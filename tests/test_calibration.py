@@ -56,12 +56,27 @@ def test_deterministic_and_accepts_torch() -> None:
     assert isinstance(probs, np.ndarray) and probs.shape == logits.shape
 
 
-def test_bounded_on_degenerate_data() -> None:
-    # Always right with huge margins: NLL keeps falling as T -> 0, so T must stop at the lower bound.
+def test_no_validation_errors_gives_rule_of_succession_confidence() -> None:
+    # All right, every margin 1: plain NLL would drive T to its lower bound (confidence 1.0 everywhere). The
+    # rule-of-succession target 1 - 1/(N+2) = 5/6 (N = 4) is met exactly when e^(1/T) / (e^(1/T) + 2) = 5/6,
+    # i.e. e^(1/T) = 10, T = 1 / ln 10.
     logits = np.eye(3)[[0, 1, 2, 0]] * 1.0
     t = fit_temperature(logits, [0, 1, 2, 0])
-    assert TEMPERATURE_BOUNDS[0] <= t <= TEMPERATURE_BOUNDS[1]
-    assert t < 0.1  # driven to (near) the lower bound, not beyond it
+    assert t == pytest.approx(1 / np.log(10), rel=1e-4)
+    np.testing.assert_allclose(softmax_with_temperature(logits, t).max(axis=1), 5 / 6, rtol=1e-4)
+    # A large split, all right with margins of 8 to 20 logits: confidences stay below 1, so a review threshold
+    # can still flag the least certain images.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 300)
+    big = rng.normal(size=(300, 4))
+    big[np.arange(300), labels] += rng.uniform(8, 20, 300)
+    t_big = fit_temperature(big, labels)
+    conf = softmax_with_temperature(big, t_big).max(axis=1)
+    assert t_big > 1.0 and TEMPERATURE_BOUNDS[0] < t_big < TEMPERATURE_BOUNDS[1]
+    assert conf.min() < 0.99 and conf.mean() == pytest.approx(1 - 1 / 302, abs=0.01)
+
+
+def test_bounded_on_degenerate_data() -> None:
     # Always wrong: NLL keeps falling as T grows, so T must stop at the upper bound.
     t_wrong = fit_temperature(np.eye(3)[[1, 2, 0, 1]], [0, 1, 2, 0])
     assert TEMPERATURE_BOUNDS[1] * 0.99 <= t_wrong <= TEMPERATURE_BOUNDS[1]
