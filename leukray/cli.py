@@ -65,6 +65,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .config import StorageOptions
+    from .evaluate import calibrate
+
+    summary = calibrate(args.model, args.data, args.out, split=args.split,
+                        storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
+                        batch_size=args.batch_size, split_manifest=args.split_manifest, device=args.device,
+                        backend=args.backend)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
 
@@ -121,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
     e.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", help="refit a package's temperature on labelled images; write the package to --out")
+    c.add_argument("--model", required=True, help="package folder (model_card.json) or model folder (LATEST), local or s3://")
+    c.add_argument("--data", required=True, help="labelled image folder, local or s3://")
+    c.add_argument("--out", required=True, help="folder or s3:// URI for the recalibrated package")
+    c.add_argument("--split", choices=["val", "test", "train", "all"], default="val",
+                   help="val (default): the split manifest's val rows when one covers the data, else all images")
+    c.add_argument("--split-manifest", help="split manifest (Parquet) to take the split from; default: the package's")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    c.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
+    c.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
+    c.set_defaults(func=cmd_calibrate)
 
     sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → Parquet")
     sc.add_argument("--config", help="YAML config (see configs/score.yaml)")

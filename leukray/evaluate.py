@@ -395,3 +395,56 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         f"{'n/a' if at['errors_caught_fraction'] is None else format(at['errors_caught_fraction'], '.1%')} of errors "
         f"caught  → {out_dir}")
     return report
+
+
+# ------------------------------------------------------------------------------------------------ calibrate
+
+
+def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", storage: StorageOptions | None = None,
+              batch_size: int = 64, split_manifest: str | None = None, device: str = "auto",
+              backend: str = "auto") -> dict[str, Any]:
+    """Refit a package's temperature on labelled images and write the package, with the new card, to out_dir.
+
+    Why: a lab's own images (stain, camera) shift confidences; refitting T on a labelled sample of them makes
+    `confidence` and `needs_review` mean what they say there. Default split `val`: the training split's val rows
+    when the package's manifest covers the data, else every image. The weights and ONNX graph are copied
+    unchanged (the argmax, so accuracy, cannot move); the card records the old temperature and where the new one
+    was fitted."""
+    import datetime as dt
+
+    from . import storage as st
+    from .calibration import fit_temperature, nll_with_temperature
+    from .registry import CARD, load_package
+    from .train import select_device
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pkg = load_package(model_ref, storage)
+    if out_dir.rstrip("/") == pkg.uri.rstrip("/") or (not st.is_remote(out_dir) and not st.is_remote(pkg.uri)
+                                                      and os.path.abspath(out_dir) == os.path.abspath(pkg.uri)):
+        raise ValueError(f"--out {out_dir} is the package itself; write the recalibrated package to a new folder "
+                         "(a package, once written or published, is never changed in place)")
+    data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
+    predict, backend_name = make_predictor(pkg, select_device(device), batch_size, backend, storage)
+    logits = predict(data.images)
+    temperature = fit_temperature(logits, data.labels)
+    summary = {
+        "temperature_before": pkg.temperature, "temperature": temperature,
+        "nll_before": nll_with_temperature(logits, data.labels, pkg.temperature),
+        "nll": nll_with_temperature(logits, data.labels, temperature),
+        "n": len(data.paths), "errors": int((logits.argmax(1) != data.labels).sum()),
+        "data": data_uri, "split": data.split, "split_source": data.split_source, "backend": backend_name,
+        "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    card = dict(pkg.card, temperature=temperature, calibration=summary)
+    fs, path = st.filesystem(pkg.uri, storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in fs.ls(path, detail=True):
+            name = os.path.basename(entry["name"].rstrip("/"))
+            if entry["type"] == "file" and name != CARD:
+                fs.get_file(entry["name"], os.path.join(tmp, name))
+        st.write_json(os.path.join(tmp, CARD), card)
+        st.upload_dir(tmp, out_dir, storage)
+    log(f"calibrate: T {pkg.temperature:.4g} → {temperature:.4g} on {summary['n']} image(s) of {data_uri} "
+        f"({data.split}, {summary['errors']} error(s)); NLL {summary['nll_before']:.4f} → {summary['nll']:.4f}  → {out_dir}")
+    return {"out": out_dir, **summary}

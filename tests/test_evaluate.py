@@ -13,7 +13,7 @@ import torch
 
 from leukray import CLASSES
 from leukray.data import DataError, canonical_class
-from leukray.evaluate import evaluate
+from leukray.evaluate import calibrate, evaluate
 from leukray.images import decode_image
 from leukray.perturb import PERTURBATIONS
 from leukray.registry import RegistryError, load_package
@@ -196,6 +196,53 @@ def test_cli(package, synth_data, tmp_path, capsys):
     assert "no model package" in capsys.readouterr().err
 
 
+def val_logits(package: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The package's val rows decoded directly and run through its torch model."""
+    pkg = load_package(str(package))
+    manifest = load_manifest(str(package / "split.parquet"))
+    rel = sorted(p for p, s in zip(manifest["path"].to_pylist(), manifest["split"].to_pylist()) if s == "val")
+    images = np.stack([decode_image((data / p).read_bytes(), pkg.image_size) for p in rel])
+    labels = np.array([pkg.classes.index(canonical_class(p.split("/")[0])) for p in rel])
+    with torch.no_grad():
+        logits = pkg.model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float()).double().numpy()
+    return logits, labels
+
+
+def test_calibrate(package, synth_data, tmp_path, capsys):
+    """A package shipped with a degenerate temperature (0.05: every confidence ~1) gets the temperature fitted on
+    its val rows; weights and graph are copied byte for byte, so accuracy cannot move; the card says what changed."""
+    from leukray.calibration import fit_temperature
+    from leukray.cli import main
+
+    sharp = tmp_path / "sharp"
+    shutil.copytree(package, sharp)
+    card = json.loads((sharp / "model_card.json").read_text())
+    (sharp / "model_card.json").write_text(json.dumps(card | {"temperature": 0.05}))
+
+    out = tmp_path / "recalibrated"
+    r = calibrate(str(sharp), str(synth_data), str(out), backend="torch")
+    logits, labels = val_logits(package, Path(synth_data))
+    assert r["split"] == "val" and r["n"] == len(labels)
+    assert r["errors"] == int((logits.argmax(1) != labels).sum())
+    assert r["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert r["temperature_before"] == 0.05 and r["nll"] < r["nll_before"]
+    new_card = json.loads((out / "model_card.json").read_text())
+    assert new_card["temperature"] == r["temperature"] and new_card["calibration"]["source_package"] == str(sharp)
+    for f in ("model.pt", "model.onnx", "split.parquet"):
+        assert (out / f).read_bytes() == (sharp / f).read_bytes(), f
+    before = evaluate(str(sharp), str(synth_data), str(tmp_path / "e1"), plots=False, backend="torch")
+    after = evaluate(str(out), str(synth_data), str(tmp_path / "e2"), plots=False, backend="torch")
+    assert after["accuracy"] == before["accuracy"] and after["model"]["temperature"] == r["temperature"]
+
+    # the CLI; writing over the source package is refused, and nothing is written
+    assert main(["calibrate", "--model", str(sharp), "--data", str(synth_data), "--out", str(tmp_path / "c"),
+                 "--backend", "torch"]) == 0
+    assert json.loads(capsys.readouterr().out)["temperature"] == pytest.approx(r["temperature"], rel=1e-6)
+    assert main(["calibrate", "--model", str(sharp), "--data", str(synth_data), "--out", str(sharp)]) == 2
+    assert "is the package itself" in capsys.readouterr().err
+    assert json.loads((sharp / "model_card.json").read_text())["temperature"] == 0.05
+
+
 def test_s3(report, package, synth_data, s3):
     """Package, data and output on s3:// (a moto server on 127.0.0.1): the same numbers as the local run."""
     from leukray.config import StorageOptions
@@ -211,3 +258,12 @@ def test_s3(report, package, synth_data, s3):
     assert r["metrics"]["confusion_matrix"] == report[1]["metrics"]["confusion_matrix"]
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="lab", Prefix="eval/")["Contents"]}
     assert {"eval/evaluation.json", "eval/predictions.csv"} <= keys
+    # recalibration, S3 to S3: the same temperature as fitted locally
+    c = calibrate("s3://lab/pkg", "s3://lab/data", "s3://lab/pkg-cal", storage=StorageOptions(endpoint_url=endpoint),
+                  backend="torch")
+    logits, labels = val_logits(package, Path(synth_data))
+    from leukray.calibration import fit_temperature
+
+    assert c["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    card = json.loads(client.get_object(Bucket="lab", Key="pkg-cal/model_card.json")["Body"].read())
+    assert card["temperature"] == c["temperature"] and card["calibration"]["source_package"] == "s3://lab/pkg"
