@@ -97,6 +97,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run_from_args(args, "leukray tune")
 
 
+def _package_on_data_arguments(p: argparse.ArgumentParser, out_help: str, split: str) -> None:
+    """What evaluate and calibrate share: a package, a labelled folder, which of its rows, how to run the model."""
+    p.add_argument("--model", required=True, help="package folder (model_card.json) or model folder (LATEST), local or s3://")
+    p.add_argument("--data", required=True, help="labelled image folder, local or s3://")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--split", choices=["test", "val", "train", "all"], default=split,
+                   help=f"{split} (default): the split manifest's {split} rows when one covers the data, else all images")
+    p.add_argument("--split-manifest", help="split manifest (Parquet) to take the split from; default: the package's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leukray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,34 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     e = sub.add_parser("evaluate", help="evaluate a model package on a labelled folder (metrics, plots, robustness)")
-    e.add_argument("--model", required=True, help="package folder (model_card.json) or model folder (LATEST), local or s3://")
-    e.add_argument("--data", required=True, help="labelled image folder, local or s3://")
-    e.add_argument("--out", required=True, help="output folder or s3:// URI (evaluation.json, plots, robustness.csv)")
-    e.add_argument("--split", choices=["test", "val", "train", "all"], default="test",
-                   help="test (default): the split manifest's test rows when one covers the data, else all images")
-    e.add_argument("--split-manifest", help="split manifest (Parquet) to take the split from; default: the package's")
+    _package_on_data_arguments(e, "output folder or s3:// URI (evaluation.json, plots, robustness.csv)", "test")
     e.add_argument("--robustness", action="store_true", help="also re-score under every perturbation x severity")
     e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) and the sample grid")
-    e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
-                   help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
-    e.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("calibrate", help="refit a package's temperature on labelled images; write the package to --out")
-    c.add_argument("--model", required=True, help="package folder (model_card.json) or model folder (LATEST), local or s3://")
-    c.add_argument("--data", required=True, help="labelled image folder, local or s3://")
-    c.add_argument("--out", required=True, help="folder or s3:// URI for the recalibrated package")
-    c.add_argument("--split", choices=["val", "test", "train", "all"], default="val",
-                   help="val (default): the split manifest's val rows when one covers the data, else all images")
-    c.add_argument("--split-manifest", help="split manifest (Parquet) to take the split from; default: the package's")
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    c.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
-                   help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
-    c.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
+    _package_on_data_arguments(c, "folder or s3:// URI for the recalibrated package", "val")
     c.set_defaults(func=cmd_calibrate)
 
     sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → Parquet")
