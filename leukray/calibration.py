@@ -9,7 +9,8 @@ succession: after N validation images, all of them right, the chance that the ne
 0). A validation split without errors is common for a good model on a few hundred images, and plain NLL then keeps
 falling as T -> 0: T ends at its lower bound, every confidence is ~1 and no review threshold flags anything (seen on
 the Taleqani split: a model whose two test errors had confidence 0.52 and 0.59 at T=1 shipped them at 0.999). With
-the pseudo-count the fit is finite, and with real errors on the split it moves T by a negligible amount.
+the pseudo-count the fit is finite. It weighs about one error: negligible against dozens of real errors, it leans
+T towards under-confidence when the split has one or two (the safe side for a review flag).
 
 T is optimised in log space (so it stays positive and the search is scale-symmetric) with scipy's bounded
 Brent method on a closed interval. NLL is convex in 1/T, hence unimodal in log T, so a bounded scalar search
