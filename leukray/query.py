@@ -5,9 +5,11 @@ a run by writing its manifest `<output>/_runs/<run_id>.json` last; the manifest'
 files relative to `<output>`. A data file is visible here only when a manifest lists it, so the files of a run
 that crashed before its commit (and anything under `_staging/`) never show up.
 
-No DuckDB extension is loaded (httpfs is not needed): the committed files are opened as one `pyarrow.dataset`
-through the fsspec filesystem from `leukray.storage` (local folder or s3:// on any S3-compatible endpoint) and
-registered in DuckDB as the view `results`, with the hive partition column `run_date` (a `YYYY-MM-DD` string).
+No DuckDB extension is loaded (httpfs is not needed): manifests are read through the fsspec filesystem from
+`leukray.storage`, and the committed files are opened as one `pyarrow.dataset` through Arrow's own filesystem for
+the same location (`storage.arrow_filesystem`: local folder or s3:// on any S3-compatible endpoint; no Python
+callbacks while DuckDB scans) and registered in DuckDB as the view `results`, with the hive partition column
+`run_date` (a `YYYY-MM-DD` string).
 
     >>> r = Results("s3://lab-scores/score", StorageOptions(endpoint_url="http://127.0.0.1:9000"))
     >>> r.sql("SELECT predicted_class, count(*) AS n FROM results GROUP BY ALL").to_pandas()
@@ -326,6 +328,9 @@ class Results:
                 raise QueryError(f"committed data files are missing under {self.output_uri}: {shown}{more}")
         partitioning = ds.partitioning(_PARTITION_SCHEMA, flavor="hive")
         base = self._join("results")
+        # the scan itself goes through Arrow's own filesystem (storage.arrow_filesystem says why); the paths are
+        # the same in both
+        fs, _ = storage.arrow_filesystem(self.output_uri, self.storage)
         try:
             probe = ds.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
                                partition_base_dir=base)

@@ -242,12 +242,11 @@ def already_scored(output: str, opts: StorageOptions | None, model_name: str, mo
     """(path, source_version) of committed rows scored by this model name + version."""
     import pyarrow.dataset as pads
 
-    fs, _root = storage.filesystem(output, opts)
     files = [f for m in read_manifests(output, opts)
              if m.get("model_name") == model_name and m.get("model_version") == model_version for f in m["_files"]]
     if not files:
         return pa.table({"path": pa.array([], pa.string()), "source_version": pa.array([], pa.string())})
-    fs.invalidate_cache()
+    fs, _root = storage.arrow_filesystem(output, opts)  # Arrow's own S3 client: no Python in the read path
     d = pads.dataset(files, filesystem=fs, format="parquet")
     return d.to_table(columns=["path", "source_version"])
 

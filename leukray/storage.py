@@ -65,6 +65,33 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
 
 
+def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a local path or s3:// URI: Arrow's own C++ filesystems.
+
+    For pyarrow datasets that another engine scans (DuckDB): an fsspec filesystem there is called back through
+    Python from Arrow's IO threads, and with DuckDB holding the GIL on the scanning thread that can deadlock
+    (seen here: a query over s3:// hung forever under CPU load). Arrow's S3 client needs no GIL."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), filesystem(uri, options)[1]
+    kw = s3_kwargs(options)
+    args: dict[str, Any] = {"anonymous": bool(kw.get("anon"))}
+    endpoint = kw.get("endpoint_url")
+    if endpoint:
+        scheme, sep, rest = endpoint.partition("://")
+        args["endpoint_override"] = rest.rstrip("/") if sep else endpoint.rstrip("/")
+        args["scheme"] = scheme if sep else "https"
+    region = kw.get("client_kwargs", {}).get("region_name")
+    if region:
+        args["region"] = region
+    if "key" in kw:
+        args["access_key"] = kw["key"]
+    if "secret" in kw:
+        args["secret_key"] = kw["secret"]
+    return pafs.S3FileSystem(**args), uri.split("://", 1)[1].rstrip("/")
+
+
 def join(uri: str, *parts: str) -> str:
     if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
