@@ -48,6 +48,10 @@ def test_outputs_written(trained):
     assert card["config"]["image_size"] == 48
     assert len(card["split_manifest_hash"]) == 16
     assert card["temperature"] > 0
+    val = card["metrics"]["val"]
+    cal = card["calibration"]
+    assert cal["split"] == "val" and cal["n"] == val["n"]
+    assert cal["errors"] == val["n"] - int(np.trace(np.array(val["confusion_matrix"])))
 
 
 def test_package_loads_and_predicts_like_training(trained, bigger_data):
