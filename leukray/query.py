@@ -330,15 +330,15 @@ class Results:
         base = self._join("results")
         # the scan itself goes through Arrow's own filesystem (storage.arrow_filesystem says why); the paths are
         # the same in both
-        fs, _ = storage.arrow_filesystem(self.output_uri, self.storage)
+        arrow_fs, _ = storage.arrow_filesystem(self.output_uri, self.storage)
         try:
-            probe = ds.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
+            probe = ds.dataset(files, filesystem=arrow_fs, format="parquet", partitioning=partitioning,
                                partition_base_dir=base)
             schema = RESULTS_SCHEMA
             extra = [f for f in probe.schema if f.name not in RESULTS_SCHEMA.names]
             if extra:
                 schema = pa.schema(list(RESULTS_SCHEMA) + extra)
-            return ds.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
+            return ds.dataset(files, filesystem=arrow_fs, format="parquet", partitioning=partitioning,
                               partition_base_dir=base, schema=schema)
         except (pa.ArrowInvalid, OSError) as err:
             raise QueryError(f"cannot open the scoring outputs under {self.output_uri}: {err}") from None
