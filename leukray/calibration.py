@@ -27,9 +27,12 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-__all__ = ["TEMPERATURE_BOUNDS", "fit_temperature", "nll_with_temperature", "softmax_with_temperature"]
+__all__ = ["FIT_DESCRIPTION", "TEMPERATURE_BOUNDS", "fit_temperature", "nll_with_temperature", "softmax_with_temperature"]
 
 log = logging.getLogger(__name__)
+
+FIT_DESCRIPTION = "cross-entropy against rule-of-succession targets (leukray.calibration)"
+"""How `fit_temperature` fits T, as model cards record it."""
 
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
 """Sane range for T: outside it the validation set is degenerate (e.g. all correct, or labels unrelated)."""

@@ -413,7 +413,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     import datetime as dt
 
     from . import storage as st
-    from .calibration import fit_temperature, nll_with_temperature
+    from .calibration import FIT_DESCRIPTION, fit_temperature, nll_with_temperature
     from .registry import CARD, load_package
     from .train import select_device
 
@@ -435,7 +435,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         "n": len(data.paths), "errors": int((logits.argmax(1) != data.labels).sum()),
         "data": data_uri, "split": data.split, "split_source": data.split_source, "backend": backend_name,
         "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "fit": "cross-entropy against rule-of-succession targets (leukray.calibration)",
+        "fit": FIT_DESCRIPTION,
     }
     card = dict(pkg.card, temperature=temperature, calibration=summary)
     fs, path = st.filesystem(pkg.uri, storage)

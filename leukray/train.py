@@ -343,7 +343,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
 def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult, out_dir: str,
                          name: str = "leukray-mobilenetv2", extra_card: dict[str, Any] | None = None) -> dict[str, Any]:
     """Calibrate on val, measure on the untouched test split, write plots, metrics and a model package."""
-    from .calibration import fit_temperature, softmax_with_temperature
+    from .calibration import FIT_DESCRIPTION, fit_temperature, softmax_with_temperature
     from .metrics import classification_metrics
     from .plots import plot_confusion_matrix, plot_curves
 
@@ -366,7 +366,7 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
         "temperature": temperature,
         "calibration": {"split": "val", "n": int(len(val_idx)),
                         "errors": int((val_logits.argmax(1) != data.labels[val_idx]).sum()),
-                        "fit": "cross-entropy against rule-of-succession targets (leukray.calibration)"},
+                        "fit": FIT_DESCRIPTION},
         "metrics": {"val": val_metrics, "test": test_metrics},
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "class_counts": data.class_counts("train"),
