@@ -117,7 +117,7 @@ def run_one(recipe: str, seed: int, a: argparse.Namespace, data: str, weights: s
         with open(os.path.join(out, "history.json")) as fh:
             hist = json.load(fh)
         t = card["metrics"]["test"]
-        rec["train"] = {"test_accuracy": t["accuracy"], "test_macro_f1": t["macro"]["f1"],
+        rec["train"] = {"test_accuracy": t["accuracy"], "test_macro_f1": t["macro"]["f1"], "tta": card.get("tta", "none"),
                         "temperature": card["temperature"], "best_epoch": card["best_epoch"],
                         "epochs_run": card["epochs_run"], "val_accuracy": card["metrics"]["val"]["accuracy"],
                         "epoch_time_s": [round(h["epoch_time_s"], 2) for h in hist],
@@ -125,7 +125,7 @@ def run_one(recipe: str, seed: int, a: argparse.Namespace, data: str, weights: s
     if os.path.exists(ev_path):
         with open(ev_path) as fh:
             ev = json.load(fh)
-        rec["eval"] = {k: ev[k] for k in ("accuracy", "macro_f1", "n", "wall_time_s")}
+        rec["eval"] = {k: ev.get(k) for k in ("accuracy", "macro_f1", "n", "wall_time_s", "tta")}
         rec["eval"].update({"ece": ev["metrics"]["ece"], "benign_vs_malignant": ev["metrics"].get("benign_vs_malignant"),
                             "review": ev["review"]})
         if "robustness" in ev:

@@ -5,17 +5,19 @@
                   decodes and scores with the shipped CPU backend, Parquet write, commit; actor start-up included)
                   on a local Ray started beforehand; score_first_rows_s = start-up until the first rows,
                   score_steady_ips = the rate after that
-  plain_torch_ips a plain PyTorch DataLoader loop (decode_image in 2 workers, the same package's torch model fp32)
+  plain_torch_ips a plain PyTorch DataLoader loop (decode_image in 2 workers, the same package's torch model fp32,
+                  once per test-time view as the scoring run)
   model_only_ips  the model alone on pre-decoded uint8 tensors with the shipped backend and precision (the same
                   actor class); on those images also the largest calibrated-probability difference and the class
                   agreement against the package's PyTorch fp32 model (meaningful with --model, a trained package)
 then the scoring job again at factor x N (hard links of the same files under other names), each with the peak RSS
 of the whole process tree (this driver + raylet + gcs + every Ray worker; psutil, sampled every 0.1 s).
+All three run the test-time augmentation the scoring run resolved (`--set tta=none` for one view; `tta` in the JSON).
 The three measurements at N run back to back; `loadavg_before` has the 1-minute load average before each (the
 machine is shared: compare numbers only within one run). Prints one JSON object.
 
     .venv/bin/python bench/score_throughput.py [--n 4000] [--factor 10] [--data ../shared/data/taleqani-all]
-        [--model runs/taleqani/] [--set cpu_precision=f32] [--set backend=onnx]
+        [--model runs/taleqani/] [--set cpu_precision=f32] [--set backend=onnx] [--set tta=none]
 """
 
 from __future__ import annotations
@@ -109,11 +111,12 @@ def link_copies(files: list[Path], folder: Path, factor: int) -> None:
             os.link(p, d / p.name)
 
 
-def plain_torch(files: list[Path], pkg, batch_size: int, workers: int) -> float:
+def plain_torch(files: list[Path], pkg, batch_size: int, workers: int, tta: str) -> float:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
     from leukray.images import decode_image
+    from leukray.tta import views
 
     class Files(Dataset):
         def __len__(self):
@@ -128,7 +131,8 @@ def plain_torch(files: list[Path], pkg, batch_size: int, workers: int) -> float:
     t = time.perf_counter()
     with torch.inference_mode():
         for x in loader:
-            model(x.float())
+            for v in views(x.permute(0, 2, 3, 1).numpy(), tta):
+                model(torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).float())
             n += len(x)
     return n / (time.perf_counter() - t)
 
@@ -151,7 +155,7 @@ def trained_package(work: Path) -> Path:
     return pkg
 
 
-def model_only(files: list[Path], package_dir: str, batch_size: int, backend: str, precision: str
+def model_only(files: list[Path], package_dir: str, batch_size: int, backend: str, precision: str, tta: str
                ) -> tuple[float, dict]:
     """Model-alone throughput of the shipped backend, and how its calibrated probabilities compare with the
     package's PyTorch fp32 model on the same images."""
@@ -162,20 +166,23 @@ def model_only(files: list[Path], package_dir: str, batch_size: int, backend: st
     from leukray import registry
     from leukray.images import decode_image
     from leukray.score import _Scorer, default_threads, softmax_t
+    from leukray.tta import tta_logits
 
     pkg = registry.load_package(package_dir)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in files])
     scorer = _Scorer(package_dir, None, "cpu", backend, default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc),
-                     precision)
+                     precision, tta=tta)
     scorer.logits(x[:batch_size])  # warm-up
     t = time.perf_counter()
     logits = [scorer.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     ips = len(x) / (time.perf_counter() - t)
     got = softmax_t(np.concatenate(logits), pkg.temperature)
-    with torch.inference_mode():
-        ref = np.concatenate([softmax_t(pkg.model.eval()(torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2)
-                                                         .float()).numpy(), pkg.temperature)
-                              for i in range(0, len(x), batch_size)])
+    def torch_logits(b: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return pkg.model.eval()(torch.from_numpy(b).permute(0, 3, 1, 2).float()).numpy()
+
+    ref = np.concatenate([softmax_t(tta_logits(torch_logits, x[i:i + batch_size], tta), pkg.temperature)
+                          for i in range(0, len(x), batch_size)])
     agree = {"prob_max_abs_diff_vs_torch": float(np.abs(got - ref).max()),
              "class_agreement_vs_torch": float((got.argmax(1) == ref.argmax(1)).mean()),
              "agreement_images": len(x),
@@ -243,6 +250,7 @@ def main() -> int:
 
     load = {"score": os.getloadavg()[0]}
     score_ips, rss_n, m_n = score_job(str(base), str(out_n), str(pkg_dir), args.batch_size, extra)
+    tta = m_n["execution"]["tta"]
     load["model_only"] = os.getloadavg()[0]
     cfg = ScoreConfig(input="-", output="-", model="-", **extra)
     # In its own process: OpenVINO's thread pool and torch's forked DataLoader workers do not mix in one process.
@@ -251,9 +259,9 @@ def main() -> int:
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         model_ips, agreement = ex.submit(model_only, files[: min(len(files), 512)], str(pkg_dir), args.batch_size,
-                                         m_n["execution"]["backend"], cfg.cpu_precision).result()
+                                         m_n["execution"]["backend"], cfg.cpu_precision, tta).result()
     load["plain"] = os.getloadavg()[0]
-    plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers)
+    plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers, tta)
     tp = m_n["throughput"]
     result = {
         "images": len(files),
@@ -267,6 +275,7 @@ def main() -> int:
         "peak_rss_mb": rss_n,
         "backend": m_n["execution"]["backend"],
         "precision": m_n["execution"]["precision"],
+        "tta": tta,
         "batch_size": args.batch_size,
         "model": str(args.model or "224 px, 6 epochs on generated smears"),
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in agreement.items()},

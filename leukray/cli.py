@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .config import ConfigError, load_config
+from .tta import TTA_CHOICES
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -53,10 +54,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
                       robustness=args.robustness, seed=args.seed, batch_size=args.batch_size,
                       split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device,
-                      backend=args.backend)
+                      backend=args.backend, tta=args.tta)
     summary = {"out": args.out, "model": report["model"]["name"], "version": report["model"]["version"],
                "split": report["split"], "n": report["n"], "accuracy": report["accuracy"],
-               "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"],
+               "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"], "tta": report["tta"],
                "review": {k: report["review"][k] for k in ("threshold", "flagged_fraction", "errors_caught_fraction")}}
     if "robustness" in report:
         w = report["robustness"]["worst"]
@@ -72,7 +73,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     summary = calibrate(args.model, args.data, args.out, split=args.split,
                         storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
                         batch_size=args.batch_size, split_manifest=args.split_manifest, device=args.device,
-                        backend=args.backend)
+                        backend=args.backend, tta=args.tta)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -109,6 +110,8 @@ def _package_on_data_arguments(p: argparse.ArgumentParser, out_help: str, split:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                    help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
+    p.add_argument("--tta", default="package", choices=list(TTA_CHOICES),
+                   help="test-time augmentation: the package's mode (default, card `tta`) or none | flips4 | dihedral8")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
 
 

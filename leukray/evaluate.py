@@ -32,6 +32,7 @@ import torch
 from . import storage
 from .config import StorageOptions
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
+from .tta import package_tta, resolve_tta, with_tta
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
 REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
@@ -303,10 +304,11 @@ def _sample_indices(correct: np.ndarray, n: int, seed: int) -> np.ndarray:
 def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
              storage: StorageOptions | None = None, robustness: bool = False, seed: int = 0,
              batch_size: int = 64, split_manifest: str | None = None, review_threshold: float | None = None,
-             device: str = "auto", plots: bool = True, backend: str = "auto") -> dict[str, Any]:
+             device: str = "auto", plots: bool = True, backend: str = "auto", tta: str = "package") -> dict[str, Any]:
     """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
     (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
-    robustness.csv to out_dir. `seed` fixes the random perturbations and the sample grid.
+    robustness.csv to out_dir. `seed` fixes the random perturbations and the sample grid. `tta`: the package's
+    test-time augmentation (`package`) or another mode (`leukray.tta`); the robustness suite runs with it too.
 
     Returns the report written to `<out_dir>/evaluation.json`."""
     from . import storage as st
@@ -321,12 +323,17 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pkg = load_package(model_ref, storage)
     classes = pkg.classes
+    tta_mode = resolve_tta(tta, pkg.card)
     data = load_eval_data(data_uri, classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     n = len(data.paths)
     log(f"evaluate: {pkg.name} {pkg.version} on {n} image(s) of {data_uri} ({data.split_source})")
 
     dev = select_device(device)
     predict, backend_name = make_predictor(pkg, dev, batch_size, backend, storage)
+    predict = with_tta(predict, tta_mode)
+    if tta_mode != package_tta(pkg.card):
+        log(f"evaluate: tta={tta_mode}, but the package's temperature was fitted with tta={package_tta(pkg.card)}: "
+            f"confidences may be off (refit: leukray calibrate --tta {tta_mode})")
     logits = predict(data.images)
     probs = softmax_with_temperature(logits, pkg.temperature)
     pred = probs.argmax(1)
@@ -361,6 +368,8 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         "review": {"threshold": threshold, "threshold_source": threshold_source, **at, "tradeoff": table},
         "seed": int(seed),
         "backend": backend_name,
+        "tta": tta_mode,
+        "tta_package": package_tta(pkg.card),
     }
 
     rob = None
@@ -402,14 +411,15 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
 
 def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", storage: StorageOptions | None = None,
               batch_size: int = 64, split_manifest: str | None = None, device: str = "auto",
-              backend: str = "auto") -> dict[str, Any]:
+              backend: str = "auto", tta: str = "package") -> dict[str, Any]:
     """Refit a package's temperature on labelled images and write the package, with the new card, to out_dir.
 
     Why: a lab's own images (stain, camera) shift confidences; refitting T on a labelled sample of them makes
     `confidence` and `needs_review` mean what they say there. Default split `val`: the training split's val rows
     when the package's manifest covers the data, else every image. The weights and ONNX graph are copied
     unchanged (the argmax, so accuracy, cannot move); the card records the old temperature and where the new one
-    was fitted."""
+    was fitted. `tta`: fit for another test-time augmentation mode (e.g. `none` for a package that scores
+    8× faster); the new card's `tta` is that mode."""
     import datetime as dt
 
     from . import storage as st
@@ -424,12 +434,15 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                                       and os.path.abspath(out_dir) == os.path.abspath(pkg.uri)):
         raise ValueError(f"--out {out_dir} is the package itself; write the recalibrated package to a new folder "
                          "(a package, once written or published, is never changed in place)")
+    tta_before = package_tta(pkg.card)
+    tta_mode = resolve_tta(tta, pkg.card)
     data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     predict, backend_name = make_predictor(pkg, select_device(device), batch_size, backend, storage)
-    logits = predict(data.images)
+    logits = with_tta(predict, tta_mode)(data.images)
     temperature = fit_temperature(logits, data.labels)
     summary = {
         "temperature_before": pkg.temperature, "temperature": temperature,
+        "tta_before": tta_before, "tta": tta_mode,
         "nll_before": nll_with_temperature(logits, data.labels, pkg.temperature),
         "nll": nll_with_temperature(logits, data.labels, temperature),
         "n": len(data.paths), "errors": int((logits.argmax(1) != data.labels).sum()),
@@ -437,7 +450,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "fit": FIT_DESCRIPTION,
     }
-    card = dict(pkg.card, temperature=temperature, calibration=summary)
+    card = dict(pkg.card, temperature=temperature, tta=tta_mode, calibration=summary)
     fs, path = st.filesystem(pkg.uri, storage)
     with tempfile.TemporaryDirectory() as tmp:
         for entry in fs.ls(path, detail=True):
@@ -446,6 +459,6 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                 fs.get_file(entry["name"], os.path.join(tmp, name))
         st.write_json(os.path.join(tmp, CARD), card)
         st.upload_dir(tmp, out_dir, storage)
-    log(f"calibrate: T {pkg.temperature:.4g} → {temperature:.4g} on {summary['n']} image(s) of {data_uri} "
+    log(f"calibrate: T {pkg.temperature:.4g} → {temperature:.4g} (tta {tta_before} → {tta_mode}) on {summary['n']} image(s) of {data_uri} "
         f"({data.split}, {summary['errors']} error(s)); NLL {summary['nll_before']:.4f} → {summary['nll']:.4f}  → {out_dir}")
     return {"out": out_dir, **summary}

@@ -38,6 +38,7 @@ from . import CLASSES, storage
 from .config import ConfigError, StorageOptions, StrictModel, dump_config
 from .images import ImageDecodeError, decode_image, is_image_name
 from .query import RESULTS_SCHEMA, prob_column
+from .tta import TTA_VIEWS, check_tta, package_tta, resolve_tta, tta_logits
 
 FILE_SCHEMA = pa.schema([f for f in RESULTS_SCHEMA if f.name != "run_date"])
 """Columns stored in each data file; `run_date` lives in the hive partition path."""
@@ -93,6 +94,10 @@ class ScoreConfig(StrictModel):
     small requests keep MobileNetV2's activations in cache (2 was fastest on the 2-core machine, docs/scoring.md)."""
     decode_threads: int = 2
     """Read+decode threads per model actor (PIL releases the GIL); they decode the next batch while the model runs."""
+    tta: Literal["package", "none", "flips4", "dihedral8"] = "package"
+    """Test-time augmentation (`leukray.tta`): package = the mode the model's temperature was fitted with (card
+    `tta`; the default recipe ships dihedral8: 8 forward passes per image); none = one pass, 8x less model time,
+    with the package's temperature (refit it with `leukray calibrate --tta none` for calibrated confidences)."""
     review_threshold: float = 0.8
     """needs_review = calibrated confidence < review_threshold (`leukray evaluate` reports what it catches)."""
     max_file_bytes: int = 256 * 1024 * 1024
@@ -414,8 +419,9 @@ class _Scorer:
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
                  review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32",
                  num_actors: int = 1, max_file_bytes: int = 256 * 1024 * 1024, decode_batch_size: int = 16,
-                 decode_threads: int = 2, request_images: int = 2):
+                 decode_threads: int = 2, request_images: int = 2, tta: str = "none"):
         threads = threads or default_threads(num_actors)  # CPUs of the node the actor runs on
+        self.tta = check_tta(tta)
         card = storage.read_json(storage.join(package_uri, CARD), opts)
         self.classes = list(card["classes"])
         self.temperature = float(card.get("temperature") or 1.0)
@@ -461,15 +467,19 @@ class _Scorer:
             self.model = pkg.model.to(self.dev).to(memory_format=torch.channels_last).eval()
 
     def logits(self, images_nhwc: np.ndarray) -> np.ndarray:
-        if self.backend == "onnx":
-            x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
-            return self.session.run(None, {self.input_name: x})[0]
+        """Calibration-ready logits: the mean over the tta views (one view with tta none)."""
         if self.backend == "openvino":  # uint8 NHWC in: the conversion is part of the compiled graph
             x = np.ascontiguousarray(images_nhwc)
-            logits = self.compiled(x)
+            logits = tta_logits(self.compiled, x, self.tta)
             if self.compiled_f32 is None:
                 return logits
             return self._guard_bf16(x, logits)
+        return tta_logits(self._forward, images_nhwc, self.tta)
+
+    def _forward(self, images_nhwc: np.ndarray) -> np.ndarray:
+        if self.backend == "onnx":
+            x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
+            return self.session.run(None, {self.input_name: x})[0]
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(self.dev, non_blocking=True)
@@ -491,7 +501,7 @@ class _Scorer:
         then on every re-scored image. When the first batch needs f32 for most images anyway, the run goes f32."""
         first = self.bf16_error is None
         if first:
-            ref = self.compiled_f32(x)
+            ref = tta_logits(self.compiled_f32, x, self.tta)
             self.bf16_error = float(np.abs(ref - logits).max()) if len(x) else 0.0
         top2 = np.sort(logits, axis=1)[:, -2:]
         need = 2 * BF16_ERROR_SAFETY * self.bf16_error + self.temperature * math.log((logits.shape[1] - 1) / BF16_PROB_TOL)
@@ -506,7 +516,7 @@ class _Scorer:
                 self.compiled, self.compiled_f32 = self.compiled_f32, None
             return ref
         if unsure.any():
-            redo = self.compiled_f32(x[unsure])
+            redo = tta_logits(self.compiled_f32, x[unsure], self.tta)
             self.bf16_error = max(self.bf16_error, float(np.abs(redo - logits[unsure]).max()))
             logits[unsure] = redo
         return logits
@@ -581,7 +591,7 @@ def plan_device(cfg: ScoreConfig) -> tuple[str, str, float]:
 
 
 def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: str, scored_at: dt.datetime,
-                  device: str, backend: str, num_gpus: float, precision: str = "f32"):
+                  device: str, backend: str, num_gpus: float, precision: str = "f32", tta: str = "none"):
     """The Ray Data pipeline: file table → `_Scorer` actors (read + decode + model) → rows (FILE_SCHEMA)."""
     import ray
 
@@ -598,7 +608,7 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: s
     ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
                                                      cfg.review_threshold, run_id, scored_at, precision,
                                                      cfg.num_actors, cfg.max_file_bytes, cfg.decode_batch_size,
-                                                     cfg.decode_threads, cfg.cpu_request_images),
+                                                     cfg.decode_threads, cfg.cpu_request_images, tta),
                         batch_size=cfg.batch_size, batch_format="pyarrow", compute=pool,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
     return ds
@@ -690,6 +700,10 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     package_uri = registry.resolve(cfg.model, opts)
     card = storage.read_json(storage.join(package_uri, CARD), opts)
     model_name, model_version = card["name"], card["version"]
+    tta = resolve_tta(cfg.tta, card)
+    if tta != package_tta(card):
+        log(f"tta={tta}, but {package_uri} was calibrated with tta={package_tta(card)}: confidences and needs_review "
+            f"use its temperature as it is (refit: leukray calibrate --tta {tta})")
     listing = list_inputs(cfg.input, opts)
     log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
 
@@ -718,10 +732,11 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         else:
             precision_label = precision
         t_pipe = time.perf_counter()
-        log(f"scoring on {device} ({backend} {precision_label}), {cfg.num_actors} actor(s), batch {cfg.batch_size}")
+        log(f"scoring on {device} ({backend} {precision_label}), {cfg.num_actors} actor(s), batch {cfg.batch_size}, "
+            f"tta {tta} ({TTA_VIEWS[tta]} view(s) per image)")
         if not remote_out:
             os.makedirs(staging_dir, exist_ok=True)
-        ds = build_dataset(todo, cfg, package_uri, run_id, started, device, backend, num_gpus, precision)
+        ds = build_dataset(todo, cfg, package_uri, run_id, started, device, backend, num_gpus, precision, tta)
         staged, counts = _write_rows(ds, staging_dir, out_fs, remote_out, run_id, cfg.max_rows_per_file)
         if counts["rows"] != todo.num_rows:
             raise ScoreError(f"run {run_id}: {counts['rows']} rows for {todo.num_rows} input files; not committed")
@@ -756,7 +771,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         "throughput": {"images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else 0.0,
                        "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3),
                        "first_rows_s": counts["first_rows_s"]},
-        "execution": {"device": device, "backend": backend, "precision": precision_label, "num_actors": cfg.num_actors},
+        "execution": {"device": device, "backend": backend, "precision": precision_label, "num_actors": cfg.num_actors,
+                      "tta": tta},
         "config": dump_config(cfg),
     }
     storage.write_json(storage.join(cfg.output, "_runs", f"{run_id}.json"), manifest, opts)  # the commit

@@ -31,6 +31,7 @@ from .data import DataError, cached_decode, content_hash, list_labelled_folder, 
 from .model import LeukNet, ModelConfig, build_model
 from .registry import library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
+from .tta import check_tta, tta_logits
 
 
 class DataConfig(StrictModel):
@@ -73,11 +74,15 @@ class TrainConfig(StrictModel):
     channels_last: bool = True
     num_threads: int | None = None
     eval_batch_size: int = 128
+    tta: str = "dihedral8"
+    """Test-time augmentation the package is calibrated, measured and shipped with (`leukray.tta`): none | flips4 |
+    dihedral8. Epoch-by-epoch validation stays single-view (it only ranks epochs)."""
     storage: StorageOptions = Field(default_factory=StorageOptions)
 
     def model_post_init(self, _: Any) -> None:
         if self.augment not in POLICIES:
             raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
+        check_tta(self.tta)
 
 
 @dataclass
@@ -349,12 +354,17 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
 
     device = next(result.model.parameters()).device
     val_idx, test_idx = data.indices("val"), data.indices("test")
-    val_logits = predict_logits(result.model, np.ascontiguousarray(data.images[val_idx]), device, cfg.eval_batch_size)
+
+    def logits(idx: np.ndarray) -> np.ndarray:
+        return tta_logits(lambda x: predict_logits(result.model, x, device, cfg.eval_batch_size),
+                          np.asarray(data.images[idx]), cfg.tta)
+
+    val_logits = logits(val_idx)
     temperature = float(fit_temperature(val_logits, data.labels[val_idx]))
     val_metrics = classification_metrics(data.labels[val_idx], softmax_with_temperature(val_logits, temperature), CLASSES)
     test_metrics = None
     if len(test_idx):
-        test_logits = predict_logits(result.model, np.ascontiguousarray(data.images[test_idx]), device, cfg.eval_batch_size)
+        test_logits = logits(test_idx)
         test_metrics = classification_metrics(data.labels[test_idx], softmax_with_temperature(test_logits, temperature), CLASSES)
     card = {
         "name": name, "version": "unversioned", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -364,7 +374,8 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
                           "fed as float32 NCHW in [0,255]; the network rescales to [0,1] and ImageNet-normalises",
                           "decoder": "leukray.images.decode_image"},
         "temperature": temperature,
-        "calibration": {"split": "val", "n": int(len(val_idx)),
+        "tta": cfg.tta,
+        "calibration": {"split": "val", "tta": cfg.tta, "n": int(len(val_idx)),
                         "errors": int((val_logits.argmax(1) != data.labels[val_idx]).sum()),
                         "fit": FIT_DESCRIPTION},
         "metrics": {"val": val_metrics, "test": test_metrics},

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"images", "score_ips", "plain_torch_ips", "model_only_ips", "ratio_vs_plain", "peak_rss_mb",
         "peak_rss_mb_10x", "images_10x", "score_ips_10x", "rss_ratio_10x", "prob_max_abs_diff_vs_torch",
-        "class_agreement_vs_torch", "backend", "precision"}
+        "class_agreement_vs_torch", "backend", "precision", "tta"}
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,14 @@ def test_score_benchmark_smoke(package, tmp_path):
                  str(package / "pkg"), "--workdir", str(work))
     assert KEYS <= set(out), KEYS - set(out)
     assert out["images"] == 24 and out["images_10x"] == 48
+    assert out["tta"] == "dihedral8"  # the package's, in all three measurements
     assert out["class_agreement_vs_torch"] == 1.0 and out["prob_max_abs_diff_vs_torch"] < 1e-4
     assert min(out["score_ips"], out["plain_torch_ips"], out["model_only_ips"]) > 0
     # a second run with a smaller N on the same work dir scores exactly N (nothing left over from the first)
     out = _bench("--n", "12", "--factor", "0", "--plain-n", "8", "--batch-size", "8", "--model", str(package / "pkg"),
-                 "--workdir", str(work), "--data", str(package / "data"))
-    assert out["images"] == 12 and "images_10x" not in out
+                 "--workdir", str(work), "--data", str(package / "data"), "--set", "tta=none")
+    assert out["images"] == 12 and "images_10x" not in out and out["tta"] == "none"
+    assert out["class_agreement_vs_torch"] == 1.0 and out["prob_max_abs_diff_vs_torch"] < 1e-4
 
 
 def _load_script(name: str):

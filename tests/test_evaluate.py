@@ -18,6 +18,7 @@ from leukray.images import decode_image
 from leukray.perturb import PERTURBATIONS
 from leukray.registry import RegistryError, load_package
 from leukray.split import load_manifest
+from reference import package_logits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,13 +51,11 @@ def report(package, synth_data, tmp_path_factory):
 
 
 def independent_accuracy(package: Path, data: Path, rel_paths: list[str]) -> float:
-    """Decode the files directly, run the package's torch model, argmax vs the folder labels."""
+    """Decode the files directly, run the package's torch model over its test-time views, argmax vs the labels."""
     pkg = load_package(str(package))
     images = np.stack([decode_image((data / p).read_bytes(), pkg.image_size) for p in rel_paths])
     labels = np.array([pkg.classes.index(canonical_class(p.split("/")[0])) for p in rel_paths])
-    with torch.no_grad():
-        logits = pkg.model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float())
-    return float((logits.argmax(1).numpy() == labels).mean())
+    return float((package_logits(pkg, images).argmax(1) == labels).mean())
 
 
 def test_report_contents(report, package, synth_data):
@@ -77,6 +76,7 @@ def test_report_contents(report, package, synth_data):
     assert r["split"] == "test" and r["n"] == len(test_paths) > 0
     assert r["same_split_as_training"] is True
     assert r["accuracy"] == pytest.approx(independent_accuracy(package, Path(synth_data), test_paths), abs=1e-12)
+    assert r["tta"] == r["tta_package"] == "dihedral8"  # the trainer's default, recorded in the card
 
     cm = np.array(m["confusion_matrix"])
     assert cm.shape == (len(CLASSES), len(CLASSES)) and cm.sum() == r["n"]
@@ -90,6 +90,10 @@ def test_report_contents(report, package, synth_data):
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [row["path"] for row in rows] == test_paths
+    pkg = load_package(str(package))
+    images = np.stack([decode_image((Path(synth_data) / p).read_bytes(), pkg.image_size) for p in test_paths])
+    expected = torch.softmax(torch.from_numpy(package_logits(pkg, images)) / pkg.temperature, 1).max(1).values
+    np.testing.assert_allclose([float(row["confidence"]) for row in rows], expected.numpy(), atol=1e-5, rtol=0)
     assert sum(row["needs_review"] == "True" for row in rows) == rev["n_flagged"]
 
     for png in ("confusion_matrix.png", "reliability.png", "samples.png"):
@@ -134,9 +138,7 @@ def test_openvino_backend_matches_torch(report, package, synth_data, tmp_path):
     rows_o = list(csv.DictReader(open(tmp_path / "ov" / "predictions.csv")))
     assert [x["path"] for x in rows_t] == [x["path"] for x in rows_o]
     images = np.stack([decode_image((Path(synth_data) / x["path"]).read_bytes(), pkg.image_size) for x in rows_t])
-    with torch.no_grad():
-        top2 = torch.softmax(pkg.model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float()) / pkg.temperature,
-                             1).topk(2).values.numpy()
+    top2 = torch.softmax(torch.from_numpy(package_logits(pkg, images)) / pkg.temperature, 1).topk(2).values.numpy()
     for a, b, (p1, p2) in zip(rows_t, rows_o, top2):
         assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-4
         assert a["predicted"] == b["predicted"] or p1 - p2 < 1e-4  # only a tie may go either way
@@ -203,9 +205,7 @@ def val_logits(package: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
     rel = sorted(p for p, s in zip(manifest["path"].to_pylist(), manifest["split"].to_pylist()) if s == "val")
     images = np.stack([decode_image((data / p).read_bytes(), pkg.image_size) for p in rel])
     labels = np.array([pkg.classes.index(canonical_class(p.split("/")[0])) for p in rel])
-    with torch.no_grad():
-        logits = pkg.model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float()).double().numpy()
-    return logits, labels
+    return package_logits(pkg, images), labels
 
 
 def test_calibrate(package, synth_data, tmp_path, capsys):
@@ -241,6 +241,39 @@ def test_calibrate(package, synth_data, tmp_path, capsys):
     assert main(["calibrate", "--model", str(sharp), "--data", str(synth_data), "--out", str(sharp)]) == 2
     assert "is the package itself" in capsys.readouterr().err
     assert json.loads((sharp / "model_card.json").read_text())["temperature"] == 0.05
+
+
+def test_tta_override_and_a_package_calibrated_for_it(package, synth_data, tmp_path, capsys):
+    """`tta none` on a dihedral8 package: one view, the package's temperature, a warning that says how to refit;
+    `calibrate --tta none` writes a package whose temperature is fitted on single-view val logits."""
+    from leukray.calibration import fit_temperature
+    from leukray.cli import main
+
+    pkg = load_package(str(package))
+    r = evaluate(str(package), str(synth_data), str(tmp_path / "e"), plots=False, backend="torch", tta="none")
+    assert r["tta"] == "none" and r["tta_package"] == "dihedral8"
+    assert "leukray calibrate --tta none" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    images = np.stack([decode_image((Path(synth_data) / x["path"]).read_bytes(), pkg.image_size) for x in rows])
+    single = torch.softmax(torch.from_numpy(package_logits(pkg, images, "none")) / pkg.temperature, 1)
+    np.testing.assert_allclose([float(x["confidence"]) for x in rows], single.max(1).values.numpy(), atol=1e-5, rtol=0)
+
+    assert main(["calibrate", "--model", str(package), "--data", str(synth_data), "--out", str(tmp_path / "one"),
+                 "--backend", "torch", "--tta", "none"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tta_before"] == "dihedral8" and out["tta"] == "none"
+    _, labels = val_logits(package, Path(synth_data))
+    manifest = load_manifest(str(package / "split.parquet"))
+    rel = sorted(p for p, s in zip(manifest["path"].to_pylist(), manifest["split"].to_pylist()) if s == "val")
+    val_images = np.stack([decode_image((Path(synth_data) / p).read_bytes(), pkg.image_size) for p in rel])
+    assert out["temperature"] == pytest.approx(fit_temperature(package_logits(pkg, val_images, "none"), labels), rel=1e-3)
+    one = load_package(str(tmp_path / "one"))
+    assert one.card["tta"] == "none" and one.temperature == out["temperature"]
+    again = evaluate(str(tmp_path / "one"), str(synth_data), str(tmp_path / "e2"), plots=False, backend="torch")
+    assert again["tta"] == again["tta_package"] == "none" and again["metrics"]["confusion_matrix"] == r["metrics"]["confusion_matrix"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(package), "--data", str(synth_data), "--out", str(tmp_path / "x"), "--tta", "d8"])
+    assert "invalid choice: 'd8'" in capsys.readouterr().err
 
 
 def test_s3(report, package, synth_data, s3):

@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
+from reference import package_logits  # noqa: E402
 
 from leukray import registry, storage  # noqa: E402
 from leukray.config import ConfigError, StorageOptions, load_config  # noqa: E402
@@ -163,6 +164,7 @@ def test_first_run_one_row_per_file(cluster, loc):
     assert sorted(t["path"].to_pylist()) == sorted(_uri(loc, p) for p in files)
     assert m["counts"]["errors"] == len(BAD) and m["counts"]["scored"] == len(files) - len(BAD)
     assert m["counts"]["skipped"] == 0 and m["throughput"]["images_per_s"] > 0
+    assert m["execution"]["tta"] == "dihedral8"  # `tta: package` → the package's card
     for f in m["files"]:
         assert f.startswith(f"results/run_date={m['run_date']}/{m['run_id']}-") and f.endswith(".parquet")
     assert m["model_version"] == ("v0001" if loc["kind"] == "s3" else m["model_version"])
@@ -192,17 +194,14 @@ def test_first_run_one_row_per_file(cluster, loc):
 
 
 def test_predictions_match_pytorch(loc, package):
-    import torch
-
+    """Rows = the PyTorch model averaged over the package's 8 test-time views, then its temperature."""
     pkg = registry.load_package(package)
     t = _all_rows(loc)
     ok = t.filter(pc.equal(t["status"], "ok")).sort_by("path")
     assert ok.num_rows >= 10
     files = {_uri(loc, p): p for p in _image_files(loc["archive"])}
     x = np.stack([decode_image(files[p].read_bytes(), pkg.image_size) for p in ok["path"].to_pylist()])
-    with torch.inference_mode():
-        logits = pkg.model(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
-    expected = softmax_t(logits, pkg.temperature)
+    expected = softmax_t(package_logits(pkg, x), pkg.temperature)
     got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
     np.testing.assert_allclose(got, expected, atol=PROB_TOL, rtol=0)
     assert ok["predicted_class"].to_pylist() == [pkg.classes[i] for i in expected.argmax(1)]
@@ -307,8 +306,10 @@ def test_config_rejects_unknown_keys(tmp_path):
     load_config(ScoreConfig, REPO / "configs" / "score-smoke.yaml")
 
 
-@pytest.mark.parametrize("backend,precision", [("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16")])
-def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision):
+@pytest.mark.parametrize("backend,precision,tta", [("onnx", "f32", "none"), ("openvino", "f32", "none"),
+                                                   ("openvino", "bf16", "none"), ("onnx", "f32", "flips4"),
+                                                   ("openvino", "bf16", "dihedral8")])
+def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
     """The CPU actor's backends against the PyTorch model on the same decoded images (no Ray): f32 within 1e-4;
     guarded bf16 within the stated BF16_PROB_TOL and the same class (here the guard finds bf16 too coarse for this
     model, as it did for the trained Taleqani models, and scores in f32)."""
@@ -340,12 +341,13 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision):
         torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
         opt.step()
     model.eval()
-    with torch.inference_mode():
-        expected = softmax_t(model(xt).numpy(), 1.0)
+    from types import SimpleNamespace
+
+    expected = softmax_t(package_logits(SimpleNamespace(model=model, card={}), x, tta), 1.0)
     confident = tmp_path / "confident"
     registry.write_package(str(confident), model, card)
     scorer = _Scorer(str(confident), None, "cpu", backend, 2, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc),
-                     precision)
+                     precision, tta=tta)
     first = softmax_t(scorer.logits(x), 1.0)  # with bf16 the first batch also measures bf16's error: all f32
     np.testing.assert_allclose(first, expected, atol=PROB_TOL, rtol=0)
     if bf16:
@@ -384,7 +386,7 @@ def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
     f32 = np.array([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [1.0, 0.9, 0, 0], [0, 0, 30.0, 0]] * 4, np.float32)
     bf16 = f32 + np.float32(0.1) * np.sign(np.arange(f32.size).reshape(f32.shape) % 2 - 0.5).astype(np.float32)
     scorer = _Scorer.__new__(_Scorer)
-    scorer.temperature, scorer.bf16_error, scorer.images, scorer.rechecked = 1.0, None, 0, 0
+    scorer.temperature, scorer.bf16_error, scorer.images, scorer.rechecked, scorer.tta = 1.0, None, 0, 0, "none"
     calls = []
     scorer.compiled_f32 = lambda x: calls.append(len(x)) or f32[x[:, 0, 0, 0]]
     scorer.compiled = None

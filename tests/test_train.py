@@ -51,6 +51,7 @@ def test_outputs_written(trained):
     val = card["metrics"]["val"]
     cal = card["calibration"]
     assert cal["split"] == "val" and cal["n"] == val["n"]
+    assert card["tta"] == cal["tta"] == card["config"]["tta"] == "dihedral8"
     assert cal["errors"] == val["n"] - int(np.trace(np.array(val["confusion_matrix"])))
 
 
@@ -59,9 +60,8 @@ def test_package_loads_and_predicts_like_training(trained, bigger_data):
     pkg = load_package(str(out))
     cfg = _cfg(bigger_data)
     data = prepare_data(cfg, manifest_uri=str(out / "split.parquet"))  # reuses the saved split
-    from leukray.train import predict_logits
-    import torch
-    logits = predict_logits(pkg.model, np.ascontiguousarray(data.images[data.indices("test")]), torch.device("cpu"))
+    from reference import package_logits  # the card's test metrics are over the 8 dihedral views
+    logits = package_logits(pkg, np.ascontiguousarray(data.images[data.indices("test")]))
     acc = float((logits.argmax(1) == data.labels[data.indices("test")]).mean())
     assert acc == pytest.approx(card["metrics"]["test"]["accuracy"])
 
