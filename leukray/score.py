@@ -38,7 +38,7 @@ from . import CLASSES, storage
 from .config import ConfigError, StorageOptions, StrictModel, dump_config
 from .images import ImageDecodeError, decode_image, is_image_name
 from .query import RESULTS_SCHEMA, prob_column
-from .tta import TTA_VIEWS, check_tta, package_tta, resolve_tta, tta_logits
+from .tta import TTA_VIEWS, check_tta, package_tta, resolve_tta, torch_views, tta_logits
 
 FILE_SCHEMA = pa.schema([f for f in RESULTS_SCHEMA if f.name != "run_date"])
 """Columns stored in each data file; `run_date` lives in the hive partition path."""
@@ -474,22 +474,27 @@ class _Scorer:
             if self.compiled_f32 is None:
                 return logits
             return self._guard_bf16(x, logits)
-        return tta_logits(self._forward, images_nhwc, self.tta)
-
-    def _forward(self, images_nhwc: np.ndarray) -> np.ndarray:
         if self.backend == "onnx":
-            x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
-            return self.session.run(None, {self.input_name: x})[0]
+            return tta_logits(self._onnx, images_nhwc, self.tta)
+        return self._torch(images_nhwc)
+
+    def _onnx(self, images_nhwc: np.ndarray) -> np.ndarray:
+        x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def _torch(self, images_nhwc: np.ndarray) -> np.ndarray:
+        """One upload per batch; the test-time views are made on the device."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(self.dev, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
-            if self.dev.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = self.model(x)
-            else:
-                out = self.model(x)
-            return out.float().cpu().numpy()
+            x = x.permute(0, 3, 1, 2).float()
+            total = None
+            for v in torch_views(x, self.tta):
+                v = v.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
+                    out = self.model(v).float()
+                total = out if total is None else total + out
+            return (total / TTA_VIEWS[self.tta]).cpu().numpy()
 
     def _guard_bf16(self, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """bf16 logits → logits within BF16_PROB_TOL of f32's after calibration, with f32's class.

@@ -55,6 +55,16 @@ def views(images_nhwc: np.ndarray, mode: str) -> Iterator[np.ndarray]:
         yield from (t, t[:, :, ::-1], t[:, ::-1], t[:, ::-1, ::-1])
 
 
+def torch_views(x_nchw: Any, mode: str) -> Iterator[Any]:
+    """`views` for a torch NCHW batch already on its device (the GPU scorer uploads each batch once), same order."""
+    n = TTA_VIEWS[check_tta(mode)]
+    flips = (x_nchw, x_nchw.flip(-1), x_nchw.flip(-2), x_nchw.flip((-2, -1)))
+    yield from flips[:n]
+    if n > 4:
+        t = x_nchw.transpose(-1, -2)
+        yield from (t, t.flip(-1), t.flip(-2), t.flip((-2, -1)))
+
+
 def tta_logits(predict: Callable[[np.ndarray], np.ndarray], images_nhwc: np.ndarray, mode: str) -> np.ndarray:
     """Mean logits over the views; `predict` maps a uint8 NHWC batch to (N, K) float logits."""
     if TTA_VIEWS[check_tta(mode)] == 1:

@@ -358,6 +358,20 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
 
 
 
+@pytest.mark.parametrize("tta", ["none", "dihedral8"])
+def test_torch_backend_matches_the_reference(package, tmp_path, tta):
+    """The GPU scorer's path (here on the CPU): one upload, the views made by torch on the device, mean logits."""
+    import datetime as dt
+
+    from leukray.score import _Scorer
+
+    pkg = registry.load_package(package)
+    make_dataset(tmp_path / "d", per_class=2, size=48, seed=8)
+    x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])
+    scorer = _Scorer(package, None, "cpu", "torch", 1, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc), tta=tta)
+    np.testing.assert_allclose(scorer.logits(x), package_logits(pkg, x, tta), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("request_images", [1, 2, 5, 64])
 def test_openvino_requests_put_every_image_back_in_place(package, tmp_path, request_images):
     """A batch cut into requests that run on parallel streams comes back in input order (odd sizes included)."""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from leukray.tta import TTA_VIEWS, package_tta, resolve_tta, tta_logits, views, with_tta
+from leukray.tta import TTA_VIEWS, package_tta, resolve_tta, torch_views, tta_logits, views, with_tta
 
 
 def _image(h: int = 3, w: int = 3) -> np.ndarray:
@@ -22,6 +22,18 @@ def test_flips4_is_identity_mirrors_and_half_turn():
     x = _image(2, 3)  # non-square is fine without the transposed views
     got = [v[0] for v in views(x, "flips4")]
     for g, e in zip(got, (x[0], x[0][:, ::-1], x[0][::-1], np.rot90(x[0], 2, (0, 1)))):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("mode", list(TTA_VIEWS))
+def test_torch_views_are_the_numpy_views_in_the_same_order(mode):
+    import torch
+
+    x = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    got = [v.permute(0, 2, 3, 1).numpy() for v in torch_views(torch.from_numpy(x).permute(0, 3, 1, 2), mode)]
+    expected = list(views(x, mode))
+    assert len(got) == len(expected) == TTA_VIEWS[mode]
+    for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
 
 
