@@ -323,7 +323,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pkg = load_package(model_ref, storage)
     classes = pkg.classes
-    tta_mode = resolve_tta(tta, pkg.card)
+    tta_mode, tta_package = resolve_tta(tta, pkg.card), package_tta(pkg.card)
     data = load_eval_data(data_uri, classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     n = len(data.paths)
     log(f"evaluate: {pkg.name} {pkg.version} on {n} image(s) of {data_uri} ({data.split_source})")
@@ -331,8 +331,8 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     dev = select_device(device)
     predict, backend_name = make_predictor(pkg, dev, batch_size, backend, storage)
     predict = with_tta(predict, tta_mode)
-    if tta_mode != package_tta(pkg.card):
-        log(f"evaluate: tta={tta_mode}, but the package's temperature was fitted with tta={package_tta(pkg.card)}: "
+    if tta_mode != tta_package:
+        log(f"evaluate: tta={tta_mode}, but the package's temperature was fitted with tta={tta_package}: "
             f"confidences may be off (refit: leukray calibrate --tta {tta_mode})")
     logits = predict(data.images)
     probs = softmax_with_temperature(logits, pkg.temperature)
@@ -369,7 +369,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         "seed": int(seed),
         "backend": backend_name,
         "tta": tta_mode,
-        "tta_package": package_tta(pkg.card),
+        "tta_package": tta_package,
     }
 
     rob = None

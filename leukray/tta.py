@@ -4,7 +4,8 @@ Why: a cell in a smear has no up and no handedness, and every recipe trains on r
 what the network says about one orientation of an image is one noisy sample of what it says about the cell.
 Averaging the 8 dihedral views (4 rotations × mirror) removes that noise; the views are exact pixel
 permutations (no resampling). On the Taleqani validation rows it lowered the calibrated NLL of every seed of the
-default recipe and removed the validation errors (README "Results"). The cost is one forward pass per view.
+default recipe and removed its validation errors; it is no free lunch for every network (the study's recipe
+gained an error: README "Results"). The cost is one forward pass per view.
 
 Modes: `none` (1 view), `flips4` (identity, horizontal, vertical, both = 180° rotation), `dihedral8` (those and
 the four transposed views: ±90° rotations and the two diagonal mirrors). A package records the mode its
