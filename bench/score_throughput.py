@@ -116,7 +116,7 @@ def plain_torch(files: list[Path], pkg, batch_size: int, workers: int, tta: str)
     from torch.utils.data import DataLoader, Dataset
 
     from leukray.images import decode_image
-    from leukray.tta import views
+    from leukray.tta import torch_views
 
     class Files(Dataset):
         def __len__(self):
@@ -131,8 +131,8 @@ def plain_torch(files: list[Path], pkg, batch_size: int, workers: int, tta: str)
     t = time.perf_counter()
     with torch.inference_mode():
         for x in loader:
-            for v in views(x.permute(0, 2, 3, 1).numpy(), tta):
-                model(torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).float())
+            for v in torch_views(x.float(), tta):
+                model(v)
             n += len(x)
     return n / (time.perf_counter() - t)
 
