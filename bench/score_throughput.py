@@ -172,9 +172,18 @@ def model_only(files: list[Path], package_dir: str, batch_size: int, backend: st
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in files])
     scorer = _Scorer(package_dir, None, "cpu", backend, default_threads(), 0.7, "bench", dt.datetime.now(dt.timezone.utc),
                      precision, tta=tta)
-    scorer.logits(x[:batch_size])  # warm-up
+    from leukray.ood import split_outputs
+
+    def step(b: np.ndarray) -> np.ndarray:
+        """What the actor does per batch: the model's outputs, then the out-of-distribution guard if any."""
+        logits, features = split_outputs(scorer.outputs(b), len(pkg.classes))
+        if scorer.guard is not None:
+            scorer.guard.scores(logits, features)
+        return logits
+
+    step(x[:batch_size])  # warm-up
     t = time.perf_counter()
-    logits = [scorer.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    logits = [step(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     ips = len(x) / (time.perf_counter() - t)
     got = softmax_t(np.concatenate(logits), pkg.temperature)
     def torch_logits(b: np.ndarray) -> np.ndarray:
@@ -276,6 +285,7 @@ def main() -> int:
         "backend": m_n["execution"]["backend"],
         "precision": m_n["execution"]["precision"],
         "tta": tta,
+        "ood_guard": m_n["execution"].get("ood"),
         "batch_size": args.batch_size,
         "model": str(args.model or "224 px, 6 epochs on generated smears"),
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in agreement.items()},

@@ -6,6 +6,9 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
 - `stain`: study + per-image colour/stain jitter (hue, saturation, brightness, contrast, gamma): labs stain and
   photograph differently.
 - `robust`: stain + camera/compression artefacts (blur, sensor noise, down-/up-scaling, JPEG re-encoding).
+- `lab`: robust + another lab's colour response (`leukray.colour`): white balance and colour cast as per-channel
+  gains and exposure in linear light with clipped highlights, and the amount and balance of the two dyes in
+  optical density. Hue/saturation/brightness jitter alone never shows the network a per-channel gain.
 
 `p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-POLICIES = ("none", "study", "stain", "robust")
+POLICIES = ("none", "study", "stain", "robust", "lab")
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -51,7 +54,9 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     if policy == "study" or p == 0.0:
         return x.clamp_(0, 255)
     y = colour_jitter(x, generator, strength)
-    if policy == "robust":
+    if policy == "lab":
+        y = colour_response(y, generator, strength)
+    if policy in ("robust", "lab"):
         y = camera_artefacts(y, generator, strength)
     if p < 1.0:
         y = torch.where((_rand(x.shape[0], x, generator, 0, 1) < p).view(-1, 1, 1, 1), y, x)
@@ -101,6 +106,23 @@ def colour_jitter(x: torch.Tensor, g: torch.Generator | None, strength: float = 
     return (y * _rand(n, x, g, 1 - 0.3 * s, 1 + 0.3 * s).view(-1, 1, 1, 1)).clamp(0, 1) * 255.0
 
 
+def colour_response(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0) -> torch.Tensor:
+    """Another lab's stain batch and camera, per image: each dye's concentration ×[0.6, 1.6], red and blue gains
+    ×[0.75, 1.33] and green ×[0.85, 1.18] (white balance, colour temperature, colour cast), exposure ×[0.5, 1.7]
+    with clipping, all log-uniform (wider than the suite's severities, so those are inside what was seen)."""
+    from . import colour
+
+    n, s = x.shape[0], strength
+
+    def logu(hi: float) -> torch.Tensor:
+        r = math.log(hi) * s
+        return torch.exp(_rand(n, x, g, -r, r))
+
+    y = colour.stain_concentration(x / 255.0, logu(1.6), logu(1.6))
+    gains = torch.stack([logu(1.33), logu(1.18), logu(1.33)], 1) * logu(1.7).view(-1, 1)
+    return colour.camera_gains(y, gains) * 255.0
+
+
 def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.5) -> torch.Tensor:
     """Each artefact hits a random half of the batch, so clean images stay in the mix."""
     n, _, h, w = x.shape
@@ -135,3 +157,19 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
         x = x.clone()
         x[idx] = torch.stack([o.to(x.device) for o in out]).to(x.dtype)
     return x
+
+
+def augment_images(images_nhwc, policy: str, seed: int, strength: float = 1.0, zoom: float = 1.0,
+                   batch_size: int = 64):
+    """uint8 NHWC images → the same images under `policy` (every image gets the colour/camera part), uint8 NHWC,
+    seeded: what the network saw in training, for the out-of-distribution guard's reference (`leukray.ood`)."""
+    import numpy as np
+
+    check_policy(policy)
+    g = torch.Generator().manual_seed(int(seed))
+    out = np.empty_like(images_nhwc)
+    for i in range(0, len(images_nhwc), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
+        y = augment_batch(x, policy, g, strength, zoom, p=1.0)
+        out[i:i + len(y)] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out

@@ -46,6 +46,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_ood(args: argparse.Namespace) -> int:
+    from .synth import make_ood_folders
+
+    print(make_ood_folders(args.out, source=args.source, per_folder=args.per_folder, size=args.size, seed=args.seed))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import StorageOptions
     from .evaluate import evaluate
@@ -54,14 +61,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
                       robustness=args.robustness, seed=args.seed, batch_size=args.batch_size,
                       split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device,
-                      backend=args.backend, tta=args.tta)
+                      backend=args.backend, tta=args.tta, ood_dirs=args.ood)
     summary = {"out": args.out, "model": report["model"]["name"], "version": report["model"]["version"],
                "split": report["split"], "n": report["n"], "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"], "tta": report["tta"],
-               "review": {k: report["review"][k] for k in ("threshold", "flagged_fraction", "errors_caught_fraction")}}
+               "review": {k: report["review"][k] for k in ("threshold", "flagged_fraction", "errors_caught_fraction",
+                                                           "with_guard")}}
     if "robustness" in report:
-        w = report["robustness"]["worst"]
-        summary["robustness_worst"] = {k: w[k] for k in ("perturbation", "severity", "accuracy", "macro_f1")}
+        rob = report["robustness"]
+        summary["robustness_worst"] = {k: rob["worst"][k] for k in ("perturbation", "severity", "accuracy", "macro_f1")}
+        summary["robustness_most_silent"] = {k: rob["worst_silent"][k] for k in (
+            "perturbation", "severity", "silent_error_rate", "silent_benign_malignant")}
+        summary["robustness_most_flagged"] = {k: rob["max_flagged"][k] for k in (
+            "perturbation", "severity", "flagged_fraction", "ood_fraction")}
+    if "ood_folders" in report:
+        summary["ood_folders"] = report["ood_folders"]["folders"]
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -73,7 +87,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     summary = calibrate(args.model, args.data, args.out, split=args.split,
                         storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
                         batch_size=args.batch_size, split_manifest=args.split_manifest, device=args.device,
-                        backend=args.backend, tta=args.tta)
+                        backend=args.backend, tta=args.tta,
+                        ood={k: v for k, v in (("method", args.ood_method), ("k", args.ood_k),
+                                                ("in_fraction", args.ood_in_fraction),
+                                                ("augmented_copies", args.ood_augmented_copies)) if v is not None})
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -135,15 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duplicates", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
+    so = sub.add_parser("synth-ood", help="generate folders of images that are not in-distribution smears "
+                        "(textures, blank and defocused fields, photographs, other stains, screenshots) for evaluate --ood")
+    so.add_argument("--out", required=True)
+    so.add_argument("--source", help="folder of real smear images for the defocus and other_stain folders "
+                    "(default: generated smears)")
+    so.add_argument("--per-folder", type=int, default=40)
+    so.add_argument("--size", type=int, default=224)
+    so.add_argument("--seed", type=int, default=0)
+    so.set_defaults(func=cmd_synth_ood)
+
     e = sub.add_parser("evaluate", help="evaluate a model package on a labelled folder (metrics, plots, robustness)")
     _package_on_data_arguments(e, "output folder or s3:// URI (evaluation.json, plots, robustness.csv)", "test")
     e.add_argument("--robustness", action="store_true", help="also re-score under every perturbation x severity")
     e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) and the sample grid")
     e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
+    e.add_argument("--ood", nargs="+", metavar="DIR", help="folders of images that are not in-distribution smears: "
+                   "AUROC and flagged fraction of the guard (knn) and of max-softmax per folder")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("calibrate", help="refit a package's temperature on labelled images; write the package to --out")
     _package_on_data_arguments(c, "folder or s3:// URI for the recalibrated package", "val")
+    c.add_argument("--ood-method", choices=["knn", "energy", "msp"], help="guard method (default: the package's, else knn)")
+    c.add_argument("--ood-k", type=int, help="knn: which neighbour (default: the package's, else 10)")
+    c.add_argument("--ood-in-fraction", type=float,
+                   help="fraction of the calibration images counted in distribution (default: the package's, else 0.97)")
+    c.add_argument("--ood-augmented-copies", type=int, help="copies of each training image under the training "
+                   "augmentation in the knn reference (default: the package's, else 1)")
     c.set_defaults(func=cmd_calibrate)
 
     sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → Parquet")

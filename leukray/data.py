@@ -155,3 +155,24 @@ def cached_decode(root: str, rel_paths: list[str], hashes: list[str], image_size
     np.save(tmp, arr)
     os.replace(tmp, cache)
     return np.load(cache, mmap_mode="r")
+
+
+def read_images_folder(root: str, image_size: int,
+                       storage_options: StorageOptions | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every image under `root` (any depth, no labels), decoded (N, S, S, 3) uint8, and the unreadable ones by
+    name: an unlabelled folder (e.g. `leukray evaluate --ood`) loses no image to another's bad file."""
+    fs, base = storage.filesystem(root, storage_options)
+    storage.check_bucket(fs, base, root)
+    if not fs.exists(base):
+        raise DataError(f"image folder not found: {root}")
+    rel = sorted(f[len(base):].lstrip("/") for f in fs.find(base) if is_image_name(f))
+    blobs = read_all(root, rel, storage_options)
+    images, bad = [], []
+    for p, b in zip(rel, blobs):
+        try:
+            images.append(decode_image(b, image_size))
+        except ImageDecodeError as err:
+            bad.append(f"{p}: {err}")
+    if bad:
+        print(f"[leukray] warning: {len(bad)} unreadable image(s) in {root}: {bad[:5]}", file=sys.stderr)
+    return (np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)), bad

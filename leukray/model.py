@@ -1,8 +1,9 @@
 """Where the model is built: ImageNet MobileNetV2 with the study's head, and where its weights come from.
 
-Network: Preprocess (uint8-range → ImageNet-normalised) → MobileNetV2 features → global average pooling →
-dropout → dense(head_width) + ReLU → dropout → dense(num_classes) logits. Softmax is applied by the caller
-(with the calibrated temperature), so the network stays exportable as plain logits.
+Network: Preprocess (uint8-range → optional colour constancy → ImageNet-normalised) → MobileNetV2 features →
+global average pooling → dropout → dense(head_width) + ReLU → dropout → dense(num_classes) logits. Softmax is
+applied by the caller (with the calibrated temperature), so the network stays exportable as plain logits; the
+exported graph also returns the pooled features (`WithFeatures`), which the out-of-distribution guard reads.
 """
 
 from __future__ import annotations
@@ -34,30 +35,59 @@ class ModelConfig(StrictModel):
     dropout: float = 0.2
     head_width: int = 128
     """Width of the hidden dense layer of the head (the study: 128); 0 = a single linear layer."""
+    colour_norm: str = "none"
+    """Colour constancy inside the network, before ImageNet normalisation, so training, evaluation, scoring and
+    the ONNX graph share it: `none`; `grey_world` (each channel scaled so the image's mean colour is a fixed grey);
+    `white_patch` (each channel scaled so the mean of its brightest 10 % of pixels — the smear's background — is
+    white). Both undo a camera's per-channel gains; neither can undo clipped highlights."""
 
 
 class WeightsError(RuntimeError):
     """Pretrained weights cannot be found or do not fit; the message names the source."""
 
 
-class Preprocess(nn.Module):
-    """[0, 255] float NCHW → ImageNet-normalised: part of the network so every runtime (torch, ONNX) agrees."""
+COLOUR_NORMS = ("none", "grey_world", "white_patch")
+WHITE_PATCH_FRACTION = 0.1
+"""white_patch: the brightest fraction of each channel's pixels whose mean is taken as the background's level."""
+GREY_WORLD_LEVEL = 200.0
+"""grey_world: the mean level every channel is scaled to (about the Taleqani images' mean)."""
 
-    def __init__(self) -> None:
+
+def check_colour_norm(name: str) -> str:
+    if name not in COLOUR_NORMS:
+        raise ValueError(f"model.colour_norm={name!r} is not a colour normalisation; allowed: {', '.join(COLOUR_NORMS)}")
+    return name
+
+
+class Preprocess(nn.Module):
+    """[0, 255] float NCHW → (colour constancy) → ImageNet-normalised: part of the network so every runtime
+    (torch, ONNX under ONNX Runtime or OpenVINO) agrees."""
+
+    def __init__(self, colour_norm: str = "none") -> None:
         super().__init__()
+        self.colour_norm = check_colour_norm(colour_norm)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        x = x.float()
+        if self.colour_norm == "grey_world":
+            level = x.mean(dim=(2, 3), keepdim=True)
+            x = (x * (GREY_WORLD_LEVEL / level.clamp_min(1.0))).clamp(0, 255)
+        elif self.colour_norm == "white_patch":
+            n, c, h, w = x.shape
+            k = max(1, int(h * w * WHITE_PATCH_FRACTION))
+            level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
+            x = (x * (255.0 / level.clamp_min(1.0))).clamp(0, 255)
+        return (x - self.mean) / self.std
 
 
 class LeukNet(nn.Module):
-    def __init__(self, num_classes: int, dropout: float, head_width: int) -> None:
+    def __init__(self, num_classes: int, dropout: float, head_width: int, colour_norm: str = "none") -> None:
         super().__init__()
-        self.preprocess = Preprocess()
+        self.preprocess = Preprocess(colour_norm)
         self.features = mobilenet_v2().features
         self.pool = nn.AdaptiveAvgPool2d(1)
         if head_width > 0:
@@ -72,8 +102,23 @@ class LeukNet(nn.Module):
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(FEATURES_DIM, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.preprocess(x))
-        return self.head(torch.flatten(self.pool(x), 1))
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the pooled features they come from (the out-of-distribution guard's input): one pass."""
+        pooled = torch.flatten(self.pool(self.features(self.preprocess(x))), 1)
+        return self.head(pooled), pooled
+
+
+class WithFeatures(nn.Module):
+    """The exported graph: image → (logits, features), two outputs of one forward pass."""
+
+    def __init__(self, model: LeukNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_features(x)
 
 
 def build_model(cfg: ModelConfig, num_classes: int = 4, storage_options: StorageOptions | None = None,
@@ -82,7 +127,7 @@ def build_model(cfg: ModelConfig, num_classes: int = 4, storage_options: Storage
         raise ValueError(f"model.arch={cfg.arch!r} is not supported; allowed: 'mobilenet_v2'")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    model = LeukNet(num_classes, cfg.dropout, cfg.head_width)
+    model = LeukNet(num_classes, cfg.dropout, cfg.head_width, check_colour_norm(cfg.colour_norm))
     if cfg.weights == "none":
         return model
     state, source = load_backbone_weights(cfg.weights, storage_options)

@@ -1,8 +1,10 @@
 """Robustness perturbations for the evaluation suite: stain, focus, sensor and compression shifts.
 
-Smear images vary between labs by staining (hue, saturation), illumination (brightness, contrast), focus
+Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
+response (white balance, colour temperature, a tinted lamp), exposure, illumination (brightness, contrast), focus
 (blur), sensor noise, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
-the same cell covers more or fewer pixels). The evaluator re-scores the test
+the same cell covers more or fewer pixels). The camera and stain families follow the colour model of
+`leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator re-scores the test
 split under each perturbation at graded severities to show how accuracy degrades.
 
 Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray.images.decode_image`
@@ -27,6 +29,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from . import colour
+
 __all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
 
 PERTURBATIONS: dict[str, tuple[float, ...]] = {
@@ -47,6 +51,19 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     # magnification factor: > 1 crops the centre and enlarges it (a stronger objective), < 1 shrinks the image and
     # fills the border by reflection (a weaker one: more field of view)
     "magnification": (0.8, 0.9, 1.1, 1.25),
+    # white balance: red / blue channel gain in linear light (another camera's or lamp's colour response)
+    "red_gain": (0.8, 0.9, 1.1, 1.2),
+    "blue_gain": (0.8, 0.9, 1.1, 1.2),
+    # colour temperature: red ×(1 + s) and blue ×(1 - s) together (s > 0 warmer, s < 0 cooler)
+    "colour_temperature": (-0.2, -0.1, 0.1, 0.2),
+    # colour cast along green-magenta: green gain in linear light (a tinted lamp or filter)
+    "tint": (0.85, 0.93, 1.07, 1.15),
+    # exposure in linear light, highlights clip at white
+    "exposure": (0.6, 0.8, 1.25, 1.5),
+    # stain batch: both dyes' concentration ×factor (weaker / stronger staining)
+    "stain_intensity": (0.6, 0.8, 1.25, 1.5),
+    # stain batch: basic (blue) dye ×(1 + s), eosin ×(1 - s) (a bluer or a pinker stain)
+    "stain_balance": (-0.3, -0.15, 0.15, 0.3),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -59,6 +76,13 @@ IDENTITY: dict[str, float] = {
     "noise": 0.0,
     "scale": 1.0,
     "magnification": 1.0,
+    "red_gain": 1.0,
+    "blue_gain": 1.0,
+    "colour_temperature": 0.0,
+    "tint": 1.0,
+    "exposure": 1.0,
+    "stain_intensity": 1.0,
+    "stain_balance": 0.0,
 }
 """The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
 
@@ -167,6 +191,21 @@ def _magnification(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     return _to_numpy(out)
 
 
+def _colour_op(name: str, low: float, high: float,
+               op: Callable[[torch.Tensor, float], torch.Tensor]) -> Callable[[np.ndarray, float, int], np.ndarray]:
+    """A `leukray.colour` transform at a fixed severity, on uint8 NHWC in and out (rounded to the nearest level)."""
+    def apply(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+        _check_range(name, severity, low, high)
+        x = _to_tensor(batch).to(torch.float32) / 255.0
+        return _to_numpy((op(x, severity) * 255.0).round().clamp(0, 255).to(torch.uint8))
+
+    return apply
+
+
+def _gains(r: float, g: float, b: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: colour.camera_gains(x, torch.tensor([r, g, b], dtype=x.dtype).expand(x.shape[0], 3))
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -177,6 +216,14 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "jpeg": _jpeg,
     "scale": _scale,
     "magnification": _magnification,
+    "red_gain": _colour_op("red_gain", 0.25, 4.0, lambda x, s: _gains(s, 1.0, 1.0)(x)),
+    "blue_gain": _colour_op("blue_gain", 0.25, 4.0, lambda x, s: _gains(1.0, 1.0, s)(x)),
+    "colour_temperature": _colour_op("colour_temperature", -0.75, 0.75, lambda x, s: _gains(1 + s, 1.0, 1 - s)(x)),
+    "tint": _colour_op("tint", 0.25, 4.0, lambda x, s: _gains(1.0, s, 1.0)(x)),
+    "exposure": _colour_op("exposure", 0.1, 10.0, colour.exposure),
+    "stain_intensity": _colour_op("stain_intensity", 0.0, 5.0, lambda x, s: colour.stain_concentration(x, s, s)),
+    "stain_balance": _colour_op("stain_balance", -0.9, 0.9,
+                                lambda x, s: colour.stain_concentration(x, 1 + s, 1 - s)),
 }
 assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 

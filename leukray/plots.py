@@ -21,7 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from leukray.metrics import reliability_bins  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion_matrix", "plot_reliability", "plot_sample_grid"]
+__all__ = ["plot_curves", "plot_confusion_matrix", "plot_reliability", "plot_sample_grid", "plot_ood_scores"]
 
 _OK_COLOR = "#1a7f37"
 _ERR_COLOR = "#d1242f"
@@ -177,5 +177,26 @@ def plot_sample_grid(
         )
     n_wrong = int((true_arr[:count] != pred_arr[:count]).sum())
     fig.suptitle(f"Actual vs predicted ({n_wrong} of {count} wrong, in red)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_ood_scores(scores: Mapping[str, Mapping[str, np.ndarray]], thresholds: Mapping[str, float], path: str,
+                    methods: Sequence[str] = ("knn", "msp")) -> None:
+    """Histograms of out-of-distribution scores, one panel per method: the in-distribution split and each
+    folder, with the package's threshold as a vertical line (right of it = flagged)."""
+    fig = Figure(figsize=(5.5 * len(methods), 4))
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    for ax, method in zip(axes, methods):
+        groups = {name: np.asarray(s[method], dtype=float) for name, s in scores.items()}
+        finite = np.concatenate([g[np.isfinite(g)] for g in groups.values()])
+        edges = np.linspace(finite.min(), finite.max(), 50) if len(finite) else np.linspace(0, 1, 50)
+        for name, g in groups.items():
+            ax.hist(g, bins=edges, alpha=0.5, density=True, label=f"{os.path.basename(name.rstrip('/')) or name} (n={len(g)})")
+        ax.axvline(thresholds[method], color="black", linestyle="--", linewidth=1, label="threshold")
+        ax.set_title(f"{method} score (higher = further from training)")
+        ax.set_xlabel("score")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)

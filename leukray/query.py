@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 RESULTS_VIEW = "results"
+REVIEW_REASONS = ("low_confidence", "out_of_distribution")
+"""What `review_reason` holds, comma-separated when both apply."""
 """Name of the DuckDB view over all committed rows."""
 
 
@@ -73,6 +75,9 @@ RESULTS_SCHEMA = pa.schema(
         ("confidence", pa.float64()),
         *[(prob_column(c), pa.float64()) for c in CLASSES],
         ("needs_review", pa.bool_()),
+        ("ood_score", pa.float64()),
+        ("in_distribution", pa.bool_()),
+        ("review_reason", pa.string()),
         ("model_name", pa.string()),
         ("model_version", pa.string()),
         ("run_id", pa.string()),
@@ -443,6 +448,7 @@ class Results:
             "count(*) FILTER (WHERE status = 'ok') AS ok, "
             "count(*) FILTER (WHERE status <> 'ok' OR status IS NULL) AS errors, "
             "count(*) FILTER (WHERE needs_review) AS needs_review, "
+            "count(*) FILTER (WHERE NOT in_distribution) AS out_of_distribution, "
             f"{class_cols}, "
             "avg(confidence) FILTER (WHERE status = 'ok') AS mean_confidence"
         )
@@ -484,15 +490,22 @@ class Results:
         return merged.sort_by([("run_date", "ascending"), ("run_id", "ascending")])
 
     def review(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
-               limit: int | None = 100, max_confidence: float | None = None) -> pa.Table:
-        """The needs-review queue: ok rows flagged `needs_review`, lowest confidence first (ties by path)."""
+               limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None) -> pa.Table:
+        """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`), lowest confidence first
+        (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`."""
         since, until = _check_date(since, "since"), _check_date(until, "until")
         where, params = _date_where(since, until)
         if max_confidence is not None:
             where += " AND confidence <= ?"
             params.append(float(max_confidence))
+        if reason is not None:
+            if reason not in REVIEW_REASONS:
+                raise QueryError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
+            where += " AND list_contains(string_split(review_reason, ','), ?)"
+            params.append(reason)
         probs = ", ".join(prob_column(c) for c in CLASSES if prob_column(c) in self.columns())
-        sql = (f"SELECT path, confidence, predicted_class, {probs}, run_date, run_id, model_name, model_version, "
+        sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_score, {probs}, run_date, run_id, "
+               f"model_name, model_version, "
                f"scored_at FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
                f"ORDER BY confidence ASC NULLS LAST, path, run_id")
         if limit is not None:
@@ -531,13 +544,17 @@ class Results:
         (with the run's model_version) is used, so a day scored by two models gives one row per model.
         Rows with `source="training"` hold the training proportions (one per model card); rows with
         `source="scored"` one day each, with `tv_distance` (total variation, 0..1), `chi2` and `p_value`
-        (chi-square goodness of fit of the day's counts to the training proportions; df = classes - 1).
+        (chi-square goodness of fit of the day's counts to the training proportions; df = classes - 1), and
+        `ood_rate`: the fraction of the day's rows the out-of-distribution guard flagged (training rows: the
+        validation split's, by construction about 1 - in_fraction; null where the model has no guard). A rising
+        rate says the images changed: another camera, stain, or something that is not a smear.
         """
         since, until = _check_date(since, "since"), _check_date(until, "until")
         where, params = _date_where(since, until)
         counts = self.sql(
-            f"SELECT run_id, run_date, predicted_class, count(*) AS n FROM {RESULTS_VIEW} "
-            f"WHERE status = 'ok' AND predicted_class IS NOT NULL AND {where} GROUP BY ALL",
+            f"SELECT run_id, run_date, predicted_class, count(*) AS n, "
+            f"count(in_distribution) AS guarded, count(*) FILTER (WHERE NOT in_distribution) AS ood "
+            f"FROM {RESULTS_VIEW} WHERE status = 'ok' AND predicted_class IS NOT NULL AND {where} GROUP BY ALL",
             params,
         ).to_pylist()
 
@@ -568,10 +585,14 @@ class Results:
 
         # observed counts per (day, card)
         observed: dict[tuple[str, tuple[str, str | None]], dict[str, int]] = {}
+        guarded: dict[tuple[str, tuple[str, str | None]], list[int]] = {}
         for row in counts:
             k = (row["run_date"], run_card[row["run_id"]])
             observed.setdefault(k, {})
             observed[k][row["predicted_class"]] = observed[k].get(row["predicted_class"], 0) + int(row["n"])
+            g = guarded.setdefault(k, [0, 0])
+            g[0] += int(row["guarded"])
+            g[1] += int(row["ood"])
 
         if not cards and model:
             card_for((model, None))
@@ -591,7 +612,8 @@ class Results:
             total = sum(train.values())
             row = {"source": "training", "run_date": None, "model": _card_label(card), "n": total}
             row.update({c: (train.get(c, 0) / total if total else None) for c in classes})
-            row.update(tv_distance=None, chi2=None, p_value=None)
+            row.update(tv_distance=None, chi2=None, p_value=None,
+                       ood_rate=(card.get("ood") or {}).get("val_flagged_fraction"))
             rows.append(row)
         for (day, key), obs in sorted(observed.items(), key=lambda kv: (kv[0][0], _card_label(card_for(kv[0][1])))):
             card = card_for(key)
@@ -604,12 +626,14 @@ class Results:
             chi2, pval = _chi_square([obs.get(c, 0) for c in classes], [q[c] for c in classes])
             row = {"source": "scored", "run_date": day, "model": _card_label(card), "n": n}
             row.update(p)
-            row.update(tv_distance=tv, chi2=chi2, p_value=pval)
+            g = guarded[(day, key)]
+            row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g[1] / g[0] if g[0] else None)
             rows.append(row)
         schema = pa.schema(
             [("source", pa.string()), ("run_date", pa.string()), ("model", pa.string()), ("n", pa.int64())]
             + [(c, pa.float64()) for c in classes]
-            + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64())]
+            + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64()),
+               ("ood_rate", pa.float64())]
         )
         table = pa.Table.from_pylist(rows, schema=schema)
         if plot:

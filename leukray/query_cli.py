@@ -61,7 +61,10 @@ def add_query_commands(subparsers: Any) -> None:
     s.set_defaults(func=_run_summary)
 
     r = rsub.add_parser("review", parents=[dated], help="needs-review queue, lowest confidence first",
-                        description="Images flagged needs_review, lowest confidence first, with their paths.")
+                        description="Images flagged needs_review (low confidence, out of distribution, or both: "
+                                    "review_reason), lowest confidence first, with their paths.")
+    r.add_argument("--reason", choices=("low_confidence", "out_of_distribution"),
+                   help="only rows flagged for this reason")
     r.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50; 0 = all)")
     r.add_argument("--max-confidence", type=float, default=None, help="only rows at or below this confidence")
     r.set_defaults(func=_run_review)
@@ -139,7 +142,8 @@ def _run_summary(args: argparse.Namespace):
 @_guard
 def _run_review(args: argparse.Namespace):
     with _results(args) as r:
-        return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence)
+        return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence,
+                        reason=args.reason)
 
 
 @_guard

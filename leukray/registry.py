@@ -3,7 +3,9 @@
 Layout (local folder or s3://):
     <registry>/<name>/LATEST                 the newest version, e.g. "v0003" (written last: the commit)
     <registry>/<name>/v0003/model.pt         state_dict
-    <registry>/<name>/v0003/model.onnx       the same network for ONNX Runtime (float32 NCHW [0,255] → logits)
+    <registry>/<name>/v0003/model.onnx       the same network for ONNX Runtime / OpenVINO (float32 NCHW [0,255] →
+                                             logits, pooled features)
+    <registry>/<name>/v0003/ood_reference.npy  the out-of-distribution guard's training features (leukray.ood)
     <registry>/<name>/v0003/model_card.json  classes, preprocessing, temperature, metrics, config, versions
 A reference is a package folder (it has model_card.json) or a model folder (its LATEST names the version).
 """
@@ -25,7 +27,7 @@ import torch
 
 from . import storage
 from .config import StorageOptions
-from .model import LeukNet, ModelConfig, build_model, load_model_state
+from .model import LeukNet, ModelConfig, WithFeatures, build_model, load_model_state
 
 CARD = "model_card.json"
 WEIGHTS = "model.pt"
@@ -76,13 +78,15 @@ def library_versions() -> dict[str, str]:
 
 
 def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
+    """Two outputs of one pass: `logits` (N, K) and `features` (N, 1280), the guard's input."""
     model = model.eval().cpu()
     example = torch.zeros(1, 3, image_size, image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), path, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        torch.onnx.export(WithFeatures(model).eval(), (example,), path, input_names=["image"],
+                          output_names=["logits", "features"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
 
 
 def write_package(local_dir: str, model: LeukNet, card: dict[str, Any]) -> None:
@@ -145,7 +149,8 @@ def load_package(ref: str, storage_options: StorageOptions | None = None, with_m
     card = storage.read_json(storage.join(uri, CARD), storage_options)
     arch = card.get("architecture", {})
     model = build_model(ModelConfig(arch=arch.get("arch", "mobilenet_v2"), weights="none",
-                                    dropout=arch.get("dropout", 0.0), head_width=arch.get("head_width", 128)),
+                                    dropout=arch.get("dropout", 0.0), head_width=arch.get("head_width", 128),
+                                    colour_norm=arch.get("colour_norm", "none")),
                         num_classes=len(card["classes"]))
     if with_model:
         weights_uri = storage.join(uri, WEIGHTS)

@@ -37,6 +37,7 @@ import pyarrow as pa
 from . import CLASSES, storage
 from .config import ConfigError, StorageOptions, StrictModel, dump_config
 from .images import ImageDecodeError, decode_image, is_image_name
+from .ood import load_guard, review_reason, split_outputs
 from .query import RESULTS_SCHEMA, prob_column
 from .tta import TTA_VIEWS, check_tta, package_tta, resolve_tta, torch_views, tta_logits
 
@@ -389,18 +390,23 @@ class OpenVINOModel:
             "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": precision})
         self.request_images = max(1, request_images)
-        self.num_classes = self.compiled.output(0).get_partial_shape()[1].get_length()
+        self.widths = [o.get_partial_shape()[1].get_length() for o in self.compiled.outputs]
+        self.num_classes = self.widths[0]
         self.queue = ov.AsyncInferQueue(self.compiled, threads)
         self._out: np.ndarray | None = None
         self.queue.set_callback(self._done)
 
     def _done(self, request, start: int) -> None:
-        logits = request.get_output_tensor(0).data
-        self._out[start:start + len(logits)] = logits
+        at = 0
+        for i, width in enumerate(self.widths):
+            part = request.get_output_tensor(i).data
+            self._out[start:start + len(part), at:at + width] = part
+            at += width
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 → (N, K) float32 logits; one call at a time (the actor's model lock)."""
-        self._out = out = np.empty((len(x), self.num_classes), np.float32)
+        """(N, S, S, 3) uint8 → (N, K + D) float32 outputs (logits, then the pooled features when the graph has
+        them: `leukray.ood.split_outputs`); one call at a time (the actor's model lock)."""
+        self._out = out = np.empty((len(x), sum(self.widths)), np.float32)
         for start in range(0, len(x), self.request_images):
             self.queue.start_async({0: np.ascontiguousarray(x[start:start + self.request_images])}, start)
         self.queue.wait_all()
@@ -465,9 +471,17 @@ class _Scorer:
             self.torch = torch
             self.dev = torch.device("cuda" if device == "cuda" else "cpu")
             self.model = pkg.model.to(self.dev).to(memory_format=torch.channels_last).eval()
+        # the out-of-distribution guard (None: a package from before it, or a graph without the features output)
+        self.guard = load_guard(package_uri, card, opts)
+        if backend in ("onnx", "openvino") and self.guard is not None:
+            widths = (self.compiled.widths if backend == "openvino"
+                      else [o.shape[1] for o in self.session.get_outputs()])
+            if len(widths) < 2:
+                self.guard = None
 
-    def logits(self, images_nhwc: np.ndarray) -> np.ndarray:
-        """Calibration-ready logits: the mean over the tta views (one view with tta none)."""
+    def outputs(self, images_nhwc: np.ndarray) -> np.ndarray:
+        """Calibration-ready logits and the pooled features (`leukray.ood.split_outputs`): the mean over the tta
+        views (one view with tta none)."""
         if self.backend == "openvino":  # uint8 NHWC in: the conversion is part of the compiled graph
             x = np.ascontiguousarray(images_nhwc)
             logits = tta_logits(self.compiled, x, self.tta)
@@ -480,7 +494,7 @@ class _Scorer:
 
     def _onnx(self, images_nhwc: np.ndarray) -> np.ndarray:
         x = images_nhwc.transpose(0, 3, 1, 2).astype(np.float32)  # model contract: float32 NCHW in [0, 255]
-        return self.session.run(None, {self.input_name: x})[0]
+        return np.concatenate(self.session.run(None, {self.input_name: x}), axis=1)
 
     def _torch(self, images_nhwc: np.ndarray) -> np.ndarray:
         """One upload per batch; the test-time views are made on the device."""
@@ -492,7 +506,7 @@ class _Scorer:
             for v in torch_views(x, self.tta):
                 v = v.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
-                    out = self.model(v).float()
+                    out = torch.cat(self.model.forward_with_features(v), 1).float()
                 total = out if total is None else total + out
             return (total / TTA_VIEWS[self.tta]).cpu().numpy()
 
@@ -504,12 +518,13 @@ class _Scorer:
         probability moves by more than tol and the class cannot change. Images below that margin are scored again
         in f32. E is BF16_ERROR_SAFETY x the largest error measured: on the whole first batch (scored both ways),
         then on every re-scored image. When the first batch needs f32 for most images anyway, the run goes f32."""
+        k = len(self.classes)
         first = self.bf16_error is None
         if first:
             ref = tta_logits(self.compiled_f32, x, self.tta)
-            self.bf16_error = float(np.abs(ref - logits).max()) if len(x) else 0.0
-        top2 = np.sort(logits, axis=1)[:, -2:]
-        need = 2 * BF16_ERROR_SAFETY * self.bf16_error + self.temperature * math.log((logits.shape[1] - 1) / BF16_PROB_TOL)
+            self.bf16_error = float(np.abs(ref[:, :k] - logits[:, :k]).max()) if len(x) else 0.0
+        top2 = np.sort(logits[:, :k], axis=1)[:, -2:]
+        need = 2 * BF16_ERROR_SAFETY * self.bf16_error + self.temperature * math.log((k - 1) / BF16_PROB_TOL)
         unsure = (top2[:, 1] - top2[:, 0]) < need
         self.images += len(x)
         self.rechecked += int(unsure.sum())
@@ -522,7 +537,7 @@ class _Scorer:
             return ref
         if unsure.any():
             redo = tta_logits(self.compiled_f32, x[unsure], self.tta)
-            self.bf16_error = max(self.bf16_error, float(np.abs(redo - logits[unsure]).max()))
+            self.bf16_error = max(self.bf16_error, float(np.abs(redo[:, :k] - logits[unsure, :k]).max()))
             logits[unsure] = redo
         return logits
 
@@ -542,10 +557,13 @@ class _Scorer:
         ok = np.array([e == "" for e in errors], dtype=bool)
         k = len(self.classes)
         probs = np.full((n, k), np.nan)
+        ood_score = np.full(n, np.nan)
         if ok.any():
             with self.model_lock:
-                logits = self.logits(images[ok])
+                logits, features = split_outputs(self.outputs(images[ok]), k)
             probs[ok] = softmax_t(logits, self.temperature)
+            if self.guard is not None:
+                ood_score[ok] = self.guard.scores(logits, features)
         top = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
         conf = np.where(ok, probs.max(axis=1, initial=-1.0) if n else np.zeros(0), np.nan)
         mask = ~ok
@@ -563,7 +581,14 @@ class _Scorer:
                 cols[prob_column(c)] = pa.array(probs[:, self.classes.index(c)], pa.float64(), mask=mask)
             else:
                 cols[prob_column(c)] = pa.nulls(n, pa.float64())
-        cols["needs_review"] = pa.array(conf < self.threshold, pa.bool_(), mask=mask)
+        low = conf < self.threshold
+        guarded = ok & ~np.isnan(ood_score)
+        ood = guarded & ~(ood_score <= (self.guard.threshold if self.guard is not None else np.inf))
+        reasons = review_reason(low & ok, ood)
+        cols["needs_review"] = pa.array(low | ood, pa.bool_(), mask=mask)
+        cols["ood_score"] = pa.array(ood_score, pa.float64(), mask=~guarded)
+        cols["in_distribution"] = pa.array(~ood, pa.bool_(), mask=~guarded)
+        cols["review_reason"] = pa.array([r if o else None for r, o in zip(reasons, ok)], pa.string())
         cols["model_name"] = pa.array([self.model_name] * n, pa.string())
         cols["model_version"] = pa.array([self.model_version] * n, pa.string())
         cols["run_id"] = pa.array([self.run_id] * n, pa.string())
@@ -709,6 +734,9 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     if tta != package_tta(card):
         log(f"tta={tta}, but {package_uri} was calibrated with tta={package_tta(card)}: confidences and needs_review "
             f"use its temperature as it is (refit: leukray calibrate --tta {tta})")
+    if not card.get("ood"):
+        log(f"warning: {package_uri} has no out-of-distribution guard: ood_score and in_distribution stay empty "
+            f"and only low confidence sets needs_review (add one without retraining: leukray calibrate)")
     listing = list_inputs(cfg.input, opts)
     log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
 
@@ -777,7 +805,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
                        "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3),
                        "first_rows_s": counts["first_rows_s"]},
         "execution": {"device": device, "backend": backend, "precision": precision_label, "num_actors": cfg.num_actors,
-                      "tta": tta},
+                      "tta": tta, "ood": ({k: card["ood"][k] for k in ("method", "k", "threshold")}
+                                          if card.get("ood") else None)},
         "config": dump_config(cfg),
     }
     storage.write_json(storage.join(cfg.output, "_runs", f"{run_id}.json"), manifest, opts)  # the commit

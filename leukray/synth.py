@@ -90,3 +90,110 @@ def make_dataset(out_dir: str | Path, per_class: int = 40, size: int = 96, seed:
             src = folder / f"{FOLDERS[cls]}-{j:04d}.jpg"
             (folder / f"{FOLDERS[cls]}-{j:04d}-dup.jpg").write_bytes(src.read_bytes())
     return out
+
+
+OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen")
+"""What `make_ood_folders` writes: inputs a nightly archive can hold that are not smears like the training ones."""
+
+
+def _crop_resize(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+    h, w = arr.shape[:2]
+    side = int(rng.integers(min(h, w) // 4, min(h, w)))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return Image.fromarray(arr[y:y + side, x:x + side]).resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _texture(rng: np.random.Generator, size: int) -> Image.Image:
+    """Smoothed coloured noise at a random scale: debris, dust, a dirty lens, sensor garbage."""
+    scale = int(rng.integers(2, 32))
+    small = rng.uniform(0, 255, size=(max(2, size // scale), max(2, size // scale), 3)).astype(np.uint8)
+    img = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+    return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 3))))
+
+
+def _blank(rng: np.random.Generator, size: int) -> Image.Image:
+    """An empty field: a uniform lamp-coloured (or dark) frame with vignetting and sensor noise."""
+    level = rng.choice([rng.uniform(200, 255), rng.uniform(0, 60), rng.uniform(60, 200)])
+    colour = np.clip(level + rng.normal(0, 15, size=3), 0, 255)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    vignette = 1 - rng.uniform(0, 0.8) * (xx ** 2 + yy ** 2)
+    arr = colour[None, None, :] * vignette[..., None] + rng.normal(0, rng.uniform(1, 8), size=(size, size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _screen(rng: np.random.Generator, size: int) -> Image.Image:
+    """A screenshot, form or slide label: flat panels, lines of text, a chart."""
+    bg = tuple(int(v) for v in rng.choice([[255, 255, 255], [240, 240, 240], [30, 30, 30], [250, 245, 220]]))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 5))):
+        x0, y0 = rng.uniform(0, size, 2)
+        d.rectangle([x0, y0, x0 + rng.uniform(20, size), y0 + rng.uniform(10, size / 2)],
+                    fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    ink = (0, 0, 0) if sum(bg) > 380 else (235, 235, 235)
+    words = ["Patient", "ID", "Sample", "WBC", "Slide", "2026-11-03", "Lab", "Giemsa", "x100", "OK", "Cancel"]
+    for row in range(int(rng.integers(3, 12))):
+        text = " ".join(rng.choice(words, int(rng.integers(1, 5))))
+        d.text((rng.uniform(2, size / 3), 4 + row * size / 12), text, fill=ink)
+    if rng.uniform() < 0.5:  # a bar chart
+        for i in range(int(rng.integers(3, 8))):
+            hgt = rng.uniform(10, size / 2)
+            d.rectangle([10 + i * 14, size - 10 - hgt, 20 + i * 14, size - 10], fill=tuple(int(v) for v in rng.integers(0, 200, 3)))
+    return img
+
+
+def _other_stain(arr: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A smear under a colour response no lab's stain gives: channels swapped, inverted, grey, or hue-rotated."""
+    kind = int(rng.integers(0, 4))
+    if kind == 0:
+        perm = rng.permutation(3)
+        while (perm == np.arange(3)).all():
+            perm = rng.permutation(3)
+        out = arr[..., perm]
+    elif kind == 1:
+        out = 255 - arr
+    elif kind == 2:
+        g = (arr @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+        out = np.repeat(g[..., None], 3, axis=2)
+    else:
+        hsv = np.asarray(Image.fromarray(arr).convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(int) + int(rng.integers(64, 192))) % 256
+        out = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    return Image.fromarray(np.ascontiguousarray(out).astype(np.uint8))
+
+
+def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_folder: int = 40, size: int = 224,
+                     seed: int = 0) -> Path:
+    """Write one folder per kind in OOD_FOLDERS of images that are not in-distribution smears, to measure the
+    out-of-distribution guard (`leukray evaluate --ood`). `source`: a folder of real smear images (any depth) for
+    `defocus` and `other_stain`; without one, generated smears stand in. `natural` crops the photographs that
+    scikit-learn ships (`sklearn.datasets.load_sample_images`)."""
+    from sklearn.datasets import load_sample_images
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    if source is not None:
+        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"))
+        if not files:
+            raise ValueError(f"--source {source}: no images found")
+        picks = rng.choice(len(files), size=min(per_folder, len(files)), replace=False)
+        smears = [np.asarray(Image.open(files[i]).convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+                  for i in picks]
+    else:
+        smears = [np.asarray(smear_image(CLASSES[i % len(CLASSES)], rng, size)) for i in range(per_folder)]
+    photos = load_sample_images().images
+    makers = {
+        "texture": lambda i: _texture(rng, size),
+        "blank": lambda i: _blank(rng, size),
+        "defocus": lambda i: Image.fromarray(smears[i % len(smears)]).filter(
+            ImageFilter.GaussianBlur(radius=float(rng.uniform(6, 12)) * size / 224)),
+        "natural": lambda i: _crop_resize(photos[i % len(photos)], rng, size),
+        "other_stain": lambda i: _other_stain(smears[i % len(smears)], rng),
+        "screen": lambda i: _screen(rng, size),
+    }
+    for name, make in makers.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_folder):
+            make(i).save(folder / f"{name}-{i:04d}.png")
+    return out

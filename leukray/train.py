@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from . import CLASSES, storage
-from .augment import POLICIES, augment_batch, check_policy
+from .augment import POLICIES, augment_batch, augment_images, check_policy
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
-from .model import LeukNet, ModelConfig, build_model
+from .model import LeukNet, ModelConfig, build_model, check_colour_norm
+from .ood import OODConfig, fit_guard, save_reference, split_outputs
 from .registry import library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
 from .tta import check_tta, tta_logits
@@ -77,12 +78,15 @@ class TrainConfig(StrictModel):
     tta: str = "dihedral8"
     """Test-time augmentation the package is calibrated, measured and shipped with (`leukray.tta`): none | flips4 |
     dihedral8. Epoch-by-epoch validation stays single-view (it only ranks epochs)."""
+    ood: OODConfig = Field(default_factory=OODConfig)
+    """The out-of-distribution guard fitted into the package (`leukray.ood`)."""
     storage: StorageOptions = Field(default_factory=StorageOptions)
 
     def model_post_init(self, _: Any) -> None:
         if self.augment not in POLICIES:
             raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
         check_tta(self.tta)
+        check_colour_norm(self.model.colour_norm)
 
 
 @dataclass
@@ -189,6 +193,33 @@ def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, bat
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out.append(model(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+
+
+@torch.no_grad()
+def predict_outputs(model: LeukNet, images: np.ndarray, device: torch.device, batch_size: int = 128,
+                    channels_last: bool = True, amp: bool = True) -> np.ndarray:
+    """(N, K + D) float32: logits, then the pooled features (`leukray.ood.split_outputs`), one pass per batch."""
+    model.eval()
+    out = []
+    use_amp = amp and device.type == "cuda"
+    for i in range(0, len(images), batch_size):
+        x = to_input(images[i:i + batch_size], device, channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out.append(torch.cat(model.forward_with_features(x), 1).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+
+
+def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ood: OODConfig,
+                    augment: str, strength: float, zoom: float, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The out-of-distribution guard's reference features: the training images as they are, then
+    `ood.augmented_copies` copies of each under the training policy (`leukray.ood`: what the network was trained
+    on counts as in distribution), and how they were made, for the card."""
+    copies = ood.augmented_copies if augment != "none" else 0
+    parts = [features_of(images)]
+    for c in range(copies):
+        parts.append(features_of(augment_images(images, augment, seed=seed + 1000 + c, strength=strength, zoom=zoom)))
+    return np.concatenate(parts), {"n_images": int(len(images)), "augmented_copies": copies, "augment": augment,
+                                   "augment_strength": strength, "augment_zoom": zoom}
 
 
 @dataclass
@@ -347,7 +378,8 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
 
 def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult, out_dir: str,
                          name: str = "leukray-mobilenetv2", extra_card: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Calibrate on val, measure on the untouched test split, write plots, metrics and a model package."""
+    """Calibrate on val, fit the out-of-distribution guard (reference: train; threshold: val), measure on the
+    untouched test split, write plots, metrics and a model package."""
     from .calibration import FIT_DESCRIPTION, fit_temperature, softmax_with_temperature
     from .metrics import classification_metrics
     from .plots import plot_confusion_matrix, plot_curves
@@ -355,29 +387,41 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
     device = next(result.model.parameters()).device
     val_idx, test_idx = data.indices("val"), data.indices("test")
 
-    def logits(idx: np.ndarray) -> np.ndarray:
-        return tta_logits(lambda x: predict_logits(result.model, x, device, cfg.eval_batch_size),
-                          np.asarray(data.images[idx]), cfg.tta)
+    def outputs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = tta_logits(lambda x: predict_outputs(result.model, x, device, cfg.eval_batch_size),
+                         np.asarray(data.images[idx]), cfg.tta)
+        return split_outputs(out, len(CLASSES))
 
-    val_logits = logits(val_idx)
+    val_logits, val_features = outputs(val_idx)
     temperature = float(fit_temperature(val_logits, data.labels[val_idx]))
     val_metrics = classification_metrics(data.labels[val_idx], softmax_with_temperature(val_logits, temperature), CLASSES)
+    reference, made = guard_reference(
+        lambda images: split_outputs(tta_logits(lambda x: predict_outputs(result.model, x, device, cfg.eval_batch_size),
+                                                images, cfg.tta), len(CLASSES))[1],
+        np.asarray(data.images[data.indices("train")]), cfg.ood, cfg.augment, cfg.augment_strength, cfg.augment_zoom,
+        cfg.seed)
+    guard = fit_guard(reference, val_logits, val_features, temperature, cfg.ood,
+                      fitted={"split": "val", "n_val": int(len(val_idx)), "reference_split": "train",
+                              "reference_made": made, "tta": cfg.tta})
     test_metrics = None
     if len(test_idx):
-        test_logits = logits(test_idx)
+        test_logits, test_features = outputs(test_idx)
         test_metrics = classification_metrics(data.labels[test_idx], softmax_with_temperature(test_logits, temperature), CLASSES)
+        test_metrics["ood_flagged_fraction"] = float((~guard.in_distribution(guard.scores(test_logits, test_features))).mean())
     card = {
         "name": name, "version": "unversioned", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "classes": list(CLASSES),
-        "architecture": cfg.model.model_dump(include={"arch", "dropout", "head_width"}),
+        "architecture": cfg.model.model_dump(include={"arch", "dropout", "head_width", "colour_norm"}),
         "preprocessing": {"image_size": cfg.image_size, "input": "RGB uint8 resized (bilinear) to image_size, "
-                          "fed as float32 NCHW in [0,255]; the network rescales to [0,1] and ImageNet-normalises",
+                          "fed as float32 NCHW in [0,255]; the network applies its colour normalisation "
+                          f"({cfg.model.colour_norm}), rescales to [0,1] and ImageNet-normalises",
                           "decoder": "leukray.images.decode_image"},
         "temperature": temperature,
         "tta": cfg.tta,
         "calibration": {"split": "val", "tta": cfg.tta, "n": int(len(val_idx)),
                         "errors": int((val_logits.argmax(1) != data.labels[val_idx]).sum()),
                         "fit": FIT_DESCRIPTION},
+        "ood": guard.card(),
         "metrics": {"val": val_metrics, "test": test_metrics},
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "class_counts": data.class_counts("train"),
@@ -389,6 +433,7 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
     card.update(extra_card or {})
     with tempfile.TemporaryDirectory() as tmp:
         write_package(tmp, result.model, card)
+        save_reference(guard, tmp)
         storage.write_json(os.path.join(tmp, "metrics.json"), {"val": val_metrics, "test": test_metrics,
                                                                 "temperature": temperature, "best_epoch": result.best_epoch})
         storage.write_json(os.path.join(tmp, "history.json"), result.history)

@@ -67,7 +67,8 @@ def torch_views(x_nchw: Any, mode: str) -> Iterator[Any]:
 
 
 def tta_logits(predict: Callable[[np.ndarray], np.ndarray], images_nhwc: np.ndarray, mode: str) -> np.ndarray:
-    """Mean logits over the views; `predict` maps a uint8 NHWC batch to (N, K) float logits."""
+    """Mean outputs over the views; `predict` maps a uint8 NHWC batch to (N, K) float logits, or to logits and
+    features side by side (`leukray.ood.split_outputs`): both are averaged."""
     if TTA_VIEWS[check_tta(mode)] == 1:
         return predict(images_nhwc)
     total = None

@@ -26,7 +26,7 @@ def test_stain_changes_colour_not_only_geometry():
 
 
 def test_unknown_policy_lists_allowed():
-    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust"):
+    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab"):
         augment_batch(torch.zeros(1, 3, 8, 8), "heavy")
 
 
@@ -65,3 +65,31 @@ def test_p_is_the_fraction_of_images_with_colour_and_camera_augmentation():
     assert 16 <= int(untouched.sum()) <= 48
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
         augment_batch(x, "robust", p=1.5)
+
+
+def test_lab_policy_moves_channels_independently():
+    """Another lab's camera: per-channel gains, so the red/blue balance of a flat grey field moves image to image
+    (hue/saturation jitter alone keeps a grey field grey), within the drawn ranges."""
+    from leukray.augment import colour_response
+
+    x = torch.full((64, 3, 8, 8), 128.0)
+    y = colour_response(x, torch.Generator().manual_seed(2))
+    ratio = (y[:, 0] / y[:, 2]).mean(dim=(1, 2))
+    assert float(ratio.std()) > 0.05
+    assert float(ratio.min()) > 0.5 and float(ratio.max()) < 2.0
+    exposure = y.mean(dim=(1, 2, 3)) / 128.0
+    assert float(exposure.min()) < 0.9 and float(exposure.max()) > 1.1
+
+
+def test_augment_images_is_seeded_uint8_and_keeps_geometry_per_image():
+    import numpy as np
+
+    from leukray.augment import augment_images
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    a = augment_images(images, "lab", seed=7)
+    assert a.dtype == np.uint8 and a.shape == images.shape
+    np.testing.assert_array_equal(a, augment_images(images, "lab", seed=7))
+    assert not np.array_equal(a, augment_images(images, "lab", seed=8))
+    np.testing.assert_array_equal(augment_images(images, "none", seed=7), images)

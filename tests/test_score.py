@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
-from reference import package_logits  # noqa: E402
+from reference import package_logits, package_outputs  # noqa: E402
 
 from leukray import registry, storage  # noqa: E402
 from leukray.config import ConfigError, StorageOptions, load_config  # noqa: E402
@@ -176,14 +176,25 @@ def test_first_run_one_row_per_file(cluster, loc):
         assert words in msg.lower(), (rel, msg)
     assert not errs
     err = t.filter(pc.equal(t["status"], "error"))
-    for col in ("predicted_class", "confidence", "prob_benign", "prob_pro_b", "needs_review"):
+    for col in ("predicted_class", "confidence", "prob_benign", "prob_pro_b", "needs_review", "ood_score",
+                "in_distribution", "review_reason"):
         assert err[col].null_count == err.num_rows
     ok = t.filter(pc.equal(t["status"], "ok"))
     assert ok["error"].null_count == ok.num_rows
     probs = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
     np.testing.assert_allclose(probs.max(1), ok["confidence"].to_numpy())
-    assert ok["needs_review"].to_pylist() == (ok["confidence"].to_numpy() < THRESHOLD).tolist()
+    # needs_review: low confidence or out of distribution (the package's guard), and the reason says which
+    assert ok["ood_score"].null_count == ok["in_distribution"].null_count == 0
+    card = registry.load_package(loc["model"], loc["opts"], with_model=False).card
+    low = ok["confidence"].to_numpy() < THRESHOLD
+    ood = ok["ood_score"].to_numpy() > card["ood"]["threshold"]
+    assert ok["in_distribution"].to_pylist() == (~ood).tolist()
+    assert ok["needs_review"].to_pylist() == (low | ood).tolist()
+    names = {(True, False): "low_confidence", (False, True): "out_of_distribution",
+             (True, True): "low_confidence,out_of_distribution", (False, False): None}
+    assert ok["review_reason"].to_pylist() == [names[(bool(a), bool(b))] for a, b in zip(low, ood)]
+    assert m["execution"]["ood"]["method"] == "knn"
     # schema: the documented one, run_date from the hive partition
     assert t.schema.equals(RESULTS_SCHEMA), t.schema
     fs, _ = storage.filesystem(loc["output"], loc["opts"])
@@ -205,6 +216,12 @@ def test_predictions_match_pytorch(loc, package):
     got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
     np.testing.assert_allclose(got, expected, atol=PROB_TOL, rtol=0)
     assert ok["predicted_class"].to_pylist() == [pkg.classes[i] for i in expected.argmax(1)]
+    # ood_score: distance to the 10th nearest training feature, brute force from the reference file
+    feats = package_outputs(pkg, x)[:, 4:]
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    reference = np.load(Path(package) / "ood_reference.npy").astype(np.float64)
+    dist = np.sqrt(((feats[:, None, :] - reference[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(ok["ood_score"].to_numpy(), np.sort(dist, axis=1)[:, 9], atol=2e-3, rtol=0)
 
 
 def test_second_run_adds_nothing(cluster, loc):
@@ -324,6 +341,7 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
 
     make_dataset(tmp_path / "d", per_class=6, size=48, seed=5)
     card = json.loads((Path(package) / registry.CARD).read_text()) | {"temperature": 1.0}
+    card.pop("ood")  # another network: the tiny package's guard does not belong to it
     x = np.stack([decode_image(p.read_bytes(), card["preprocessing"]["image_size"])
                   for p in sorted((tmp_path / "d").rglob("*.jpg"))])
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float()
@@ -343,16 +361,20 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
     model.eval()
     from types import SimpleNamespace
 
-    expected = softmax_t(package_logits(SimpleNamespace(model=model, card={}), x, tta), 1.0)
+    reference = package_outputs(SimpleNamespace(model=model, card={"classes": card["classes"]}), x, tta)
+    expected = softmax_t(reference[:, :4], 1.0)
     confident = tmp_path / "confident"
     registry.write_package(str(confident), model, card)
     scorer = _Scorer(str(confident), None, "cpu", backend, 2, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc),
                      precision, tta=tta)
-    first = softmax_t(scorer.logits(x), 1.0)  # with bf16 the first batch also measures bf16's error: all f32
-    np.testing.assert_allclose(first, expected, atol=PROB_TOL, rtol=0)
+    out = scorer.outputs(x)  # with bf16 the first batch also measures bf16's error: all f32
+    assert out.shape == (len(x), 4 + 1280)
+    np.testing.assert_allclose(softmax_t(out[:, :4], 1.0), expected, atol=PROB_TOL, rtol=0)
+    # the guard's input: the pooled features of the same pass, averaged over the same views
+    np.testing.assert_allclose(out[:, 4:], reference[:, 4:], atol=2e-4 * np.abs(reference[:, 4:]).max(), rtol=0)
     if bf16:
         assert scorer.bf16_error > 0.01, scorer.bf16_error  # measured on the first batch
-    got = softmax_t(scorer.logits(x), 1.0)
+    got = softmax_t(scorer.outputs(x)[:, :4], 1.0)
     np.testing.assert_allclose(got, expected, atol=BF16_PROB_TOL if bf16 else PROB_TOL, rtol=0)
     assert (got.argmax(1) == expected.argmax(1)).all()
 
@@ -369,7 +391,9 @@ def test_torch_backend_matches_the_reference(package, tmp_path, tta):
     make_dataset(tmp_path / "d", per_class=2, size=48, seed=8)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])
     scorer = _Scorer(package, None, "cpu", "torch", 1, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc), tta=tta)
-    np.testing.assert_allclose(scorer.logits(x), package_logits(pkg, x, tta), atol=1e-4, rtol=0)
+    got, expected = scorer.outputs(x), package_outputs(pkg, x, tta)
+    np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[:, 4:], expected[:, 4:], atol=2e-4 * np.abs(expected[:, 4:]).max(), rtol=0)
 
 
 @pytest.mark.parametrize("request_images", [1, 2, 5, 64])
@@ -383,12 +407,14 @@ def test_openvino_requests_put_every_image_back_in_place(package, tmp_path, requ
     make_dataset(tmp_path / "d", per_class=2, size=48, seed=7)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])[:7]
     with torch.inference_mode():
-        expected = pkg.model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
+        expected = torch.cat(pkg.model.eval().forward_with_features(torch.from_numpy(x).permute(0, 3, 1, 2).float()),
+                             1).numpy()
     model = OpenVINOModel((Path(package) / registry.ONNX).read_bytes(), 2, "f32", request_images)
     for n in (7, 1, 0):
         got = model(x[:n])
-        assert got.shape == (n, expected.shape[1])
-        np.testing.assert_allclose(got, expected[:n], atol=1e-4, rtol=0)
+        assert got.shape == (n, 4 + 1280)
+        np.testing.assert_allclose(got[:, :4], expected[:n, :4], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got[:, 4:], expected[:n, 4:], atol=2e-4 * max(1.0, np.abs(expected).max()), rtol=0)
 
 
 def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
@@ -401,6 +427,7 @@ def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
     bf16 = f32 + np.float32(0.1) * np.sign(np.arange(f32.size).reshape(f32.shape) % 2 - 0.5).astype(np.float32)
     scorer = _Scorer.__new__(_Scorer)
     scorer.temperature, scorer.bf16_error, scorer.images, scorer.rechecked, scorer.tta = 1.0, None, 0, 0, "none"
+    scorer.classes = ["a", "b", "c", "d"]
     calls = []
     scorer.compiled_f32 = lambda x: calls.append(len(x)) or f32[x[:, 0, 0, 0]]
     scorer.compiled = None
@@ -430,6 +457,7 @@ def test_bf16_falls_back_to_f32_when_too_coarse_for_the_model(package, tmp_path)
         pytest.skip("this CPU has no native bf16: OpenVINO runs f32 anyway")
     pkg = registry.load_package(package)
     card = json.loads((Path(package) / registry.CARD).read_text())
+    card.pop("ood")
     registry.write_package(str(tmp_path / "flat"), pkg.model, card)
     make_dataset(tmp_path / "d", per_class=4, size=48, seed=6)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])
@@ -438,10 +466,31 @@ def test_bf16_falls_back_to_f32_when_too_coarse_for_the_model(package, tmp_path)
     scorer = _Scorer(str(tmp_path / "flat"), None, "cpu", "openvino", 2, THRESHOLD, "r",
                      dt.datetime.now(dt.timezone.utc), "bf16")
     for _ in range(2):
-        np.testing.assert_allclose(scorer.logits(x), expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(scorer.outputs(x)[:, :4], expected, atol=1e-4, rtol=0)
     assert scorer.bf16_error > 0 and scorer.compiled_f32 is None  # now f32 only
 
 
 def test_bf16_needs_openvino():
     with pytest.raises(ValueError, match="cpu_precision=bf16 needs backend openvino"):
         ScoreConfig(input="/x", output="/y", model="/m", backend="onnx", cpu_precision="bf16")
+
+
+def test_package_without_guard_scores_as_before(package, tmp_path):
+    """A package fitted before the guard existed: rows get confidence-only review, the guard's columns stay null."""
+    import datetime as dt
+
+    from leukray.score import _Scorer, untrained_package
+
+    old = untrained_package(str(tmp_path / "old"), 32)
+    assert "ood" not in json.loads((Path(old) / registry.CARD).read_text())
+    make_dataset(tmp_path / "d", per_class=2, size=40, seed=9)
+    files = sorted((tmp_path / "d").rglob("*.jpg"))
+    batch = pa.table({"path": [str(p) for p in files], "size": [p.stat().st_size for p in files],
+                      "source_version": ["1"] * len(files)})
+    rows = _Scorer(old, None, "cpu", "openvino", 1, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc))(batch)
+    assert rows.num_rows == len(files) and rows["status"].to_pylist() == ["ok"] * len(files)
+    for col in ("ood_score", "in_distribution"):
+        assert rows[col].null_count == len(files)
+    low = rows["confidence"].to_numpy() < THRESHOLD
+    assert rows["needs_review"].to_pylist() == low.tolist()
+    assert rows["review_reason"].to_pylist() == ["low_confidence" if x else None for x in low]
