@@ -220,25 +220,22 @@ def open_table(output: str, opts: StorageOptions | None = None, as_of: int | str
                 raise ResultsError(f"{output} has no version {when} (latest: {latest})")
             table.load_as_version(when)
             return table
-        first = _first_commit_time(table)
-        if first is not None and when < first:
-            raise ResultsError(f"{output} did not exist yet at {when.isoformat()} (first commit: "
-                               f"{first.isoformat()})")
-        table.load_as_version(when)
+        # by the commits' own timestamps (commitInfo, the writer's clock): deltalake would use the log files'
+        # modification times, which an object store sets on upload or copy
+        stamps = sorted((int(h["timestamp"]), int(h["version"])) for h in table.history() if "timestamp" in h)
+        limit = int(when.timestamp() * 1000)
+        before = [v for ts, v in stamps if ts <= limit]
+        if not before:
+            first = dt.datetime.fromtimestamp(stamps[0][0] / 1000, dt.timezone.utc) if stamps else None
+            raise ResultsError(f"{output} did not exist yet at {when.isoformat()}"
+                               + (f" (first commit: {first.isoformat()})" if first else ""))
+        table.load_as_version(max(before))
         return table
     except TableNotFoundError:
         raise NoRunsError(f"no scoring runs found under {output}") from None
     except DeltaError as err:
         raise ResultsError(f"cannot open the results table {output}"
                            + (f" as of {as_of}" if as_of is not None else "") + f": {err}") from None
-
-
-def _first_commit_time(table) -> dt.datetime | None:
-    hist = table.history()
-    if not hist:
-        return None
-    ts = min(h["timestamp"] for h in hist if "timestamp" in h)
-    return dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc)
 
 
 def view_schema(table) -> pa.Schema:
@@ -271,6 +268,17 @@ def scored_keys(output: str, opts: StorageOptions | None, model_name: str, model
     return d.to_table(columns=["path", "source_version"], filter=flt)
 
 
+def history(table) -> list[dict[str, Any]]:
+    """The commit infos of `table` up to its loaded version, each with its "version". (deltalake 1.6's history()
+    of a table loaded at an older version lists the whole log but numbers it from the loaded version down, so it is
+    read from the latest version and cut.)"""
+    from deltalake import DeltaTable
+
+    upto = table.version()
+    latest = DeltaTable(table.table_uri, storage_options=getattr(table, "_storage_options", None))
+    return [h for h in latest.history() if h.get("version", 0) <= upto]
+
+
 @dataclass
 class Run:
     """One scoring run as recorded in the commits it made (the last one's record wins)."""
@@ -293,7 +301,7 @@ class Run:
 def runs(table) -> list[Run]:
     """The scoring runs recorded in `table`'s history up to its loaded version, oldest first."""
     by_id: dict[str, Run] = {}
-    for h in sorted(table.history(), key=lambda h: h.get("version", 0)):
+    for h in sorted(history(table), key=lambda h: h.get("version", 0)):
         rec = h.get(RUN_KEY)
         if isinstance(rec, str):
             try:
