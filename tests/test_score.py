@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
+from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ray, submit_job  # noqa: E402
 from reference import package_logits  # noqa: E402
 
 from leukray import registry, results, storage  # noqa: E402
@@ -257,25 +256,15 @@ def test_reads_back_with_duckdb(loc):
     assert len(rows) == 1 and rows[0]["run_date"] == r.runs[0].run_date
 
 
-def test_three_readers_agree(cluster, loc):
+def test_three_readers_agree(cluster, loc, tmp_path):
     """DuckDB (leukray.query), pyarrow through deltalake and ray.data.read_delta read the same rows."""
-    import ray
     from deltalake import DeltaTable
 
     order = [("path", "ascending"), ("run_id", "ascending")]
     duck = _results(loc).sql("SELECT * FROM results").sort_by(order)
     so = results.delta_storage_options(loc["output"], loc["opts"])
-    uri = results.table_uri(loc["output"])
-    plain = DeltaTable(uri, storage_options=so).to_pyarrow_table().sort_by(order)
-    os_env = dict(**cluster["env"])
-    for k, v in os_env.items():
-        os.environ.setdefault(k, v)
-    ray.init(address=cluster["ray_address"], log_to_driver=False)
-    try:
-        refs = ray.data.read_delta(uri, storage_options=so).to_arrow_refs()
-        via_ray = pa.concat_tables(ray.get(refs)).sort_by(order)
-    finally:
-        ray.shutdown()
+    plain = DeltaTable(results.table_uri(loc["output"]), storage_options=so).to_pyarrow_table().sort_by(order)
+    via_ray = read_with_ray(cluster, loc["output"], tmp_path).sort_by(order)
     assert duck.num_rows == plain.num_rows == via_ray.num_rows > 0
     for name in RESULTS_SCHEMA.names:
         a = duck[name].to_pylist()

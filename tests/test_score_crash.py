@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
+from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ray, submit_job  # noqa: E402
 
 from leukray import results, storage  # noqa: E402
 from leukray.config import StorageOptions  # noqa: E402
@@ -62,7 +62,7 @@ def _where(kind: str, cluster, tmp_path, archive, package) -> dict:
     """A fresh output (and the archive + model where the run reads them) for one test."""
     _counter[0] += 1
     endpoint = cluster["s3_endpoint"]
-    opts = StorageOptions(endpoint_url=endpoint)
+    opts = StorageOptions(endpoint_url=endpoint, key="testing", secret="testing")
     if kind == "local":
         return {"kind": kind, "input": str(archive), "output": str(tmp_path / "out"), "model": package,
                 "opts": opts, "endpoint": endpoint}
@@ -128,9 +128,8 @@ def _run(cluster, config: Path, *extra: str) -> subprocess.CompletedProcess:
                           env=_driver_env(cluster), capture_output=True, text=True, timeout=600)
 
 
-def _three_readers(cluster, loc: dict) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(DuckDB via leukray.query, pyarrow via deltalake, ray.data.read_delta) over the latest version."""
-    import ray
+def _three_readers(cluster, loc: dict, tmp_path: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(DuckDB via leukray.query, pyarrow via deltalake, ray.data.read_delta in a Ray job) over the latest version."""
     from deltalake import DeltaTable
 
     uri, so = results.table_uri(loc["output"]), results.delta_storage_options(loc["output"], loc["opts"])
@@ -139,15 +138,7 @@ def _three_readers(cluster, loc: dict) -> tuple[pa.Table, pa.Table, pa.Table]:
     except NoRunsError:
         duck = pa.table({"path": pa.array([], pa.string()), "run_id": pa.array([], pa.string())})
     plain = DeltaTable(uri, storage_options=so).to_pyarrow_table(columns=["path", "run_id"])
-    for k, v in (cluster.get("env") or {}).items():
-        os.environ.setdefault(k, v)
-    ray.init(address=cluster["ray_address"], log_to_driver=False)
-    try:
-        ds = ray.data.read_delta(uri, storage_options=so, columns=["path", "run_id"])
-        via_ray = pa.concat_tables([ray.get(r) for r in ds.to_arrow_refs()] or
-                                   [pa.table({"path": pa.array([], pa.string()), "run_id": pa.array([], pa.string())})])
-    finally:
-        ray.shutdown()
+    via_ray = read_with_ray(cluster, loc["output"], tmp_path).select(["path", "run_id"])
     return duck, plain, via_ray
 
 
@@ -177,13 +168,13 @@ def test_driver_killed_before_its_commit(cluster, tmp_path, archive, package, ki
     _start_and_kill(cluster, config, lambda: len(_data_files(loc)) > len(committed), "its workers wrote a data file")
     assert len(_data_files(loc)) > len(committed)  # the killed run's files are there …
     assert _versions(loc) == version  # … but it made no commit
-    for reader in _three_readers(cluster, loc):  # … so no reader sees one of its rows
+    for reader in _three_readers(cluster, loc, tmp_path):  # … so no reader sees one of its rows
         assert reader.num_rows == 4 and len(set(reader["run_id"].to_pylist())) == 1
     again = _run(cluster, config)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "files seen 40, scored 36, skipped as already scored 4" in again.stdout, again.stdout
     _exactly_once(loc, archive)
-    duck, plain, via_ray = _three_readers(cluster, loc)
+    duck, plain, via_ray = _three_readers(cluster, loc, tmp_path)
     assert duck.num_rows == plain.num_rows == via_ray.num_rows == 40
     # the killed run's stray files: kept while young (a running run's could be), removed by a vacuum without
     # retention
@@ -310,3 +301,16 @@ def test_previous_layout_refused(tmp_path, package):
     make_dataset(tmp_path / "in", per_class=1, size=40, seed=1)
     with pytest.raises(ScoreError, match=f"leukray score --convert-legacy {out}"):
         run(ScoreConfig(input=str(tmp_path / "in"), output=str(out), model=package))
+
+
+def test_workers_import_this_checkout(cluster, tmp_path):
+    """Drivers started here and the Ray workers they start import leukray from this checkout (or the job's copy
+    of it), not from another installed copy."""
+    code = ("import ray, leukray; ray.init(); "
+            "print('DRIVER', leukray.__file__); "
+            "print('WORKER', ray.get(ray.remote(lambda: __import__('leukray').__file__).remote()))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_driver_env(cluster), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    paths = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith(("DRIVER", "WORKER"))]
+    assert len(paths) == 2 and all(p.startswith(str(REPO)) for p in paths), r.stdout
