@@ -536,7 +536,6 @@ def convert_legacy(output: str, opts: StorageOptions | None = None, extra: dict[
     commit's run record. Files no manifest lists (crashed runs) are not converted. Once every run is committed the
     old `results/`, `_staging/` and `_runs/` are removed (manifests last). Stopped half way, the same call resumes:
     runs already in the table are skipped."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     fs, root = storage.filesystem(output, opts)
@@ -567,7 +566,7 @@ def convert_legacy(output: str, opts: StorageOptions | None = None, extra: dict[
             else:
                 files.append(join(root, rel))
         actions = []
-        rows = ok = 0
+        rows = 0
         for f in files:
             t = pq.read_table(f, filesystem=arrow_fs)
             run_date = (t[PARTITION][0].as_py() if PARTITION in t.column_names and t.num_rows else None) \
@@ -582,7 +581,6 @@ def convert_legacy(output: str, opts: StorageOptions | None = None, extra: dict[
             if data.num_rows:
                 actions.append(write_files(data, output, opts, run_id, run_date))
             rows += data.num_rows
-            ok += pc.sum(pc.equal(data["status"], "ok")).as_py() or 0
         record = {k: v for k, v in m.items() if k != "files"}
         record.update(run_id=run_id, status=m.get("status") or "committed", rows=rows,
                       converted_from=f"{storage.join(output, '_runs', run_id + '.json')}")

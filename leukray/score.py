@@ -37,10 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import CLASSES, storage
+from . import CLASSES, results, storage
 from .config import ConfigError, StorageOptions, StrictModel, dump_config
 from .images import ImageDecodeError, decode_image, is_image_name
-from . import results
 from .results import FILE_SCHEMA, prob_column
 from .tta import TTA_VIEWS, check_tta, package_tta, resolve_tta, torch_views, tta_logits
 
