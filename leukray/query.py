@@ -210,7 +210,10 @@ class Results:
     def dataset(self):
         """A `pyarrow.dataset.Dataset` over exactly the files of the chosen version, `run_date` from the log."""
         if self._dataset is None:
-            _ = self.runs  # an empty table (no run committed) is an error here as it was before
+            if self.version <= 0:  # only the table's creation: no scoring run has committed yet (history not read:
+                # a plain query stays cheap however many runs the log holds)
+                raise NoRunsError(f"no scoring runs found under {self.output_uri} (the table has no commit of a "
+                                  f"scoring run" + (f" at version {self.version})" if self.as_of is not None else ")"))
             try:
                 self._dataset = results.dataset(self.table, self.output_uri, self.storage)
             except (pa.ArrowInvalid, OSError) as err:

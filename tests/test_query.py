@@ -356,6 +356,8 @@ def test_as_of_version_and_time(loc):
         Results(loc.output, loc.opts, as_of=99).sql("SELECT 1")
     with pytest.raises(QueryError, match="did not exist yet at 2001-01-01"):
         Results(loc.output, loc.opts, as_of="2001-01-01").sql("SELECT 1")
+    with pytest.raises(NoRunsError, match="has no commit of a scoring run at version 0"):  # the table's creation
+        Results(loc.output, loc.opts, as_of=0).sql("SELECT 1")
     with pytest.raises(QueryError, match="as_of must be a table version"):
         Results(loc.output, loc.opts, as_of="yesterday")
     rc, out, err = loc.cli("report", "summary", "--as-of", "99")
