@@ -2,9 +2,11 @@
 """Scoring throughput, side by side in one run, on N images (default 4000 generated 224x224 JPEG smears):
 
   score_ips       the scoring job end to end (leukray.score.run: listing, the Ray Data model actor that reads,
-                  decodes and scores with the shipped CPU backend, Parquet write, commit; actor start-up included)
-                  on a local Ray started beforehand; score_first_rows_s = start-up until the first rows,
-                  score_steady_ips = the rate after that
+                  decodes and scores with the shipped CPU backend, the workers' Parquet files of the results table,
+                  the commits; actor start-up included) on a local Ray started beforehand; score_first_rows_s =
+                  start-up until the first data file is written (max_rows_per_file rows), score_steady_ips = the
+                  rate after that (null when the run wrote its files at the end); driver_result_rows = result rows
+                  that passed through the driver (0: it only receives each data file's metadata)
   plain_torch_ips a plain PyTorch DataLoader loop (decode_image in 2 workers, the same package's torch model fp32,
                   once per test-time view as the scoring run)
   model_only_ips  the model alone on pre-decoded uint8 tensors with the shipped backend and precision (the same
@@ -277,7 +279,12 @@ def main() -> int:
         "score_ips": round(score_ips, 1),
         "score_pipeline_ips": m_n["throughput"]["images_per_s"],
         "score_first_rows_s": tp["first_rows_s"],
-        "score_steady_ips": round(m_n["rows"] / (tp["pipeline_s"] - tp["first_rows_s"]), 1),
+        "score_steady_ips": (round(m_n["rows"] / (tp["pipeline_s"] - tp["first_rows_s"]), 1)
+                             if tp["first_rows_s"] is not None and tp["pipeline_s"] - tp["first_rows_s"] > 1.0
+                             else None),
+        "driver_result_rows": m_n["driver"]["result_rows"],
+        "data_files": m_n["files"],
+        "commits": m_n["commits"],
         "plain_torch_ips": round(plain_ips, 1),
         "model_only_ips": round(model_ips, 1),
         "ratio_vs_plain": round(score_ips / plain_ips, 2),

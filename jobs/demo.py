@@ -6,8 +6,8 @@
 1. generate a labelled training set (leukray.synth)        → <out>/data
 2. hyperparameter search: Ray Tune + Optuna, tiny space     → <out>/tune, winner published to <out>/registry
 3. batch scoring: Ray Data over a generated "archive" with a few broken files, twice (the second run is
-   incremental and adds nothing), then once more after new images arrive → <out>/scores (Parquet)
-4. query the outputs: summary, review queue, errors        (DuckDB)
+   incremental and adds nothing), then once more after new images arrive → <out>/scores (a Delta table)
+4. query the outputs: summary, review queue, errors, runs  (DuckDB)
 """
 
 import argparse
@@ -68,7 +68,7 @@ def main() -> int:
         "name": "demo", "registry": os.path.join(out, "registry"), "model_name": "leukray-demo"})
     result = search(cfg)
 
-    print("== 3/4 batch scoring (Ray Data) → Parquet", flush=True)
+    print("== 3/4 batch scoring (Ray Data) → the results Delta table", flush=True)
     archive = os.path.join(out, "archive")
     make_archive(archive, seed=10, per_class=15, subdir="2026-11-26")
     scfg = load_config(ScoreConfig, os.path.join(REPO, "configs", "score.yaml"), {
@@ -86,6 +86,9 @@ def main() -> int:
     print("-- summary per run\n" + format_table(results.summary()))
     print("-- review queue (lowest confidence first)\n" + format_table(results.review(limit=5)))
     print("-- errors\n" + format_table(results.errors()))
+    print("-- runs (the table's history)\n" + format_table(results.run_table().select(
+        ["run_id", "status", "first_version", "last_version", "commits", "model", "seen", "scored", "skipped",
+         "errors", "images_per_s"])))
     print(f"\nmodel package: {result['package']}\nscores: {out}/scores   ({time.time() - t0:.0f}s in all)")
     print(f"try: .venv/bin/leukray report summary --output {out}/scores")
     return 0

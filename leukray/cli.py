@@ -102,10 +102,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     for key in ("input", "output", "model"):
         if getattr(args, key):
             overrides[key] = getattr(args, key)
+    if args.convert_legacy:
+        overrides.setdefault("output", args.convert_legacy)
     cfg = load_config(score.ScoreConfig, args.config, overrides)
-    manifest = score.run(cfg)
-    print(score.summary(manifest), file=sys.stderr)
-    print(score.main_summary_json(manifest))
+    if args.convert_legacy:
+        out = score.convert_legacy(args.convert_legacy, cfg)
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.vacuum:
+        removed = score.vacuum(cfg)
+        print(json.dumps({"output": cfg.output, "retention_hours": cfg.vacuum_retention_hours,
+                          "removed": len(removed), "files": removed[:50]}, indent=2))
+        return 0
+    record = score.run(cfg)
+    print(score.summary(record), file=sys.stderr)
+    print(score.main_summary_json(record))
     return 0
 
 
@@ -181,12 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "augmentation in the knn reference (default: the package's, else 1)")
     c.set_defaults(func=cmd_calibrate)
 
-    sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → Parquet")
+    sc = sub.add_parser("score", help="batch-score an image archive with a model package on Ray Data → a Delta table")
     sc.add_argument("--config", help="YAML config (see configs/score.yaml)")
     sc.add_argument("--input", help="archive prefix, local or s3://bucket/prefix (overrides input)")
-    sc.add_argument("--output", help="output root, local or s3:// (overrides output)")
+    sc.add_argument("--output", help="the results Delta table, local or s3:// (overrides output)")
     sc.add_argument("--model", help="package folder or model folder (LATEST), local or s3:// (overrides model)")
     sc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
+    sc.add_argument("--vacuum", action="store_true",
+                    help="score nothing: delete the table's uncommitted files older than vacuum_retention_hours")
+    sc.add_argument("--convert-legacy", metavar="OUTPUT",
+                    help="score nothing: convert OUTPUT, written in the previous layout (results/ + _runs/), into "
+                         "the results Delta table at the same place (rows and run records kept; once)")
     sc.set_defaults(func=cmd_score)
 
     tu = sub.add_parser("tune", help="hyperparameter search on Ray Tune (Optuna TPE + ASHA); publishes the winner")

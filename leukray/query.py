@@ -1,15 +1,16 @@
-"""SQL and canned reports over the committed scoring outputs (DuckDB over an Arrow dataset).
+"""SQL and canned reports over the scoring results table (DuckDB over an Arrow dataset of a Delta table).
 
-The scoring job (`leukray/score.py`) writes Parquet files under `<output>/results/run_date=YYYY-MM-DD/` and commits
-a run by writing its manifest `<output>/_runs/<run_id>.json` last; the manifest's "files" lists the run's data
-files relative to `<output>`. A data file is visible here only when a manifest lists it, so the files of a run
-that crashed before its commit (and anything under `_staging/`) never show up.
+The scoring job (`leukray/score.py`) writes the results as a Delta Lake table at its `output` (leukray/results.py:
+data files under `run_date=YYYY-MM-DD/`, the transaction log `_delta_log/`). Only rows of committed files are
+visible: the files of a run that died before its commit never show up, in any Delta reader.
 
-No DuckDB extension is loaded (httpfs is not needed): manifests are read through the fsspec filesystem from
-`leukray.storage`, and the committed files are opened as one `pyarrow.dataset` through Arrow's own filesystem for
-the same location (`storage.arrow_filesystem`: local folder or s3:// on any S3-compatible endpoint; no Python
-callbacks while DuckDB scans) and registered in DuckDB as the view `results`, with the hive partition column
-`run_date` (a `YYYY-MM-DD` string).
+No DuckDB extension is loaded (neither delta nor httpfs): deltalake reads the log and lists the table's files at
+the chosen version, and those files are opened as one `pyarrow.dataset` through Arrow's own filesystem for the
+same location (`storage.arrow_filesystem`: local folder or s3:// on any S3-compatible endpoint; no Python
+callbacks while DuckDB scans), registered in DuckDB as the view `results`, with the partition column `run_date`
+(a `YYYY-MM-DD` string).
+
+Time travel: `as_of` (a table version, or a time: the table as it was then) shows the table as an earlier version.
 
     >>> r = Results("s3://lab-scores/score", StorageOptions(endpoint_url="http://127.0.0.1:9000"))
     >>> r.sql("SELECT predicted_class, count(*) AS n FROM results GROUP BY ALL").to_pandas()
@@ -17,6 +18,8 @@ callbacks while DuckDB scans) and registered in DuckDB as the view `results`, wi
     >>> r.review(limit=50)                       # needs-review queue, lowest confidence first
     >>> r.errors()                               # grouped error messages
     >>> r.drift(plot="mix.png")                  # class mix per day vs the model card's training mix
+    >>> r.run_table()                            # the runs recorded in the table's history
+    >>> Results(uri, as_of="2026-11-28T06:00:00Z").review()    # the queue as it was that morning
 
 Every report returns a `pyarrow.Table`; `Results.to_pandas(table_or_sql)` gives a pandas frame.
 """
@@ -27,23 +30,22 @@ import datetime as _dt
 import json
 import math
 import os
-import posixpath
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from . import CLASSES, storage
+from . import CLASSES, results, storage
 from .config import StorageOptions
+from .results import RESULTS_SCHEMA, Run, prob_column
 
 __all__ = [
     "QueryError",
     "NoRunsError",
     "Results",
-    "RunManifest",
+    "Run",
     "RESULTS_SCHEMA",
     "RESULTS_VIEW",
     "prob_column",
@@ -59,38 +61,7 @@ REVIEW_REASONS = ("low_confidence", "out_of_distribution")
 """Name of the DuckDB view over all committed rows."""
 
 
-def prob_column(class_name: str) -> str:
-    """'Early Pre-B' → 'prob_early_pre_b' (the scoring output's probability column for a class)."""
-    return "prob_" + re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
-
-
-RESULTS_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("size", pa.int64()),
-        ("source_version", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("predicted_class", pa.string()),
-        ("confidence", pa.float64()),
-        *[(prob_column(c), pa.float64()) for c in CLASSES],
-        ("needs_review", pa.bool_()),
-        ("ood_score", pa.float64()),
-        ("in_distribution", pa.bool_()),
-        ("review_reason", pa.string()),
-        ("model_name", pa.string()),
-        ("model_version", pa.string()),
-        ("run_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-        ("run_date", pa.string()),
-    ]
-)
-"""The documented scoring output schema (docs/architecture.md); `run_date` comes from the hive partition."""
-
-_PARTITION_SCHEMA = pa.schema([("run_date", pa.string())])
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_RUN_DATE_IN_PATH = re.compile(r"(?:^|/)run_date=(\d{4}-\d{2}-\d{2})(?:/|$)")
-_RUN_ID_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})T")
 
 
 class QueryError(ValueError):
@@ -101,19 +72,11 @@ class NoRunsError(QueryError):
     """The output location holds no committed scoring run."""
 
 
-@dataclass
-class RunManifest:
-    """One committed run, as read from `<output>/_runs/<run_id>.json`."""
+class LegacyLayoutError(QueryError):
+    """The output location holds results in the previous layout; the message names the conversion command."""
 
-    run_id: str
-    uri: str
-    files: list[str]
-    """Data file paths inside the filesystem (absolute local path, or bucket/key for s3)."""
-    run_date: str | None = None
-    model_uri: str | None = None
-    model_name: str | None = None
-    model_version: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+RunManifest = Run  # the name this module used before runs lived in the table's history
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,176 +140,87 @@ def _to_arrow(rel: Any) -> pa.Table:
 
 
 class Results:
-    """The committed scoring outputs under `output_uri` (local folder or s3://bucket/prefix), queryable with SQL.
+    """The scoring results table at `output_uri` (local folder or s3://bucket/prefix), queryable with SQL.
 
-    Manifests and the dataset are read lazily on first use and cached; call `refresh()` to see newer runs.
+    `as_of`: a table version (int, or digits) or a time (ISO 8601 or datetime; naive = UTC): the table as it was
+    then. The table is opened lazily on first use and cached; call `refresh()` to see newer commits.
     """
 
-    def __init__(self, output_uri: str, storage: StorageOptions | None = None, *, threads: int | None = None):
+    def __init__(self, output_uri: str, storage: StorageOptions | None = None, *, threads: int | None = None,
+                 as_of: int | str | _dt.datetime | None = None):
         self.output_uri = str(output_uri).rstrip("/") or str(output_uri)
         self.storage = storage
         self.threads = threads
-        self._fs = None
-        self._root: str | None = None
-        self._runs: list[RunManifest] | None = None
+        try:
+            self.as_of = results.parse_as_of(as_of)
+        except results.ResultsError as err:
+            raise QueryError(str(err)) from None
+        self._table = None
+        self._runs: list[Run] | None = None
         self._dataset = None
         self._con = None
 
-    # -- location ------------------------------------------------------------------------------------------
-
-    def _filesystem(self):
-        if self._fs is None:
-            try:
-                self._fs, self._root = storage.filesystem(self.output_uri, self.storage)
-            except storage.StorageError as err:
-                raise QueryError(str(err)) from None
-        return self._fs, self._root
-
-    def _join(self, *parts: str) -> str:
-        _fs, root = self._filesystem()
-        return posixpath.join(root, *parts) if storage.is_remote(self.output_uri) else os.path.join(root, *parts)
-
-    @property
-    def runs_uri(self) -> str:
-        return storage.join(self.output_uri, "_runs")
-
-    def _file_uri(self, path: str) -> str:
-        return ("s3://" + path) if storage.is_remote(self.output_uri) else path
-
-    def _resolve_data_path(self, rel: str) -> str:
-        path = self._resolve_raw(rel)
-        return posixpath.normpath(path) if storage.is_remote(self.output_uri) else os.path.normpath(path)
-
-    def _resolve_raw(self, rel: str) -> str:
-        if "://" in rel:
-            rel = rel.split("://", 1)[1]
-            return rel if storage.is_remote(self.output_uri) else "/" + rel.lstrip("/")
-        if not storage.is_remote(self.output_uri) and os.path.isabs(rel):
-            return rel
-        _fs, root = self._filesystem()
-        rel = rel.lstrip("/") if storage.is_remote(self.output_uri) else rel
-        if storage.is_remote(self.output_uri) and rel.startswith(root + "/"):
-            return rel
-        return self._join(rel)
-
-    # -- manifests -----------------------------------------------------------------------------------------
+    # -- the table -----------------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Forget cached manifests, dataset and connection (and the fsspec listing cache)."""
+        """Forget the cached table version, dataset and connection."""
         if self._con is not None:
             self._con.close()
         self._con = None
         self._dataset = None
         self._runs = None
-        if self._fs is not None:
-            self._fs.invalidate_cache()
+        self._table = None
 
     @property
-    def runs(self) -> list[RunManifest]:
-        """The committed runs, oldest first (by run_id, which starts with the UTC start time)."""
-        if self._runs is None:
-            self._runs = self._read_manifests()
-        return self._runs
-
-    def _read_manifests(self) -> list[RunManifest]:
-        fs, root = self._filesystem()
-        runs_dir = self._join("_runs")
-        expected = f"{self.runs_uri}/*.json" if storage.is_remote(self.output_uri) else os.path.join(self.runs_uri, "*.json")
-        storage.check_bucket(fs, root, self.output_uri)
-        fs.invalidate_cache(runs_dir)  # fsspec caches instances and listings per process: always list afresh
-        try:
-            names = sorted(p for p in fs.ls(runs_dir, detail=False) if p.endswith(".json"))
-        except FileNotFoundError:
-            names = []
-        except PermissionError as err:
-            raise QueryError(f"access denied listing {self.runs_uri}: {err}") from None
-        if not names:
-            raise NoRunsError(f"no scoring runs found under {self.output_uri} (expected {expected})")
-        runs = []
-        for name in names:
-            uri = self._file_uri(name)
+    def table(self):
+        """The `deltalake.DeltaTable` at the chosen version."""
+        if self._table is None:
             try:
-                with fs.open(name, "rb") as f:
-                    data = json.loads(f.read())
-            except json.JSONDecodeError as err:
-                raise QueryError(f"run manifest {uri} is not valid JSON: {err}") from None
-            except FileNotFoundError:  # removed between listing and reading
-                continue
-            if not isinstance(data, dict) or not isinstance(data.get("files"), list):
-                raise QueryError(f"run manifest {uri} has no 'files' list (expected the scoring job's run manifest)")
-            run_id = str(data.get("run_id") or posixpath.basename(name)[: -len(".json")])
-            files = [self._resolve_data_path(str(f)) for f in data["files"]]
-            run_date = data.get("run_date")
-            if not run_date:
-                dates = {m.group(1) for f in files if (m := _RUN_DATE_IN_PATH.search(f))}
-                if len(dates) == 1:
-                    run_date = dates.pop()
-                elif (m := _RUN_ID_DATE.match(run_id)):
-                    run_date = f"{m.group(1)}-{m.group(2)}-{m.group(3)}"
-            runs.append(RunManifest(
-                run_id=run_id, uri=uri, files=files, run_date=run_date,
-                model_uri=data.get("model_uri"), model_name=data.get("model_name"),
-                model_version=data.get("model_version"), raw=data,
-            ))
-        if not runs:
-            raise NoRunsError(f"no scoring runs found under {self.output_uri} (expected {expected})")
-        runs.sort(key=lambda r: (r.run_id, r.uri))
-        return runs
+                self._table = results.open_table(self.output_uri, self.storage, self.as_of)
+            except results.LegacyLayoutError as err:
+                raise LegacyLayoutError(str(err)) from None
+            except results.NoRunsError as err:
+                raise NoRunsError(str(err)) from None
+            except results.ResultsError as err:
+                raise QueryError(str(err)) from None
+        return self._table
+
+    @property
+    def version(self) -> int:
+        """The table version the view shows."""
+        return self.table.version()
+
+    @property
+    def runs(self) -> list[Run]:
+        """The scoring runs recorded in the table's history (up to the chosen version), oldest first."""
+        if self._runs is None:
+            runs = results.runs(self.table)
+            if not runs:
+                raise NoRunsError(f"no scoring runs found under {self.output_uri} (the table's history records none"
+                                  + (f" up to version {self.version}" if self.as_of is not None else "") + ")")
+            self._runs = runs
+        return self._runs
 
     @property
     def files(self) -> list[str]:
-        """Committed data files (filesystem paths), each once, in run order."""
-        return list(OrderedDict.fromkeys(f for r in self.runs for f in r.files))
+        """The data files of the chosen version (paths relative to the table)."""
+        return list(self.table.get_add_actions(flatten=True).column("path").to_pylist())
 
     # -- dataset + DuckDB ----------------------------------------------------------------------------------
 
     @property
     def dataset(self):
-        """A `pyarrow.dataset.Dataset` over exactly the committed data files, with `run_date` from the partition."""
+        """A `pyarrow.dataset.Dataset` over exactly the files of the chosen version, `run_date` from the log."""
         if self._dataset is None:
-            self._dataset = self._build_dataset()
-        return self._dataset
-
-    def _build_dataset(self):
-        import pyarrow.dataset as ds
-
-        fs, _root = self._filesystem()
-        files = self.files
-        # one listing of results/ instead of one HEAD per file: a manifest naming a vanished file is an error
-        # here, not a FileNotFoundError from deep inside a scan.
-        if files:
-            results_dir = self._join("results")
-            fs.invalidate_cache()  # s3fs drops only the path and its parents otherwise: run_date= folders too
+            if self.version <= 0:  # only the table's creation: no scoring run has committed yet (history not read:
+                # a plain query stays cheap however many runs the log holds)
+                raise NoRunsError(f"no scoring runs found under {self.output_uri} (the table has no commit of a "
+                                  f"scoring run" + (f" at version {self.version})" if self.as_of is not None else ")"))
             try:
-                present = set(fs.find(results_dir)) if fs.exists(results_dir) else set()
-            except FileNotFoundError:
-                present = set()
-            outside = [f for f in files if not f.startswith(results_dir.rstrip("/") + "/")]
-            for f in outside:  # listed outside results/ (unusual): check one by one
-                if fs.exists(f):
-                    present.add(f)
-            missing = [f for f in files if f not in present]
-            if missing:
-                owners = {f: r.uri for r in self.runs for f in r.files}
-                shown = "; ".join(f"{self._file_uri(f)} (listed by {owners[f]})" for f in missing[:5])
-                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise QueryError(f"committed data files are missing under {self.output_uri}: {shown}{more}")
-        partitioning = ds.partitioning(_PARTITION_SCHEMA, flavor="hive")
-        base = self._join("results")
-        # the scan itself goes through Arrow's own filesystem (storage.arrow_filesystem says why); the paths are
-        # the same in both
-        arrow_fs, _ = storage.arrow_filesystem(self.output_uri, self.storage)
-        try:
-            probe = ds.dataset(files, filesystem=arrow_fs, format="parquet", partitioning=partitioning,
-                               partition_base_dir=base)
-            schema = RESULTS_SCHEMA
-            extra = [f for f in probe.schema if f.name not in RESULTS_SCHEMA.names]
-            if extra:
-                schema = pa.schema(list(RESULTS_SCHEMA) + extra)
-            return ds.dataset(files, filesystem=arrow_fs, format="parquet", partitioning=partitioning,
-                              partition_base_dir=base, schema=schema)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise QueryError(f"cannot open the scoring outputs under {self.output_uri}: {err}") from None
+                self._dataset = results.dataset(self.table, self.output_uri, self.storage)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise QueryError(f"cannot open the scoring results under {self.output_uri}: {err}") from None
+        return self._dataset
 
     @property
     def connection(self):
@@ -396,8 +270,8 @@ class Results:
         what = next((v for k, v in kind.items() if isinstance(err, k)), type(err).__name__)
         msg = str(err).strip()
         lines = [
-            f"{what} in query over {self.output_uri} (view '{RESULTS_VIEW}': {len(self.runs)} runs, "
-            f"{len(self.files)} files): {msg}",
+            f"{what} in query over {self.output_uri} (view '{RESULTS_VIEW}': table version {self.version}, "
+            f"{len(self.runs)} runs, {len(self.files)} files): {msg}",
             f"  SQL: {' '.join(query.split())}",
         ]
         if isinstance(err, (duckdb.BinderException, duckdb.CatalogException)):
@@ -470,7 +344,7 @@ class Results:
     def _add_empty_runs(self, table: pa.Table, since: str | None, until: str | None) -> pa.Table:
         """Committed runs that wrote no rows (nothing new to score) still belong in a per-run summary."""
         seen = set(table.column("run_id").to_pylist())
-        empty = [r for r in self.runs if r.run_id not in seen and not r.files
+        empty = [r for r in self.runs if r.run_id not in seen and not r.rows
                  and (since is None or (r.run_date or "") >= since)
                  and (until is None or (r.run_date or "9999") <= until)]
         if not empty:
@@ -530,6 +404,38 @@ class Results:
             params,
         )
 
+    # -- runs ----------------------------------------------------------------------------------------------
+
+    def run_table(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None) -> pa.Table:
+        """The scoring runs recorded in the table's history (each commit of a run carries its record; the last
+        one counts), oldest first: status (committed, running = stopped after interval commits, failed), the
+        table versions it made, model, times, counts and throughput."""
+        since, until = _check_date(since, "since"), _check_date(until, "until")
+        rows = []
+        for r in self.runs:
+            if (since and (r.run_date or "") < since) or (until and (r.run_date or "9999") > until):
+                continue
+            raw = r.raw
+            c, t, e = raw.get("counts") or {}, raw.get("throughput") or {}, raw.get("execution") or {}
+            rows.append({
+                "run_id": r.run_id, "run_date": r.run_date, "status": r.status,
+                "first_version": min(r.versions), "last_version": max(r.versions), "commits": len(r.versions),
+                "model": f"{r.model_name}:{r.model_version}" if r.model_name else None,
+                "started_at": raw.get("started_at"), "committed_at": r.committed_at,
+                "seen": c.get("seen"), "scored": c.get("scored"), "skipped": c.get("skipped"),
+                "errors": c.get("errors"), "deferred": c.get("deferred"), "rows": raw.get("rows"),
+                "images_per_s": t.get("images_per_s"), "device": e.get("device"), "backend": e.get("backend"),
+                "tta": e.get("tta"), "input": raw.get("input"),
+            })
+        schema = pa.schema([
+            ("run_id", pa.string()), ("run_date", pa.string()), ("status", pa.string()),
+            ("first_version", pa.int64()), ("last_version", pa.int64()), ("commits", pa.int64()),
+            ("model", pa.string()), ("started_at", pa.string()), ("committed_at", pa.timestamp("ms", tz="UTC")),
+            ("seen", pa.int64()), ("scored", pa.int64()), ("skipped", pa.int64()), ("errors", pa.int64()),
+            ("deferred", pa.int64()), ("rows", pa.int64()), ("images_per_s", pa.float64()), ("device", pa.string()),
+            ("backend", pa.string()), ("tta", pa.string()), ("input", pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
     # -- drift ---------------------------------------------------------------------------------------------
 
     def model_card(self, model_uri: str, version: str | None = None) -> dict[str, Any]:
@@ -540,7 +446,7 @@ class Results:
               model: str | None = None, plot: str | None = None) -> pa.Table:
         """Class mix per day (ok rows) against the training distribution (model card "class_counts").
 
-        `model`: a package or model folder URI used for every day; by default each run's manifest "model_uri"
+        `model`: a package or model folder URI used for every day; by default each run's recorded "model_uri"
         (with the run's model_version) is used, so a day scored by two models gives one row per model.
         Rows with `source="training"` hold the training proportions (one per model card); rows with
         `source="scored"` one day each, with `tv_distance` (total variation, 0..1), `chi2` and `p_value`
@@ -576,9 +482,8 @@ class Results:
             else:
                 run = by_run.get(rid)
                 if run is None or not run.model_uri:
-                    where_from = run.uri if run else f"run {rid}"
-                    raise QueryError(f"cannot find the model card for run {rid}: its manifest ({where_from}) has "
-                                     f"no 'model_uri'; pass --model <package or model folder URI>")
+                    raise QueryError(f"cannot find the model card for run {rid}: its record in the table history "
+                                     f"has no 'model_uri'; pass --model <package or model folder URI>")
                 key = (run.model_uri, run.model_version)
             card_for(key)
             run_card[rid] = key

@@ -29,6 +29,9 @@ def _common(since_until: bool) -> argparse.ArgumentParser:
                    help="S3-compatible endpoint (MinIO, Ceph, moto ...); default $AWS_ENDPOINT_URL_S3 / "
                         "$AWS_ENDPOINT_URL, else AWS")
     p.add_argument("--format", "-f", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--as-of", metavar="VERSION|TIMESTAMP", default=None,
+                   help="time travel: the results table as of this version (e.g. 12) or time (e.g. "
+                        "2026-11-28T06:00:00Z; a date means 00:00 UTC); default: the latest version")
     if since_until:
         p.add_argument("--since", metavar="YYYY-MM-DD", default=None, help="first run_date to include")
         p.add_argument("--until", metavar="YYYY-MM-DD", default=None, help="last run_date to include")
@@ -36,14 +39,15 @@ def _common(since_until: bool) -> argparse.ArgumentParser:
 
 
 def add_query_commands(subparsers: Any) -> None:
-    """Register `query` and `report {summary,review,errors,drift}` on an argparse subparsers object."""
+    """Register `query` and `report {summary,review,errors,drift,runs}` on an argparse subparsers object."""
     common = _common(since_until=False)
     dated = _common(since_until=True)
 
     q = subparsers.add_parser(
         "query", parents=[common], help="run SQL over the committed scoring results (view 'results')",
-        description="Run one SQL statement with DuckDB over all committed scoring runs, exposed as the view "
-                    "'results' (columns of docs/architecture.md plus the partition column run_date).",
+        description="Run one SQL statement with DuckDB over the scoring results table (its committed rows, at "
+                    "the latest version or --as-of an earlier one), exposed as the view 'results' (columns of "
+                    "docs/scoring.md, run_date included).",
         epilog="example: leukray query \"SELECT run_date, count(*) FROM results GROUP BY ALL ORDER BY 1\"",
     )
     q.add_argument("sql", help="the SQL statement (quote it)")
@@ -51,7 +55,7 @@ def add_query_commands(subparsers: Any) -> None:
 
     rep = subparsers.add_parser("report", help="canned reports over the scoring results",
                                 description="Canned reports over the committed scoring results.")
-    rsub = rep.add_subparsers(dest="report", metavar="{summary,review,errors,drift}")
+    rsub = rep.add_subparsers(dest="report", metavar="{summary,review,errors,drift,runs}")
     rsub.required = True
 
     s = rsub.add_parser("summary", parents=[dated], help="files, ok, errors, per-class counts, mean confidence",
@@ -80,9 +84,14 @@ def add_query_commands(subparsers: Any) -> None:
                                     "(model card class_counts), with total variation distance and a chi-square "
                                     "goodness-of-fit p-value per day.")
     d.add_argument("--model", metavar="URI", default=None,
-                   help="model package folder or model folder (LATEST); default: each run manifest's model_uri")
+                   help="model package folder or model folder (LATEST); default: each run's recorded model_uri")
     d.add_argument("--plot", metavar="PNG", default=None, help="also write stacked bars of the class mix per day")
     d.set_defaults(func=_run_drift)
+
+    u = rsub.add_parser("runs", parents=[dated], help="the scoring runs recorded in the table's history",
+                        description="The scoring runs recorded in the results table's history, oldest first: "
+                                    "status, the table versions each made, model, times, counts, throughput.")
+    u.set_defaults(func=_run_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +111,7 @@ def _results(args: argparse.Namespace):
 
     output = args.output or os.environ.get("LEUKRAY_OUTPUT") or DEFAULT_OUTPUT
     opts = StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    return Results(output, opts)
+    return Results(output, opts, as_of=args.as_of)
 
 
 def _guard(fn):
@@ -159,6 +168,12 @@ def _run_drift(args: argparse.Namespace):
     if args.plot:
         sys.stderr.write(f"wrote {args.plot}\n")
     return table
+
+
+@_guard
+def _run_runs(args: argparse.Namespace):
+    with _results(args) as r:
+        return r.run_table(args.since, args.until)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,23 @@
-"""Batch scoring on Ray Data: an image archive (local folder or s3://prefix) → Parquet, nightly and incremental.
+"""Batch scoring on Ray Data: an image archive (local folder or s3://prefix) → the results Delta table, nightly
+and incremental.
 
 The only module with Ray Data calls. One run:
 
-1. `clean_orphans`   remove what crashed runs left behind (files under results/ no manifest lists, old _staging/).
-2. `list_inputs`     list image files on the driver (path, size, source_version = S3 ETag / local mtime in ns).
-3. `already_scored`  anti-join against the committed rows of the same model name + version → only new/changed files.
-4. `build_dataset`   Ray Data pipeline, one stage: file table → `_Scorer` actors (model loaded once per actor:
+1. `list_inputs`     list image files on the driver (path, size, source_version = S3 ETag / local mtime in ns).
+2. `results.scored_keys` + `select_new`   anti-join against the committed rows of the same model name + version
+                     (only `path, source_version` are read) → only new or changed files.
+3. `build_dataset`   Ray Data pipeline, two stages: file table → `_Scorer` actors (model loaded once per actor:
                      OpenVINO on CPU, torch bf16 + channels_last on CUDA), each reading + decoding its batch in
                      a thread pool while the model runs the previous batch (one error row per bad file) → Arrow
-                     rows with the documented schema.
-5. `_write_rows`     THE place rows are written: the driver streams the pipeline's output into Parquet files in
-                     `<output>/_staging/<run_id>/` (every input file yields exactly one row).
-6. `_commit`         move the files to `<output>/results/run_date=YYYY-MM-DD/<run_id>-<n>.parquet`, then write the
-                     manifest `<output>/_runs/<run_id>.json` LAST: that is the commit readers (leukray.query) see.
+                     rows with the documented schema → `results.write_files` tasks: the workers write the rows as
+                     Parquet data files of the table and return only each file's metadata.
+4. `results.Committer`   the driver commits the files it has been told about to the Delta log every
+                     commit_every_files files or commit_every_minutes minutes, and once more at the end: each commit
+                     atomic and carrying the run's record. No result row passes through the driver.
+5. `results.vacuum`  removes files no commit references (runs that died before committing) once older than
+                     vacuum_retention_hours.
 
-Layout and schema: docs/architecture.md ("Scoring output"); semantics and numbers: docs/scoring.md.
+Layout and schema: docs/architecture.md ("Scoring output"), leukray/results.py; semantics and numbers: docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import datetime as dt
 import json
 import math
 import os
-import posixpath
 import secrets
 import sys
 import threading
@@ -33,16 +35,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from . import CLASSES, storage
+from . import CLASSES, results, storage
 from .config import ConfigError, StorageOptions, StrictModel, dump_config
 from .images import ImageDecodeError, decode_image, is_image_name
 from .ood import load_guard, review_reason, split_outputs
-from .query import RESULTS_SCHEMA, prob_column
+from .results import FILE_SCHEMA, prob_column
 from .tta import TTA_VIEWS, check_tta, package_tta, resolve_tta, torch_views, tta_logits
-
-FILE_SCHEMA = pa.schema([f for f in RESULTS_SCHEMA if f.name != "run_date"])
-"""Columns stored in each data file; `run_date` lives in the hive partition path."""
 
 CARD, ONNX, LATEST = "model_card.json", "model.onnx", "LATEST"
 """Package file names (as in leukray.registry, which imports torch: workers that only decode or run ONNX Runtime
@@ -58,7 +58,7 @@ class ScoreConfig(StrictModel):
     """Archive prefix: local folder or s3://bucket/prefix; searched recursively for jpg/jpeg/png/tif/tiff/bmp
     (any case)."""
     output: str | None = None
-    """Output root (local or s3://): results/, _runs/, _staging/ live below it."""
+    """The results Delta table (local folder or s3://bucket/prefix), created by the first run."""
     model: str | None = None
     """Registry reference: a package folder (model_card.json) or a model folder (LATEST → that version)."""
     storage: StorageOptions = StorageOptions()
@@ -106,8 +106,23 @@ class ScoreConfig(StrictModel):
     object_store_limit_mb: int = 256
     """Ray Data object store budget of the run (only file rows and output rows pass through it now that decoding
     happens inside the model actor); 0 = Ray's default (a share of the object store)."""
-    max_rows_per_file: int = 200_000
-    """Rows per output Parquet file."""
+    max_rows_per_file: int = 10_000
+    """Rows per data file a worker writes (the unit a commit can include: keep it well below what the actors score
+    in commit_every_minutes)."""
+    commit_every_files: int = 200_000
+    """Commit the rows written so far after this many more input files (each commit atomic: a driver that dies
+    loses at most the rows since the last commit, and the rerun scores only those)."""
+    commit_every_minutes: float = 10.0
+    """…or after this many minutes since the last commit, whichever comes first."""
+    vacuum_after_run: bool = True
+    """After the run, delete files no commit references that are older than vacuum_retention_hours."""
+    vacuum_retention_hours: float = 168.0
+    """Age a stray file must reach before a vacuum deletes it. Must exceed the time between a worker writing a file
+    and its run committing it (commit_every_minutes plus a file's write time) for every run that may be writing
+    the table: lower it only when no run is in flight."""
+    delta_options: dict[str, str] = {}
+    """Extra deltalake storage options for the table (e.g. `conditional_put: none` plus a DynamoDB commit lock,
+    `AWS_S3_LOCKING_PROVIDER: dynamodb`, for an S3 store without conditional put). Credentials belong in storage."""
     run_date: str | None = None
     """Partition date YYYY-MM-DD; default: the UTC date the run started (set it for backfills)."""
     limit: int | None = None
@@ -125,6 +140,10 @@ class ScoreConfig(StrictModel):
         if self.backend in ("onnx", "torch") and self.cpu_precision == "bf16":
             raise ValueError(f"cpu_precision=bf16 needs backend openvino (or auto on CPU); backend={self.backend} "
                              "runs f32 on CPU")
+        if self.max_rows_per_file < 1 or self.commit_every_files < 1 or self.commit_every_minutes <= 0:
+            raise ValueError("max_rows_per_file and commit_every_files must be >= 1, commit_every_minutes > 0")
+        if self.vacuum_retention_hours < 0:
+            raise ValueError(f"vacuum_retention_hours={self.vacuum_retention_hours} must be >= 0")
         if self.run_date is not None:
             try:
                 dt.date.fromisoformat(self.run_date)
@@ -141,14 +160,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ locations
-def _uri(fs_path: str, remote: bool) -> str:
-    return ("s3://" + fs_path) if remote else fs_path
-
-
-def _pjoin(remote: bool, *parts: str) -> str:
-    return posixpath.join(*parts) if remote else os.path.join(*parts)
-
-
 def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
     """Image files under `uri` (recursive): path (full URI), size, source_version (ETag or mtime ns), sorted."""
     fs, root = storage.filesystem(uri, opts)
@@ -189,72 +200,6 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
     rows.sort()
     return pa.table({"path": [r[0] for r in rows], "size": [r[1] for r in rows],
                      "source_version": [r[2] for r in rows]}, schema=LISTING_SCHEMA)
-
-
-def read_manifests(output: str, opts: StorageOptions | None = None) -> list[dict[str, Any]]:
-    """The committed run manifests under `<output>/_runs/`, each with "_files": data files as filesystem paths."""
-    fs, root = storage.filesystem(output, opts)
-    remote = storage.is_remote(output)
-    runs_dir = _pjoin(remote, root, "_runs")
-    fs.invalidate_cache()  # s3fs caches listings per process (and only invalidates parents of a path): list afresh
-    try:
-        names = sorted(p for p in fs.ls(runs_dir, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
-        with fs.open(name, "rb") as f:
-            data = json.loads(f.read())
-        files = []
-        for rel in data.get("files") or []:
-            rel = str(rel)
-            if "://" in rel:
-                files.append(rel.split("://", 1)[1] if remote else rel.split("://", 1)[1])
-            elif not remote and os.path.isabs(rel):
-                files.append(rel)
-            else:
-                files.append(_pjoin(remote, root, rel))
-        data["_files"] = [posixpath.normpath(f) if remote else os.path.normpath(f) for f in files]
-        out.append(data)
-    return out
-
-
-def clean_orphans(output: str, opts: StorageOptions | None, keep_run: str | None = None) -> list[str]:
-    """Remove data files under results/ that no manifest lists and every _staging/ run folder (a crashed run's).
-    Assumes one writer per output location at a time. Returns what was removed (URIs)."""
-    fs, root = storage.filesystem(output, opts)
-    remote = storage.is_remote(output)
-    listed = {f for m in read_manifests(output, opts) for f in m["_files"]}
-    removed = []
-    results_dir = _pjoin(remote, root, "results")
-    fs.invalidate_cache(results_dir)
-    if fs.exists(results_dir):
-        for f in fs.find(results_dir):
-            if f not in listed:
-                fs.rm(f)
-                removed.append(_uri(f, remote))
-    staging = _pjoin(remote, root, "_staging")
-    fs.invalidate_cache(staging)
-    if fs.exists(staging):
-        for d in fs.ls(staging, detail=False):
-            if keep_run and posixpath.basename(d.rstrip("/")) == keep_run:
-                continue
-            fs.rm(d, recursive=True)
-            removed.append(_uri(d, remote))
-    return removed
-
-
-def already_scored(output: str, opts: StorageOptions | None, model_name: str, model_version: str) -> pa.Table:
-    """(path, source_version) of committed rows scored by this model name + version."""
-    import pyarrow.dataset as pads
-
-    files = [f for m in read_manifests(output, opts)
-             if m.get("model_name") == model_name and m.get("model_version") == model_version for f in m["_files"]]
-    if not files:
-        return pa.table({"path": pa.array([], pa.string()), "source_version": pa.array([], pa.string())})
-    fs, _root = storage.arrow_filesystem(output, opts)  # Arrow's own S3 client: no Python in the read path
-    d = pads.dataset(files, filesystem=fs, format="parquet")
-    return d.to_table(columns=["path", "source_version"])
 
 
 def select_new(listing: pa.Table, scored: pa.Table) -> pa.Table:
@@ -620,9 +565,17 @@ def plan_device(cfg: ScoreConfig) -> tuple[str, str, float]:
     return device, backend, (cfg.num_gpus_per_actor if device == "cuda" else 0.0)
 
 
+def _write_stage(rows: pa.Table, output: str, opts: StorageOptions | None, run_id: str, run_date: str) -> pa.Table:
+    """The pipeline's last stage, on a worker: rows → one data file of the table → its metadata."""
+    return results.write_files(rows, output, opts, run_id, run_date)
+
+
 def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: str, scored_at: dt.datetime,
-                  device: str, backend: str, num_gpus: float, precision: str = "f32", tta: str = "none"):
-    """The Ray Data pipeline: file table → `_Scorer` actors (read + decode + model) → rows (FILE_SCHEMA)."""
+                  device: str, backend: str, num_gpus: float, precision: str = "f32", tta: str = "none",
+                  run_date: str | None = None):
+    """The Ray Data pipeline: file table → `_Scorer` actors (read + decode + model) → rows (FILE_SCHEMA); with
+    `run_date`, then → `_write_stage` tasks that write the rows as data files of the table at cfg.output and yield
+    only the files' metadata (results.ACTION_SCHEMA)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -641,90 +594,48 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: s
                                                      cfg.decode_threads, cfg.cpu_request_images, tta),
                         batch_size=cfg.batch_size, batch_format="pyarrow", compute=pool,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
-    return ds
-
-
-# ------------------------------------------------------------------------------------------------ writing + commit
-def _write_rows(ds, staging_dir: str, fs, remote: bool, run_id: str, max_rows: int) -> tuple[list[str], dict[str, Any]]:
-    """THE place where rows are written: stream the pipeline's output into Parquet files in staging.
-    Returns the staged files and counts (rows, scored, errors, first_rows_s: start-up until the first rows)."""
-    import pyarrow.parquet as pq
-
-    staged: list[str] = []
-    counts: dict[str, Any] = {"rows": 0, "scored": 0, "errors": 0, "first_rows_s": None}
-    t0 = time.perf_counter()
-    writer, sink, rows_in_file = None, None, 0
-
-    def close() -> None:
-        nonlocal writer, sink
-        if writer is not None:
-            writer.close()
-            sink.close()
-        writer, sink = None, None
-
-    try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if table.num_rows == 0:
-                continue
-            if counts["first_rows_s"] is None:
-                counts["first_rows_s"] = round(time.perf_counter() - t0, 3)
-            table = table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
-            if writer is None or rows_in_file >= max_rows:
-                close()
-                path = _pjoin(remote, staging_dir, f"{run_id}-{len(staged)}.parquet")
-                sink = fs.open(path, "wb")
-                writer = pq.ParquetWriter(sink, FILE_SCHEMA, compression="zstd")
-                staged.append(path)
-                rows_in_file = 0
-            writer.write_table(table)
-            rows_in_file += table.num_rows
-            counts["rows"] += table.num_rows
-            ok = int(table["status"].to_numpy(zero_copy_only=False).tolist().count("ok"))
-            counts["scored"] += ok
-            counts["errors"] += table.num_rows - ok
-    finally:
-        close()
-    return staged, counts
-
-
-def _commit(fs, remote: bool, root: str, staged: list[str], run_id: str, run_date: str) -> list[str]:
-    """Move staged files under results/run_date=…/; returns their paths relative to the output root."""
-    rel_files = []
-    part_dir = _pjoin(remote, root, "results", f"run_date={run_date}")
-    if not remote:
-        os.makedirs(part_dir, exist_ok=True)
-    for n, src in enumerate(staged):
-        rel = posixpath.join("results", f"run_date={run_date}", f"{run_id}-{n}.parquet")
-        dst = _pjoin(remote, root, *rel.split("/"))
-        if remote:
-            fs.mv(src, dst)
-        else:
-            os.replace(src, dst)
-        rel_files.append(rel)
-    return rel_files
+    if run_date is None:
+        return ds
+    # Light I/O tasks: no CPU reserved, so they never wait behind model actors that hold every CPU of the cluster.
+    return ds.map_batches(_write_stage, fn_kwargs={"output": cfg.output, "opts": cfg.storage, "run_id": run_id,
+                                                   "run_date": run_date},
+                          batch_size=cfg.max_rows_per_file, batch_format="pyarrow", zero_copy_batch=True, num_cpus=0,
+                          concurrency=max(2, cfg.num_actors))
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def run(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every new or changed image under cfg.input with cfg.model; commit one run; return its manifest."""
-    for key in ("input", "output", "model"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"score: '{key}' is required (set it in the config or pass --{key})")
+def _resolved(cfg: ScoreConfig) -> ScoreConfig:
     opts = cfg.storage
     if opts.endpoint_url is None and storage.endpoint_url(opts):
         # resolve $AWS_ENDPOINT_URL on the driver: Ray workers may not share the driver's environment
         opts = opts.model_copy(update={"endpoint_url": storage.endpoint_url(opts)})
         cfg = cfg.model_copy(update={"storage": opts})
+    return cfg
+
+
+def _location_error(err: results.ResultsError) -> ScoreError:
+    return ScoreError(str(err))
+
+
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every new or changed image under cfg.input with cfg.model into the results table; return the run's
+    record (the one its last commit carries)."""
+    for key in ("input", "output", "model"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"score: '{key}' is required (set it in the config or pass --{key})")
+    cfg = _resolved(cfg)
+    opts = cfg.storage
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     run_date = cfg.run_date or started.date().isoformat()
 
-    # everything that can be checked without Ray first: a missing bucket or model fails here, clearly
-    out_fs, out_root = storage.filesystem(cfg.output, opts)
-    remote_out = storage.is_remote(cfg.output)
-    if remote_out:
-        storage.check_bucket(out_fs, out_root, cfg.output)
+    # everything that can be checked without Ray first: a missing bucket, an unconverted output or a missing model
+    # fails here, clearly
+    try:
+        results.check_location(cfg.output, opts)
+    except results.ResultsError as err:
+        raise _location_error(err) from None
     from . import registry
 
     package_uri = registry.resolve(cfg.model, opts)
@@ -740,20 +651,42 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     listing = list_inputs(cfg.input, opts)
     log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
 
-    removed = clean_orphans(cfg.output, opts, keep_run=None)
-    if removed:
-        log(f"removed {len(removed)} leftovers of crashed runs: {', '.join(removed[:5])}{' …' if len(removed) > 5 else ''}")
-    scored_before = already_scored(cfg.output, opts, model_name, model_version)
+    try:
+        table = results.ensure_table(cfg.output, opts, cfg.delta_options)
+        scored_before = results.scored_keys(cfg.output, opts, model_name, model_version)
+    except results.ResultsError as err:
+        raise _location_error(err) from None
     todo = select_new(listing, scored_before)
     skipped = listing.num_rows - todo.num_rows
     if cfg.limit is not None:
         todo = todo.slice(0, cfg.limit)
     log(f"{todo.num_rows} files to score, {skipped} already scored by {model_name} {model_version}")
+    committer = results.Committer(cfg.output, opts, run_id, model_name, model_version, todo, cfg.delta_options,
+                                  table=table)
 
-    staging_dir = _pjoin(remote_out, out_root, "_staging", run_id)
-    staged: list[str] = []
-    counts: dict[str, Any] = {"rows": 0, "scored": 0, "errors": 0, "first_rows_s": None}
+    counts: dict[str, Any] = {"rows": 0, "scored": 0, "errors": 0, "first_rows_s": None, "files": 0}
     device = backend = precision_label = "none"
+    record: dict[str, Any] = {
+        "run_id": run_id, "run_date": run_date, "status": "running", "started_at": started.isoformat(),
+        "model_name": model_name, "model_version": model_version, "model_uri": package_uri,
+        "input": cfg.input, "output": cfg.output, "config": dump_config(cfg),
+    }
+
+    def snapshot(status: str, elapsed: float) -> dict[str, Any]:
+        processed = counts["scored"] + counts["errors"]
+        return dict(record, status=status, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                    files=counts["files"], rows=counts["rows"],
+                    counts={"seen": listing.num_rows, "scored": counts["scored"], "skipped": skipped,
+                            "errors": counts["errors"], "deferred": listing.num_rows - skipped - todo.num_rows},
+                    throughput={"images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else 0.0,
+                                "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3),
+                                "first_rows_s": counts["first_rows_s"]},
+                    driver={"result_rows": 0, "file_records": counts["files"]},
+                    execution={"ood": ({k: card["ood"][k] for k in ("method", "k", "threshold")}
+                                       if card.get("ood") else None),
+                               "device": device, "backend": backend, "precision": precision_label,
+                               "num_actors": cfg.num_actors, "tta": tta})
+
     t_pipe = time.perf_counter()
     if todo.num_rows:
         init_ray(cfg)
@@ -766,60 +699,93 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
             precision_label = precision
         t_pipe = time.perf_counter()
         log(f"scoring on {device} ({backend} {precision_label}), {cfg.num_actors} actor(s), batch {cfg.batch_size}, "
-            f"tta {tta} ({TTA_VIEWS[tta]} view(s) per image)")
-        if not remote_out:
-            os.makedirs(staging_dir, exist_ok=True)
-        ds = build_dataset(todo, cfg, package_uri, run_id, started, device, backend, num_gpus, precision, tta)
-        staged, counts = _write_rows(ds, staging_dir, out_fs, remote_out, run_id, cfg.max_rows_per_file)
-        if counts["rows"] != todo.num_rows:
-            raise ScoreError(f"run {run_id}: {counts['rows']} rows for {todo.num_rows} input files; not committed")
-    elapsed = time.perf_counter() - t_pipe
-    files = _commit(out_fs, remote_out, out_root, staged, run_id, run_date)
-    if not remote_out:
-        import shutil
-
-        shutil.rmtree(staging_dir, ignore_errors=True)
-    else:
+            f"tta {tta} ({TTA_VIEWS[tta]} view(s) per image); commits every {cfg.commit_every_files} files or "
+            f"{cfg.commit_every_minutes:g} min")
+        ds = build_dataset(todo, cfg, package_uri, run_id, started, device, backend, num_gpus, precision, tta,
+                           run_date=run_date)
+        pending: list[pa.Table] = []
+        pending_rows, last_commit = 0, time.perf_counter()
         try:
-            out_fs.rm(staging_dir, recursive=True)
-        except FileNotFoundError:
-            pass
-    finished = dt.datetime.now(dt.timezone.utc)
-    processed = counts["scored"] + counts["errors"]
-    manifest = {
-        "run_id": run_id,
-        "run_date": run_date,
-        "status": "committed",
-        "started_at": started.isoformat(),
-        "finished_at": finished.isoformat(),
-        "model_name": model_name,
-        "model_version": model_version,
-        "model_uri": package_uri,
-        "input": cfg.input,
-        "output": cfg.output,
-        "files": files,
-        "rows": counts["rows"],
-        "counts": {"seen": listing.num_rows, "scored": counts["scored"], "skipped": skipped,
-                   "errors": counts["errors"], "deferred": listing.num_rows - skipped - todo.num_rows},
-        "throughput": {"images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else 0.0,
-                       "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3),
-                       "first_rows_s": counts["first_rows_s"]},
-        "execution": {"device": device, "backend": backend, "precision": precision_label, "num_actors": cfg.num_actors,
-                      "tta": tta, "ood": ({k: card["ood"][k] for k in ("method", "k", "threshold")}
-                                          if card.get("ood") else None)},
-        "config": dump_config(cfg),
-    }
-    storage.write_json(storage.join(cfg.output, "_runs", f"{run_id}.json"), manifest, opts)  # the commit
-    return manifest
+            # only file metadata arrives here (results.ACTION_SCHEMA): the rows stay with the workers
+            for files in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if files.num_rows == 0:
+                    continue
+                if counts["first_rows_s"] is None:
+                    counts["first_rows_s"] = round(time.perf_counter() - t_pipe, 3)
+                n = int(pc.sum(files["rows"]).as_py() or 0)
+                ok = int(pc.sum(files["ok"]).as_py() or 0)
+                counts["rows"] += n
+                counts["scored"] += ok
+                counts["errors"] += n - ok
+                counts["files"] += files.num_rows
+                pending.append(files)
+                pending_rows += n
+                if pending_rows >= cfg.commit_every_files or \
+                        time.perf_counter() - last_commit >= cfg.commit_every_minutes * 60:
+                    v = committer.commit(pa.concat_tables(pending), snapshot("running", time.perf_counter() - t_pipe))
+                    log(f"committed {pending_rows} rows as version {v} ({counts['rows']} of {todo.num_rows} so far)")
+                    pending, pending_rows, last_commit = [], 0, time.perf_counter()
+        except results.ConcurrentRunError as err:
+            raise ScoreError(str(err)) from None
+        except Exception as err:
+            if pending:  # complete data files: commit them, the rerun scores only what is left
+                try:
+                    committer.commit(pa.concat_tables(pending), snapshot("failed", time.perf_counter() - t_pipe))
+                    log(f"run failed: committed the {pending_rows} rows written before the failure")
+                except Exception as commit_err:  # noqa: BLE001
+                    log(f"run failed, and its last {pending_rows} rows could not be committed: {commit_err}")
+            raise ScoreError(f"run {run_id} failed after {counts['rows']} of {todo.num_rows} rows: "
+                             f"{type(err).__name__}: {err}") from err
+        if counts["rows"] != todo.num_rows:
+            raise ScoreError(f"run {run_id}: {counts['rows']} rows for {todo.num_rows} input files; the last "
+                             f"{pending_rows} rows were not committed")
+        final_files = pa.concat_tables(pending) if pending else results.ACTION_SCHEMA.empty_table()
+    else:
+        final_files = results.ACTION_SCHEMA.empty_table()
+    elapsed = time.perf_counter() - t_pipe
+    try:
+        out = snapshot("committed", elapsed)
+        version = committer.commit(final_files, out)  # the run's last commit: its record is the run's record
+    except results.ResultsError as err:
+        raise ScoreError(str(err)) from None
+    out.update(version=version, commits=committer.commits)
+    if cfg.vacuum_after_run:
+        try:
+            removed = results.vacuum(cfg.output, opts, cfg.vacuum_retention_hours, cfg.delta_options)
+            if removed:
+                log(f"vacuum: removed {len(removed)} uncommitted file(s) older than {cfg.vacuum_retention_hours:g} h")
+        except Exception as err:  # noqa: BLE001 - a vacuum is housekeeping: the run is committed
+            log(f"vacuum failed (the run is committed; `leukray score --vacuum` retries it): {err}")
+    return out
 
 
-def summary(manifest: dict[str, Any]) -> str:
-    c, t = manifest["counts"], manifest["throughput"]
-    return (f"run {manifest['run_id']} ({manifest['model_name']} {manifest['model_version']}): "
+def vacuum(cfg: ScoreConfig) -> list[str]:
+    """`leukray score --vacuum`: delete uncommitted files older than cfg.vacuum_retention_hours."""
+    if not cfg.output:
+        raise ConfigError("score --vacuum: 'output' is required (set it in the config or pass --output)")
+    cfg = _resolved(cfg)
+    try:
+        return results.vacuum(cfg.output, cfg.storage, cfg.vacuum_retention_hours, cfg.delta_options)
+    except results.ResultsError as err:
+        raise ScoreError(str(err)) from None
+
+
+def convert_legacy(output: str, cfg: ScoreConfig) -> dict[str, Any]:
+    """`leukray score --convert-legacy OUTPUT`: the previous layout at OUTPUT → the results table."""
+    cfg = _resolved(cfg)
+    try:
+        return results.convert_legacy(output, cfg.storage, cfg.delta_options, log=log)
+    except results.ResultsError as err:
+        raise ScoreError(str(err)) from None
+
+
+def summary(record: dict[str, Any]) -> str:
+    c, t = record["counts"], record["throughput"]
+    return (f"run {record['run_id']} ({record['model_name']} {record['model_version']}): "
             f"files seen {c['seen']}, scored {c['scored']}, skipped as already scored {c['skipped']}, "
             f"errors {c['errors']}" + (f", deferred by limit {c['deferred']}" if c.get("deferred") else "")
-            + f"; {t['images_per_s']} img/s ({t['pipeline_s']} s); {len(manifest['files'])} data file(s) under "
-            f"{manifest['output']}/results/run_date={manifest['run_date']}")
+            + f"; {t['images_per_s']} img/s ({t['pipeline_s']} s); {record['files']} data file(s) in "
+            f"{record['commits']} commit(s), table {record['output']} at version {record['version']}")
 
 
 # ------------------------------------------------------------------------------------------------ helpers for smoke/bench
@@ -859,7 +825,8 @@ def prepare_smoke(cfg: ScoreConfig) -> None:
             f.write("this is text, not a JPEG\n")
 
 
-def main_summary_json(manifest: dict[str, Any]) -> str:
-    keep = {k: manifest[k] for k in ("run_id", "run_date", "model_name", "model_version", "model_uri", "input",
-                                     "output", "files", "counts", "throughput", "execution")}
+def main_summary_json(record: dict[str, Any]) -> str:
+    keep = {k: record[k] for k in ("run_id", "run_date", "model_name", "model_version", "model_uri", "input",
+                                   "output", "version", "commits", "files", "rows", "counts", "throughput", "driver",
+                                   "execution")}
     return json.dumps(keep, indent=2)

@@ -140,3 +140,21 @@ def storage_options(info: dict) -> dict:
         "secret": "testing",
         "client_kwargs": {"endpoint_url": info["s3_endpoint"], "region_name": "us-east-1"},
     }
+
+
+def read_with_ray(info: dict, output: str, tmp_path) -> "pyarrow.Table":  # noqa: F821
+    """A results table as `ray.data.read_delta` reads it, in a Ray job on the cluster (tests/jobs/read_delta.py;
+    the moto server's fake credentials in the job's environment, never on the command line)."""
+    import pyarrow.parquet as pq
+
+    from leukray import results, storage
+
+    tmp_path = Path(tmp_path)
+    out = tmp_path / f"read-delta-{len(list(tmp_path.glob('read-delta-*')))}.parquet"
+    args = [sys.executable, "tests/jobs/read_delta.py", results.table_uri(output), str(out)]
+    if storage.is_remote(output):
+        args.append(info["s3_endpoint"])
+    env = {k: v for k, v in cluster_local.S3_ENV.items() if k != "AWS_SESSION_TOKEN"}
+    res = submit_job(info, args, working_dir=REPO, timeout=600, runtime_env={"env_vars": env})
+    assert res.returncode == 0 and "read_delta:" in res.stdout, res.stdout[-4000:]
+    return pq.read_table(out)

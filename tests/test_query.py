@@ -1,9 +1,11 @@
-"""leukray.query / leukray.query_cli over outputs written exactly per docs/architecture.md ("Scoring output").
+"""leukray.query / leukray.query_cli over results tables written exactly per docs/architecture.md ("Scoring output").
 
-The fixture writes several committed runs on three days (two runs on one day, two models, an empty run), error
-rows, review rows, the orphan file of a crashed run (in results/, no manifest) and a staging file; neither of the
-last two may be visible. Every report is checked against an independent computation with pyarrow.compute over
-the fixture's ground truth, on a local folder and on s3:// served by a real moto server on 127.0.0.1.
+The fixture writes a Delta table the way scoring runs do (leukray.results: data files, then one commit per run
+carrying its record): several runs on three days (two runs on one day, two models, an empty run), error rows,
+review rows, and the data file of a crashed run that never committed it, which may not be visible. Every report is
+checked against an independent computation with pyarrow.compute over the fixture's ground truth, on a local folder
+and on s3:// served by a real moto server on 127.0.0.1; also time travel (--as-of) and the conversion of an output
+in the previous layout (results/ + _runs/, as the previous scorer wrote it).
 """
 
 from __future__ import annotations
@@ -15,18 +17,25 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import socket
+import time
 import urllib.request
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from leukray import CLASSES, storage
+from leukray import CLASSES, results, storage
 from leukray.config import StorageOptions
-from leukray.query import RESULTS_SCHEMA, NoRunsError, QueryError, Results, prob_column
+from leukray.query import RESULTS_SCHEMA, LegacyLayoutError, NoRunsError, QueryError, Results, prob_column
 from leukray.query_cli import build_parser
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy-score"
+"""An output in the previous layout written by the previous scorer (3 runs: 13 rows with an error row, 1 row, none)."""
 
 MODEL = "leukray-mnv2"
 BUCKET = "lab-scores"
@@ -46,7 +55,7 @@ RUNS = [
     ("20261127T031500Z-dddddd", "2026-11-27", "v0002", "package", [45]),
     ("20261128T031500Z-ffffff", "2026-11-28", "v0002", "package", []),  # nothing new to score
 ]
-ORPHAN_RUN = "20261127T120000Z-eeeeee"  # crashed before writing its manifest
+ORPHAN_RUN = "20261127T120000Z-eeeeee"  # crashed before committing its data file
 
 
 def _free_port() -> int:
@@ -85,38 +94,38 @@ def _rows(rng: random.Random, run_id: str, run_date: str, version: str, n: int, 
     return rows
 
 
-def _write_parquet(path: str, rows: list[dict], schema: pa.Schema = FILE_SCHEMA) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+def _write_run(out: str, run_id: str, run_date: str, tables: list[pa.Table], record: dict | None,
+               opts: StorageOptions | None = None) -> pa.Table:
+    """What a scoring run does: workers write data files (results.write_files), then one commit; without `record`
+    the files are written and never committed (a run that died). Returns the files' metadata."""
+    files = [results.write_files(t, out, opts, run_id, run_date) for t in tables]
+    files = pa.concat_tables(files) if files else results.ACTION_SCHEMA.empty_table()
+    if record is not None:
+        results.Committer(out, opts, run_id, record.get("model_name") or "", record.get("model_version") or "",
+                          None).commit(files, record)
+        time.sleep(0.01)  # distinct commit timestamps (time travel by time)
+    return files
 
 
 def build_outputs(root: str, output_uri: str, registry_uri: str) -> pa.Table:
-    """Write the scoring outputs + registry under the local folder `root` (to be uploaded as is for s3) and
-    return the ground truth: every committed row with its run_date."""
+    """Write the results table + registry under the local folder `root` (to be uploaded as is for s3) and return
+    the ground truth: every committed row with its run_date."""
     rng = random.Random(20261127)
     out = os.path.join(root, "score")
     truth: list[dict] = []
     for run_id, run_date, version, ref, sizes in RUNS:
-        files = []
+        tables = []
         for n_file, n in enumerate(sizes):
-            rel = f"results/run_date={run_date}/{run_id}-{n_file}.parquet"
             rows = _rows(rng, run_id, run_date, version, n, n_file)
-            if run_id.endswith("bbbbbb"):  # a writer that keeps the partition column inside the file too
-                _write_parquet(os.path.join(out, rel), [dict(r, run_date=run_date) for r in rows], RESULTS_SCHEMA)
-            else:
-                _write_parquet(os.path.join(out, rel), rows)
-            files.append(rel)
+            tables.append(pa.Table.from_pylist(rows, schema=FILE_SCHEMA))
             truth += [dict(r, run_date=run_date) for r in rows]
         model_uri = f"{registry_uri}/{MODEL}" + (f"/{version}" if ref == "package" else "")
-        manifest = {"run_id": run_id, "run_date": run_date, "model_uri": model_uri, "model_name": MODEL,
-                    "model_version": version, "files": files, "rows": sum(sizes), "status": "committed"}
-        os.makedirs(os.path.join(out, "_runs"), exist_ok=True)
-        with open(os.path.join(out, "_runs", f"{run_id}.json"), "w") as f:
-            json.dump(manifest, f)
-    # the crashed run: a data file in results/ (not in any manifest) and one still in staging
+        record = {"run_id": run_id, "run_date": run_date, "model_uri": model_uri, "model_name": MODEL,
+                  "model_version": version, "rows": sum(sizes), "status": "committed"}
+        _write_run(out, run_id, run_date, tables, record)
+    # the crashed run: a data file in the table's folder that no commit references
     orphan = _rows(rng, ORPHAN_RUN, "2026-11-27", "v0002", 12, 0)
-    _write_parquet(os.path.join(out, f"results/run_date=2026-11-27/{ORPHAN_RUN}-0.parquet"), orphan)
-    _write_parquet(os.path.join(out, f"_staging/{ORPHAN_RUN}/{ORPHAN_RUN}-1.parquet"), orphan)
+    _write_run(out, ORPHAN_RUN, "2026-11-27", [pa.Table.from_pylist(orphan, schema=FILE_SCHEMA)], None)
     # the registry: model folder with LATEST, two packages
     reg = os.path.join(root, "registry", MODEL)
     for version, counts in TRAIN_COUNTS.items():
@@ -129,8 +138,12 @@ def build_outputs(root: str, output_uri: str, registry_uri: str) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def moto_server():
-    from moto.server import ThreadedMotoServer
+def moto_server(tmp_path_factory):
+    """A moto S3 server in its own process on 127.0.0.1 (deltalake's calls hold the GIL while they wait for S3:
+    a server thread in this process could never answer them)."""
+    import signal
+    import subprocess
+    import sys
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -139,12 +152,26 @@ def moto_server():
         for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             mp.delenv(var, raising=False)
         port = _free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
+        log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        endpoint = f"http://127.0.0.1:{port}"
         try:
-            yield f"http://127.0.0.1:{port}"
+            deadline = time.time() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=1).read()
+                    break
+                except OSError:
+                    if time.time() > deadline or proc.poll() is not None:
+                        raise RuntimeError("moto server did not start") from None
+                    time.sleep(0.2)
+            yield endpoint
         finally:
-            server.stop()
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+            log.close()
 
 
 def _reset_and_bucket(endpoint: str) -> None:
@@ -248,12 +275,13 @@ def test_results_view_has_only_committed_rows(loc):
             assert pc.all(pc.equal(pc.cast(got[name], pa.int64()), pc.cast(exp[name], pa.int64()))).as_py()
         else:
             assert got[name].to_pylist() == exp[name].to_pylist(), name
-    # the partition column comes from the path, also for the file that also stores it
+    # the partition column comes from the table's log
     per_day = r.sql("SELECT run_date, count(*) AS n FROM results GROUP BY run_date ORDER BY run_date").to_pylist()
     exp_days = loc.truth.group_by("run_date").aggregate([("path", "count")]).sort_by("run_date").to_pylist()
     assert [(d["run_date"], d["n"]) for d in per_day] == [(d["run_date"], d["path_count"]) for d in exp_days]
     assert [run.run_id for run in r.runs] == [run[0] for run in RUNS]
-    assert r.runs[-1].files == [] and r.runs[-1].run_date == "2026-11-28"
+    assert r.runs[-1].rows == 0 and r.runs[-1].run_date == "2026-11-28"
+    assert r.version == len(RUNS)  # version 0 created the table, then one commit per run
 
 
 def test_sql_parameters_and_pandas(loc):
@@ -267,32 +295,87 @@ def test_sql_parameters_and_pandas(loc):
     assert len(r.to_pandas(r.errors())) == r.errors().num_rows
 
 
-def _put_outside_fsspec(loc: Loc, rel: str, data: bytes) -> None:
-    """Write as another process would (boto3 / plain open), so no fsspec listing cache knows about it."""
-    if loc.kind == "s3":
-        import boto3
-
-        bucket, prefix = loc.output[len("s3://"):].split("/", 1)
-        boto3.client("s3", endpoint_url=loc.endpoint, region_name="us-east-1").put_object(
-            Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
-    else:
-        with open(os.path.join(loc.output, rel), "wb") as f:
-            f.write(data)
-
-
 def test_new_commit_visible_after_refresh(loc, tmp_path):
     r = loc.results()
     before = r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"]
-    # the crashed run is re-run and commits its (formerly orphan) file
-    manifest = {"run_id": ORPHAN_RUN, "model_uri": f"{loc.registry}/{MODEL}", "model_version": "v0002",
-                "files": [f"results/run_date=2026-11-27/{ORPHAN_RUN}-0.parquet"]}
-    _put_outside_fsspec(loc, f"_runs/{ORPHAN_RUN}.json", json.dumps(manifest).encode())
+    # the crashed run is run again and commits (another process: a new table handle)
+    orphan = [f for f in _data_files(loc) if ORPHAN_RUN in f]
+    assert len(orphan) == 1
+    files = pa.table({"file": orphan, "bytes": [1], "rows": [12], "ok": [None], "run_date": ["2026-11-27"],
+                      "modified_ms": [0]}, schema=results.ACTION_SCHEMA)
+    results.Committer(loc.output, loc.opts, ORPHAN_RUN, MODEL, "v0002", None).commit(
+        files, {"run_id": ORPHAN_RUN, "run_date": "2026-11-27", "model_uri": f"{loc.registry}/{MODEL}",
+                "model_name": MODEL, "model_version": "v0002", "rows": 12, "status": "committed"})
     assert r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"] == before  # cached
     assert loc.results().sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"] == before + 12  # new handle
     r.refresh()
     assert r.sql("SELECT count(*) AS n FROM results").to_pylist()[0]["n"] == before + 12
     assert r.sql(f"SELECT DISTINCT run_date FROM results WHERE run_id = '{ORPHAN_RUN}'").to_pylist() == [
         {"run_date": "2026-11-27"}]
+
+
+def _data_files(loc: Loc) -> list[str]:
+    """Data files under the table folder (relative paths), committed or not."""
+    fs, root = storage.filesystem(loc.output, loc.opts)
+    fs.invalidate_cache()
+    return sorted(f[len(root) + 1:] for f in fs.find(root) if f.endswith(".parquet") and "/_delta_log/" not in f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# time travel
+
+
+def test_as_of_version_and_time(loc):
+    r = loc.results()
+    hist = {h["version"]: h for h in r.table.history()}
+    first_two = {run for run, *_ in RUNS[:2]}
+    exp = loc.truth.filter(pc.is_in(loc.truth["run_id"], pa.array(sorted(first_two))))
+    for as_of in (2, "2", dt.datetime.fromtimestamp(hist[2]["timestamp"] / 1000, dt.timezone.utc),
+                  dt.datetime.fromtimestamp(hist[2]["timestamp"] / 1000, dt.timezone.utc).isoformat()):
+        old = Results(loc.output, loc.opts, as_of=as_of)
+        assert old.version == 2
+        t = old.sql("SELECT * FROM results")
+        assert t.num_rows == exp.num_rows and set(t["run_id"].to_pylist()) == first_two
+        assert [run.run_id for run in old.runs] == [run[0] for run in RUNS[:2]]
+        assert old.summary().num_rows == 2 and old.run_table()["run_id"].to_pylist() == [run[0] for run in RUNS[:2]]
+    # the review queue as it was then
+    flagged = exp.filter(pc.and_(pc.fill_null(exp["needs_review"], False), pc.equal(exp["status"], "ok")))
+    got = Results(loc.output, loc.opts, as_of=2).review(limit=None)
+    assert got["path"].to_pylist() == flagged.sort_by([("confidence", "ascending"), ("path", "ascending")])["path"].to_pylist()
+    # every command takes --as-of
+    for argv in (("query", "SELECT count(*) AS n FROM results"), ("report", "summary"), ("report", "review"),
+                 ("report", "errors"), ("report", "drift"), ("report", "runs")):
+        rc, out, err = loc.cli(*argv, "--as-of", "2", "--format", "json")
+        assert rc == 0, (argv, err)
+        if argv[0] == "query":
+            assert json.loads(out) == [{"n": exp.num_rows}]
+        if argv[-1] == "runs":
+            assert [x["run_id"] for x in json.loads(out)] == [run[0] for run in RUNS[:2]]
+    # clear errors: a version that does not exist, a time before the table, nonsense
+    with pytest.raises(QueryError, match=r"has no version 99 \(latest: 5\)"):
+        Results(loc.output, loc.opts, as_of=99).sql("SELECT 1")
+    with pytest.raises(QueryError, match="did not exist yet at 2001-01-01"):
+        Results(loc.output, loc.opts, as_of="2001-01-01").sql("SELECT 1")
+    with pytest.raises(NoRunsError, match="has no commit of a scoring run at version 0"):  # the table's creation
+        Results(loc.output, loc.opts, as_of=0).sql("SELECT 1")
+    with pytest.raises(QueryError, match="as_of must be a table version"):
+        Results(loc.output, loc.opts, as_of="yesterday")
+    rc, out, err = loc.cli("report", "summary", "--as-of", "99")
+    assert rc == 2 and "has no version 99" in err
+
+
+def test_report_runs(loc):
+    r = loc.results()
+    runs = r.run_table().to_pylist()
+    assert [x["run_id"] for x in runs] == [run[0] for run in RUNS]
+    assert [x["first_version"] for x in runs] == list(range(1, len(RUNS) + 1))
+    assert all(x["status"] == "committed" and x["commits"] == 1 for x in runs)
+    assert [x["rows"] for x in runs] == [sum(run[4]) for run in RUNS]
+    assert [x["model"] for x in runs] == [f"{MODEL}:{run[2]}" for run in RUNS]
+    assert [x["run_id"] for x in r.run_table(since="2026-11-26", until="2026-11-26").to_pylist()] == \
+        [run[0] for run in RUNS if run[1] == "2026-11-26"]
+    rc, out, err = loc.cli("report", "runs", "--format", "csv")
+    assert rc == 0 and len(list(csv.reader(io.StringIO(out)))) == len(RUNS) + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,8 +539,8 @@ def test_no_runs(loc):
     empty = storage.join(loc.output.rsplit("/", 1)[0], "empty-prefix")
     with pytest.raises(NoRunsError) as err:
         Results(empty, loc.opts).sql("SELECT 1")
-    expected = storage.join(empty, "_runs", "*.json")
-    assert str(err.value) == f"no scoring runs found under {empty} (expected {expected})"
+    expected = storage.join(empty, "_delta_log")
+    assert str(err.value) == f"no scoring runs found under {empty} (no Delta table: expected {expected}/)"
     rc, out, msg = Loc(loc.kind, empty, loc.registry, loc.opts, loc.truth, loc.endpoint).cli("report", "summary")
     assert rc == 2 and out == "" and "no scoring runs found under" in msg
 
@@ -493,17 +576,76 @@ def test_bad_sql_and_unknown_column(loc):
     assert rc == 2 and out == "" and msg.startswith("error: unknown column") and "SELECT nope FROM results" in msg
 
 
-def test_manifest_listing_missing_file(loc):
-    manifest = {"run_id": "20261129T031500Z-gggggg", "files": ["results/run_date=2026-11-29/gone-0.parquet"]}
-    storage.write_json(storage.join(loc.output, "_runs", "20261129T031500Z-gggggg.json"), manifest, loc.opts)
-    with pytest.raises(QueryError, match=r"committed data files are missing .*gone-0.parquet \(listed by .*gggggg.json\)"):
+def test_committed_file_missing(loc):
+    gone = next(f for f in _data_files(loc) if "aaaaaa" in f)
+    fs, root = storage.filesystem(loc.output, loc.opts)
+    fs.rm(f"{root}/{gone}")
+    with pytest.raises(QueryError, match="aaaaaa"):
         loc.results().sql("SELECT count(*) FROM results")
 
 
-def test_malformed_manifest(loc):
-    storage.write_bytes(storage.join(loc.output, "_runs", "broken.json"), b"{not json", loc.opts)
-    with pytest.raises(QueryError, match=r"run manifest .*broken.json is not valid JSON"):
-        loc.results().summary()
+def test_previous_layout_is_a_clear_error(loc):
+    """An output in the previous layout (results/ + _runs/) is refused with the conversion command."""
+    old = storage.join(loc.output.rsplit("/", 1)[0], "old-layout")
+    storage.write_json(storage.join(old, "_runs", "20261129T031500Z-gggggg.json"), {"files": []}, loc.opts)
+    command = f"leukray score --convert-legacy {old}"
+    with pytest.raises(LegacyLayoutError, match=re.escape(command)):
+        Results(old, loc.opts).summary()
+    rc, out, msg = Loc(loc.kind, old, loc.registry, loc.opts, loc.truth, loc.endpoint).cli("query", "SELECT 1")
+    assert rc == 2 and out == "" and "previous layout" in msg and command in msg
+
+
+def _legacy_rows(folder: Path) -> pa.Table:
+    """The committed rows of a previous-layout output, read the previous way (manifest files + hive run_date)."""
+    rows = []
+    for m in sorted(folder.glob("_runs/*.json")):
+        manifest = json.loads(m.read_text())
+        for rel in manifest["files"]:
+            t = pq.read_table(folder / rel)
+            rows.append(t.append_column("run_date", pa.array([manifest["run_date"]] * t.num_rows, pa.string())))
+    return pa.concat_tables(rows)
+
+
+def test_convert_previous_layout(loc, tmp_path):
+    """`leukray score --convert-legacy OUTPUT` on an output the previous scorer wrote (plus the leftovers of a
+    crashed run): the same rows and run records in a Delta table, the old layout gone, a second call a no-op."""
+    from leukray.cli import main
+
+    local = tmp_path / "legacy"
+    shutil.copytree(LEGACY, local)
+    expected = _legacy_rows(local).cast(RESULTS_SCHEMA)
+    manifests = [json.loads(m.read_text()) for m in sorted(local.glob("_runs/*.json"))]
+    # leftovers of a crashed run: a data file no manifest lists, a staging folder
+    crashed = local / "results" / "run_date=2026-12-01" / "20261201T000000Z-dead00-0.parquet"
+    shutil.copy(next(local.glob("results/run_date=2026-11-30/*.parquet")), crashed)
+    (local / "_staging" / "20261201T000000Z-dead00").mkdir(parents=True)
+    (local / "_staging" / "20261201T000000Z-dead00" / "x.parquet").write_bytes(b"PAR1")
+    out = str(local)
+    if loc.kind == "s3":
+        out = storage.join(loc.output.rsplit("/", 1)[0], "legacy")
+        storage.upload_dir(str(local), out, loc.opts)
+    with pytest.raises(LegacyLayoutError):
+        Results(out, loc.opts).summary()
+    argv = ["score", "--convert-legacy", out] + (["--set", f"storage.endpoint_url={loc.endpoint}"] if loc.endpoint else [])
+    assert main(argv) == 0
+    r = Results(out, loc.opts)
+    got = r.sql("SELECT * FROM results")
+    order = [("path", "ascending"), ("run_id", "ascending")]
+    assert got.sort_by(order).equals(expected.sort_by(order))
+    assert [x.run_id for x in r.runs] == [m["run_id"] for m in manifests]
+    for run, m in zip(r.runs, manifests):
+        for key in ("run_date", "model_name", "model_version", "model_uri", "counts", "throughput", "execution",
+                    "config", "started_at", "finished_at", "rows"):
+            assert run.raw[key] == m[key], key
+        assert run.status == "committed"
+    summary = {x["run_id"]: x for x in r.summary().to_pylist()}
+    assert summary[manifests[-1]["run_id"]]["files"] == 0  # the run that found nothing new is kept too
+    fs, root = storage.filesystem(out, loc.opts)
+    fs.invalidate_cache()
+    left = [f for f in fs.find(root)]
+    assert not [f for f in left if "/results/" in f or "/_runs/" in f or "/_staging/" in f], left
+    assert main(argv) == 2  # nothing left to convert: a clear error, the table untouched
+    assert Results(out, loc.opts).version == r.version
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,10 +739,10 @@ def test_json_has_no_nan(loc):
 
 def test_only_empty_runs(tmp_path):
     """Committed runs that found nothing to score: an empty view, zero rows in the per-run summary."""
-    runs = tmp_path / "score" / "_runs"
-    runs.mkdir(parents=True)
-    (runs / "20261128T031500Z-ffffff.json").write_text(json.dumps({"run_id": "20261128T031500Z-ffffff", "files": []}))
-    r = Results(str(tmp_path / "score"))
+    out = str(tmp_path / "score")
+    _write_run(out, "20261128T031500Z-ffffff", "2026-11-28", [],
+               {"run_id": "20261128T031500Z-ffffff", "run_date": "2026-11-28", "rows": 0, "status": "committed"})
+    r = Results(out)
     assert r.sql("SELECT count(*) AS n FROM results").to_pylist() == [{"n": 0}]
     (row,) = r.summary().to_pylist()
     assert row["run_id"] == "20261128T031500Z-ffffff" and row["run_date"] == "2026-11-28" and row["files"] == 0

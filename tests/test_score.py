@@ -1,7 +1,8 @@
 """Batch scoring (leukray/score.py, jobs/score.py) end to end via `ray job submit` on a local Ray cluster, over a
-local folder and a moto S3 server (both on 127.0.0.1): one row per input file (bad files of every kind become
-error rows), incremental reruns, orphan cleanup, pyarrow + DuckDB read-back, no leaked secrets, and ONNX
-predictions equal to the PyTorch model's (same class, calibrated probabilities within 1e-4)."""
+local folder and a moto S3 server (both on 127.0.0.1), into the results Delta table: one row per input file (bad
+files of every kind become error rows), incremental reruns, stray files invisible and vacuumed, the same rows read
+back by DuckDB, by pyarrow through deltalake and by ray.data.read_delta, no leaked secrets, and ONNX predictions
+equal to the PyTorch model's (same class, calibrated probabilities within 1e-4)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
+from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ray, submit_job  # noqa: E402
 from reference import package_logits, package_outputs  # noqa: E402
 
-from leukray import registry, storage  # noqa: E402
+from leukray import registry, results, storage  # noqa: E402
 from leukray.config import ConfigError, StorageOptions, load_config  # noqa: E402
 from leukray.images import decode_image, is_image_name  # noqa: E402
 from leukray.query import RESULTS_SCHEMA, Results  # noqa: E402
@@ -143,8 +144,6 @@ def _uri(loc, p: Path) -> str:
 
 
 def _results(loc) -> Results:
-    fs, _ = storage.filesystem(loc["output"], loc["opts"])
-    fs.invalidate_cache()  # s3fs instances (and their listing caches) are shared within this test process
     return Results(loc["output"], loc["opts"])
 
 
@@ -165,8 +164,9 @@ def test_first_run_one_row_per_file(cluster, loc):
     assert m["counts"]["errors"] == len(BAD) and m["counts"]["scored"] == len(files) - len(BAD)
     assert m["counts"]["skipped"] == 0 and m["throughput"]["images_per_s"] > 0
     assert m["execution"]["tta"] == "dihedral8"  # `tta: package` → the package's card
-    for f in m["files"]:
-        assert f.startswith(f"results/run_date={m['run_date']}/{m['run_id']}-") and f.endswith(".parquet")
+    assert m["status"] == "committed" and m["driver"]["result_rows"] == 0 and m["files"] == len(r.files) >= 1
+    for f in r.files:
+        assert f.startswith(f"run_date={m['run_date']}/part-{m['run_id']}-") and f.endswith(".parquet")
     assert m["model_version"] == ("v0001" if loc["kind"] == "s3" else m["model_version"])
     # error rows name the problem
     errs = {p: e for p, e, s in zip(t["path"].to_pylist(), t["error"].to_pylist(), t["status"].to_pylist())
@@ -195,12 +195,13 @@ def test_first_run_one_row_per_file(cluster, loc):
              (True, True): "low_confidence,out_of_distribution", (False, False): None}
     assert ok["review_reason"].to_pylist() == [names[(bool(a), bool(b))] for a, b in zip(low, ood)]
     assert m["execution"]["ood"]["method"] == "knn"
-    # schema: the documented one, run_date from the hive partition
+    # schema: the documented one, run_date the table's partition column (not in the data files)
     assert t.schema.equals(RESULTS_SCHEMA), t.schema
+    assert r.table.metadata().partition_columns == ["run_date"]
     fs, _ = storage.filesystem(loc["output"], loc["opts"])
     import pyarrow.parquet as pq
 
-    with fs.open(r.files[0], "rb") as f:
+    with fs.open(storage.join(loc["output"], r.files[0]).split("://", 1)[-1], "rb") as f:
         assert pq.read_schema(f).remove_metadata().equals(FILE_SCHEMA)
 
 
@@ -230,7 +231,7 @@ def test_second_run_adds_nothing(cluster, loc):
     r = _results(loc)
     assert len(r.runs) == 2
     m = r.runs[-1].raw
-    assert m["counts"]["scored"] == 0 and m["counts"]["errors"] == 0 and m["files"] == []
+    assert m["counts"]["scored"] == 0 and m["counts"]["errors"] == 0 and m["files"] == 0 and m["rows"] == 0
     assert m["counts"]["skipped"] == m["counts"]["seen"] == before
     assert r.dataset.to_table().num_rows == before
 
@@ -242,11 +243,9 @@ def test_incremental_run_scores_only_new_and_changed(cluster, loc):
         _put(loc, rel, _jpeg(100 + i))
     changed = sorted((loc["archive"] / "day1").rglob("*.jpg"))[0]
     _put(loc, changed.relative_to(loc["archive"]).as_posix(), _jpeg(200))
-    # leftovers of a crashed run: an orphan data file in results/ and a staging folder
-    orphan = storage.join(loc["output"], "results", "run_date=2026-01-01", "20260101T000000Z-dead00-0.parquet")
-    staged = storage.join(loc["output"], "_staging", "20260101T000000Z-dead00", "x.parquet")
-    for u in (orphan, staged):
-        storage.write_bytes(u, b"PAR1 crashed", loc["opts"])
+    # what a run that died before its commit leaves: a data file no commit references
+    stray = storage.join(loc["output"], "run_date=2026-01-01", "part-20260101T000000Z-dead00-0123456789ab-0.parquet")
+    storage.write_bytes(stray, b"PAR1 crashed", loc["opts"])
 
     _submit(cluster, loc)
     r = _results(loc)
@@ -257,7 +256,8 @@ def test_incremental_run_scores_only_new_and_changed(cluster, loc):
     assert sorted(mine["path"].to_pylist()) == expected
     assert m["counts"]["scored"] == 3 and m["counts"]["skipped"] == before.num_rows - 1  # all but the changed one
     assert t.num_rows == before.num_rows + 3
-    assert not storage.exists(orphan, loc["opts"]) and not storage.exists(staged, loc["opts"])
+    # invisible, and kept by the run's vacuum: younger than vacuum_retention_hours (a running run's files could be)
+    assert storage.exists(stray, loc["opts"])
     # the changed file has one row per version; no (path, version) twice
     keys = list(zip(t["path"].to_pylist(), t["source_version"].to_pylist()))
     assert len(keys) == len(set(keys))
@@ -271,26 +271,49 @@ def test_reads_back_with_duckdb(loc):
     assert by_status["error"] == len(BAD)
     rows = r.sql("SELECT DISTINCT run_date, model_name FROM results").to_pylist()
     assert len(rows) == 1 and rows[0]["run_date"] == r.runs[0].run_date
-    import duckdb
 
-    if loc["kind"] == "local":  # the same files straight from DuckDB's own Parquet reader
-        files = [f for run in r.runs for f in run.files]
-        con = duckdb.connect()
-        got = con.execute(f"SELECT count(*) FROM read_parquet({files!r}, hive_partitioning = true)").fetchall()[0][0]
-        assert got == n
+
+def test_three_readers_agree(cluster, loc, tmp_path):
+    """DuckDB (leukray.query), pyarrow through deltalake and ray.data.read_delta read the same rows."""
+    from deltalake import DeltaTable
+
+    order = [("path", "ascending"), ("run_id", "ascending")]
+    duck = _results(loc).sql("SELECT * FROM results").sort_by(order)
+    so = results.delta_storage_options(loc["output"], loc["opts"])
+    plain = DeltaTable(results.table_uri(loc["output"]), storage_options=so).to_pyarrow_table().sort_by(order)
+    via_ray = read_with_ray(cluster, loc["output"], tmp_path).sort_by(order)
+    assert duck.num_rows == plain.num_rows == via_ray.num_rows > 0
+    for name in RESULTS_SCHEMA.names:
+        a = duck[name].to_pylist()
+        assert a == plain[name].to_pylist() == via_ray[name].to_pylist(), name
+
+
+def test_vacuum_removes_stray_files_only(loc):
+    """`leukray score --vacuum` with a zero retention (no run in flight) removes the stray file, nothing else."""
+    stray = storage.join(loc["output"], "run_date=2026-01-01", "part-20260101T000000Z-dead00-0123456789ab-0.parquet")
+    assert storage.exists(stray, loc["opts"])
+    before = _all_rows(loc)
+    r = subprocess.run([sys.executable, "-m", "leukray.cli", "score", "--config", str(loc["config"]), "--vacuum",
+                        "--set", "vacuum_retention_hours=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["removed"] == 1 and out["files"][0].endswith("dead00-0123456789ab-0.parquet"), out
+    assert not storage.exists(stray, loc["opts"])
+    assert _all_rows(loc).sort_by("path").equals(before.sort_by("path"))
 
 
 def test_secrets_never_leak(cluster, loc):
     fs, root = storage.filesystem(loc["output"], loc["opts"])
+    fs.invalidate_cache()
     blobs = []
     for f in fs.find(root):
         with fs.open(f, "rb") as fh:
             blobs.append((f, fh.read()))
-    assert any(f.endswith(".json") for f, _ in blobs)
+    assert any("_delta_log/" in f and f.endswith(".json") for f, _ in blobs)
     for f, b in blobs:
         assert SECRET.encode() not in b and KEY.encode() not in b, f
-    manifest = json.loads(next(b for f, b in blobs if f.endswith(".json")))
-    assert manifest["config"]["storage"]["secret"] == "**********"
+    record = _results(loc).runs[0].raw  # the run's record, as its commits carry it
+    assert record["config"]["storage"]["secret"] == "**********"
     for log in loc["logs"]:
         assert SECRET not in log and KEY not in log
     logs_dir = Path(cluster["temp_dir"]) / "session_latest" / "logs"
