@@ -78,7 +78,8 @@ def _rows(rng: random.Random, run_id: str, run_date: str, version: str, n: int, 
                 "scored_at": scored + dt.timedelta(seconds=i)}
         if rng.random() < 0.12:
             base.update(status="error", error=rng.choice(ERRORS), predicted_class=None, confidence=None,
-                        needs_review=None, **{prob_column(c): None for c in CLASSES})
+                        needs_review=None, ood_score=None, in_distribution=None, review_reason=None,
+                        **{prob_column(c): None for c in CLASSES})
             if i == 0:
                 base["size"] = 0
         else:
@@ -88,8 +89,14 @@ def _rows(rng: random.Random, run_id: str, run_date: str, version: str, n: int, 
             others = [c for c in CLASSES if c != cls]
             probs = {prob_column(cls): conf}
             probs.update({prob_column(c): (1 - conf) * r / sum(rest) for c, r in zip(others, rest)})
+            # v0001 is a package from before the out-of-distribution guard: its columns stay null
+            ood_score = None if version == "v0001" else rng.uniform(0.1, 0.6)
+            ood = ood_score is not None and ood_score > 0.5
+            reason = {(True, False): "low_confidence", (False, True): "out_of_distribution",
+                      (True, True): "low_confidence,out_of_distribution"}.get((conf < 0.6, ood))
             base.update(status="ok", error=None, predicted_class=cls, confidence=conf,
-                        needs_review=conf < 0.6, **probs)
+                        needs_review=conf < 0.6 or ood, ood_score=ood_score,
+                        in_distribution=None if ood_score is None else not ood, review_reason=reason, **probs)
         rows.append(base)
     return rows
 
@@ -419,8 +426,18 @@ def test_review_queue(loc):
     full = r.review(limit=None)
     assert full["path"].to_pylist() == flagged["path"].to_pylist()
     assert full["confidence"].to_pylist() == flagged["confidence"].to_pylist()
-    assert all(c < 0.6 for c in full["confidence"].to_pylist())
-    assert {"path", "confidence", "predicted_class", "run_date", "run_id"} <= set(full.schema.names)
+    assert {"path", "confidence", "predicted_class", "review_reason", "ood_score", "run_date", "run_id"} <= set(full.schema.names)
+    for c, why in zip(full["confidence"].to_pylist(), full["review_reason"].to_pylist()):
+        assert (c < 0.6) == ("low_confidence" in why) and why
+    # by reason: what the guard flagged (alone or with low confidence), and only that
+    ood = r.review(limit=None, reason="out_of_distribution")
+    expected = flagged.filter(pc.equal(flagged["in_distribution"], False))
+    assert ood.num_rows > 0 and sorted(ood["path"].to_pylist()) == sorted(expected["path"].to_pylist())
+    assert all(s > 0.5 for s in ood["ood_score"].to_pylist())
+    low = r.review(limit=None, reason="low_confidence")
+    assert all(c < 0.6 for c in low["confidence"].to_pylist()) and low.num_rows + ood.num_rows >= full.num_rows
+    with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution"):
+        r.review(reason="blurry")
     top = r.review(limit=5)
     assert top["path"].to_pylist() == flagged["path"].to_pylist()[:5]
     day = _window(flagged, "2026-11-27", "2026-11-27")
@@ -499,6 +516,15 @@ def test_drift_against_model_cards(loc, tmp_path):
         for k, v in exp.items():
             assert x[k] == pytest.approx(v, rel=1e-9), (x["run_date"], k)
         assert sum(x[c] for c in CLASSES) == pytest.approx(1.0)
+        # the daily out-of-distribution rate: null for the model without a guard
+        day = loc.truth.filter(pc.and_(pc.equal(loc.truth["run_date"], x["run_date"]),
+                                       pc.equal(loc.truth["status"], "ok")))
+        day = day.filter(pc.equal(day["model_version"], x["model"].split(":")[1]))
+        if x["model"].endswith("v0001"):
+            assert x["ood_rate"] is None
+        else:
+            rate = pc.sum(pc.cast(pc.invert(day["in_distribution"]), pa.int64())).as_py() / day.num_rows
+            assert x["ood_rate"] == pytest.approx(rate)
     # day 3 was generated with a strongly shifted mix
     d3 = next(x for x in scored if x["run_date"] == "2026-11-27")
     assert d3["tv_distance"] > 0.2 and d3["p_value"] < 0.01
@@ -613,7 +639,9 @@ def test_convert_previous_layout(loc, tmp_path):
 
     local = tmp_path / "legacy"
     shutil.copytree(LEGACY, local)
-    expected = _legacy_rows(local).cast(RESULTS_SCHEMA)
+    old = _legacy_rows(local)  # written before the guard's columns existed: they convert as nulls
+    expected = pa.table({f.name: old[f.name].cast(f.type) if f.name in old.column_names else pa.nulls(old.num_rows, f.type)
+                         for f in RESULTS_SCHEMA}, schema=RESULTS_SCHEMA)
     manifests = [json.loads(m.read_text()) for m in sorted(local.glob("_runs/*.json"))]
     # leftovers of a crashed run: a data file no manifest lists, a staging folder
     crashed = local / "results" / "run_date=2026-12-01" / "20261201T000000Z-dead00-0.parquet"
