@@ -126,7 +126,9 @@ class Guard:
             if features is None:
                 raise ValueError("the knn guard needs the network's features; this model gives none "
                                  "(re-export it: leukray calibrate)")
-            return knn_scores(features, self.reference, self.k)
+            if getattr(self, "_reference32", None) is None:  # converted once, not per batch
+                self._reference32 = self.reference.astype(np.float32)
+            return knn_scores(features, self._reference32, self.k)
         if method == "energy":
             return energy_scores(logits, self.temperature)
         return msp_scores(logits, self.temperature)
