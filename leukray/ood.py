@@ -115,6 +115,8 @@ class Guard:
     reference: np.ndarray = field(repr=False)
     """(N, D) float16, L2-normalised training features."""
     fitted: dict[str, Any] = field(default_factory=dict)
+    _reference32: np.ndarray | None = field(default=None, init=False, repr=False)
+    """The reference in float32, converted once for the knn search (not per batch)."""
 
     @property
     def threshold(self) -> float:
@@ -126,7 +128,7 @@ class Guard:
             if features is None:
                 raise ValueError("the knn guard needs the network's features; this model gives none "
                                  "(re-export it: leukray calibrate)")
-            if getattr(self, "_reference32", None) is None:  # converted once, not per batch
+            if self._reference32 is None:
                 self._reference32 = self.reference.astype(np.float32)
             return knn_scores(features, self._reference32, self.k)
         if method == "energy":

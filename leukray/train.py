@@ -182,17 +182,10 @@ def to_input(batch_nhwc: np.ndarray | torch.Tensor, device: torch.device, channe
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-@torch.no_grad()
 def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, batch_size: int = 128,
                    channels_last: bool = True, amp: bool = True) -> np.ndarray:
-    model.eval()
-    out = []
-    use_amp = amp and device.type == "cuda"
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size], device, channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(model(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+    """(N, K) float32 logits: the first columns of `predict_outputs`."""
+    return predict_outputs(model, images, device, batch_size, channels_last, amp)[:, :len(CLASSES)]
 
 
 @torch.no_grad()
