@@ -19,7 +19,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from leukray.config import load_config  # noqa: E402
-from leukray.query import Results, format_table  # noqa: E402
+from leukray.query import Results  # noqa: E402
+from leukray.report import format_table  # noqa: E402
 from leukray.score import ScoreConfig, summary  # noqa: E402
 from leukray.score import run as score  # noqa: E402
 from leukray.search import load_search_config  # noqa: E402

@@ -3,11 +3,13 @@
 Figures are rendered with the Agg backend (set here, before anything imports pyplot) because training and
 evaluation run headless in Ray workers. Each function builds its own `Figure` object instead of using pyplot's
 global figure registry, so concurrent Tune trials in one process neither share state nor leak figures.
-Paths are local files; callers upload them to object storage afterwards.
+Paths are local files (callers upload them to object storage afterwards), except the drift report's class-mix
+figure, which is written where the user points it (a local file or s3://).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -19,9 +21,12 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from leukray import storage  # noqa: E402
+from leukray.config import StorageOptions  # noqa: E402
 from leukray.metrics import reliability_bins  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion_matrix", "plot_reliability", "plot_sample_grid", "plot_ood_scores"]
+__all__ = ["plot_curves", "plot_confusion_matrix", "plot_reliability", "plot_sample_grid", "plot_ood_scores",
+           "plot_class_mix"]
 
 _OK_COLOR = "#1a7f37"
 _ERR_COLOR = "#d1242f"
@@ -200,3 +205,52 @@ def plot_ood_scores(scores: Mapping[str, Mapping[str, np.ndarray]], thresholds: 
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_class_mix(drift_table, path: str, storage_options: StorageOptions | None = None) -> str:
+    """Stacked bars of the class proportions per day (from `Results.drift`), the training mix as the first bar(s).
+    Written as PNG to `path`: a local file (parent folders created) or an s3:// URI (written with `storage_options`).
+    """
+    meta = {"source", "run_date", "model", "n", "tv_distance", "chi2", "p_value", "ood_rate"}
+    classes = [c for c in drift_table.schema.names if c not in meta]
+    rows = drift_table.to_pylist()
+    if not rows:
+        raise ValueError("nothing to plot: no scored days in the selected range")
+    multi_model = len({r["model"] for r in rows}) > 1
+    labels = []
+    for r in rows:
+        version = str(r["model"]).rsplit(":", 1)[-1]
+        if r["source"] == "training":
+            labels.append(f"training\n{version}")
+        else:
+            labels.append(f"{r['run_date']}\n" + (f"{version} " if multi_model else "") + f"n={r['n']}")
+    n_train = sum(r["source"] == "training" for r in rows)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [i + (0.5 if i >= n_train else 0.0) for i in range(len(rows))]  # a gap after the training bar(s)
+    if 0 < n_train < len(rows):
+        ax.axvline(n_train - 0.25, color="grey", linestyle=":", linewidth=1)
+    bottom = [0.0] * len(rows)
+    cmap = matplotlib.colormaps["tab10"]
+    for i, c in enumerate(classes):
+        vals = [r[c] or 0.0 for r in rows]
+        ax.bar(xs, vals, bottom=bottom, label=c, color=cmap(i % 10),
+               edgecolor=["black" if r["source"] == "training" else "none" for r in rows])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for x, r in zip(xs, rows):
+        if r["tv_distance"] is not None:
+            ax.text(x, 1.01, f"TV {r['tv_distance']:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs)
+    many = len(rows) > 10
+    ax.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("proportion of ok predictions")
+    ax.set_title("Predicted class mix per day vs training distribution")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if storage.is_remote(path):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        storage.write_bytes(path, buf.getvalue(), storage_options)
+        return path
+    _save(fig, path)
+    return path

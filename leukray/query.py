@@ -21,25 +21,25 @@ Time travel: `as_of` (a table version, or a time: the table as it was then) show
     >>> r.run_table()                            # the runs recorded in the table's history
     >>> Results(uri, as_of="2026-11-28T06:00:00Z").review()    # the queue as it was that morning
 
-Every report returns a `pyarrow.Table`; `Results.to_pandas(table_or_sql)` gives a pandas frame.
+Every report returns a `pyarrow.Table`; `Results.to_pandas(table_or_sql)` gives a pandas frame. The reports are
+`leukray.report` (summary, review, errors, runs; text output) and `leukray.drift`; this module is the engine: the
+table at a version, its files as one Arrow dataset, the DuckDB view, SQL with errors that name what is wrong.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import math
-import os
 import re
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from . import CLASSES, results, storage
+from . import results, results_history
 from .config import StorageOptions
-from .results import RESULTS_SCHEMA, Run, prob_column
+from .results import RESULTS_SCHEMA, prob_column
+from .results_history import Run
 
 __all__ = [
     "QueryError",
@@ -49,15 +49,9 @@ __all__ = [
     "RESULTS_SCHEMA",
     "RESULTS_VIEW",
     "prob_column",
-    "format_table",
-    "write_table",
-    "plot_class_mix",
-    "load_model_card",
 ]
 
 RESULTS_VIEW = "results"
-REVIEW_REASONS = ("low_confidence", "out_of_distribution")
-"""What `review_reason` holds, comma-separated when both apply."""
 """Name of the DuckDB view over all committed rows."""
 
 
@@ -76,14 +70,11 @@ class LegacyLayoutError(QueryError):
     """The output location holds results in the previous layout; the message names the conversion command."""
 
 
-RunManifest = Run  # the name this module used before runs lived in the table's history
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def _check_date(value: str | _dt.date | None, name: str) -> str | None:
+def check_date(value: str | _dt.date | None, name: str) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, _dt.datetime):
@@ -100,7 +91,7 @@ def _check_date(value: str | _dt.date | None, name: str) -> str | None:
     return value
 
 
-def _date_where(since: str | None, until: str | None, column: str = "run_date") -> tuple[str, list[Any]]:
+def date_where(since: str | None, until: str | None, column: str = "run_date") -> tuple[str, list[Any]]:
     """SQL condition (without WHERE) and parameters for the run_date window; 'TRUE' when unbounded."""
     conds, params = [], []
     if since:
@@ -112,18 +103,12 @@ def _date_where(since: str | None, until: str | None, column: str = "run_date") 
     return (" AND ".join(conds) or "TRUE"), params
 
 
-def _quote_ident(name: str) -> str:
+def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _quote_literal(value: str) -> str:
+def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-def _sort_classes(names: Iterable[str]) -> list[str]:
-    """Canonical classes in model-output order first, then any others alphabetically."""
-    names = set(names)
-    return [c for c in CLASSES if c in names] + sorted(names - set(CLASSES))
 
 
 def _to_arrow(rel: Any) -> pa.Table:
@@ -194,7 +179,7 @@ class Results:
     def runs(self) -> list[Run]:
         """The scoring runs recorded in the table's history (up to the chosen version), oldest first."""
         if self._runs is None:
-            runs = results.runs(self.table)
+            runs = results_history.runs(self.table)
             if not runs:
                 raise NoRunsError(f"no scoring runs found under {self.output_uri} (the table's history records none"
                                   + (f" up to version {self.version}" if self.as_of is not None else "") + ")")
@@ -297,455 +282,45 @@ class Results:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- reports -------------------------------------------------------------------------------------------
-
-    def _classes_in(self, where: str, params: list[Any]) -> list[str]:
-        t = self.sql(f"SELECT DISTINCT predicted_class AS c FROM {RESULTS_VIEW} "
-                     f"WHERE predicted_class IS NOT NULL AND {where}", params)
-        return _sort_classes(list(CLASSES) + [c for c in t.column("c").to_pylist()])
+    # -- reports (leukray.report, leukray.drift) -------------------------------------------------------------
 
     def summary(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
                 by: str = "run") -> pa.Table:
-        """Per run (`by="run"`) or per day (`by="day"`): files (rows scored), ok, errors, needs_review, one count
-        column per predicted class, mean confidence (ok rows). Committed runs with no rows appear with 0."""
-        if by not in ("run", "day"):
-            raise QueryError(f"summary by must be 'run' or 'day', got {by!r}")
-        since, until = _check_date(since, "since"), _check_date(until, "until")
-        where, params = _date_where(since, until)
-        classes = self._classes_in(where, params)
-        class_cols = ", ".join(
-            f"count(*) FILTER (WHERE status = 'ok' AND predicted_class = {_quote_literal(c)}) AS {_quote_ident(c)}"
-            for c in classes
-        )
-        counts = (
-            "count(*) AS files, "
-            "count(*) FILTER (WHERE status = 'ok') AS ok, "
-            "count(*) FILTER (WHERE status <> 'ok' OR status IS NULL) AS errors, "
-            "count(*) FILTER (WHERE needs_review) AS needs_review, "
-            "count(*) FILTER (WHERE NOT in_distribution) AS out_of_distribution, "
-            f"{class_cols}, "
-            "avg(confidence) FILTER (WHERE status = 'ok') AS mean_confidence"
-        )
-        if by == "run":
-            table = self.sql(
-                f"SELECT run_id, min(run_date) AS run_date, "
-                f"string_agg(DISTINCT model_name || ':' || model_version, ', ') AS model, "
-                f"min(scored_at) AS first_scored_at, max(scored_at) AS last_scored_at, {counts} "
-                f"FROM {RESULTS_VIEW} WHERE {where} GROUP BY run_id ORDER BY run_date, run_id",
-                params,
-            )
-            return self._add_empty_runs(table, since, until)
-        return self.sql(
-            f"SELECT run_date, count(DISTINCT run_id) AS runs, {counts} "
-            f"FROM {RESULTS_VIEW} WHERE {where} GROUP BY run_date ORDER BY run_date",
-            params,
-        )
+        """Per run or per day: files, ok, errors, needs_review, counts per predicted class, mean confidence."""
+        from .report import summary
 
-    def _add_empty_runs(self, table: pa.Table, since: str | None, until: str | None) -> pa.Table:
-        """Committed runs that wrote no rows (nothing new to score) still belong in a per-run summary."""
-        seen = set(table.column("run_id").to_pylist())
-        empty = [r for r in self.runs if r.run_id not in seen and not r.rows
-                 and (since is None or (r.run_date or "") >= since)
-                 and (until is None or (r.run_date or "9999") <= until)]
-        if not empty:
-            return table
-        rows = []
-        for r in empty:
-            row: dict[str, Any] = {name: None for name in table.schema.names}
-            row.update(run_id=r.run_id, run_date=r.run_date)
-            if r.model_name:
-                row["model"] = f"{r.model_name}:{r.model_version}"
-            for name in table.schema.names:
-                if pa.types.is_integer(table.schema.field(name).type):
-                    row[name] = 0
-            rows.append(row)
-        extra = pa.Table.from_pylist(rows, schema=table.schema)
-        merged = pa.concat_tables([table, extra])
-        return merged.sort_by([("run_date", "ascending"), ("run_id", "ascending")])
+        return summary(self, since, until, by)
 
     def review(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
                limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None) -> pa.Table:
-        """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`), lowest confidence first
-        (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`."""
-        since, until = _check_date(since, "since"), _check_date(until, "until")
-        where, params = _date_where(since, until)
-        if max_confidence is not None:
-            where += " AND confidence <= ?"
-            params.append(float(max_confidence))
-        if reason is not None:
-            if reason not in REVIEW_REASONS:
-                raise QueryError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
-            where += " AND list_contains(string_split(review_reason, ','), ?)"
-            params.append(reason)
-        probs = ", ".join(prob_column(c) for c in CLASSES if prob_column(c) in self.columns())
-        sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_score, {probs}, run_date, run_id, "
-               f"model_name, model_version, "
-               f"scored_at FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
-               f"ORDER BY confidence ASC NULLS LAST, path, run_id")
-        if limit is not None:
-            if int(limit) < 0:
-                raise QueryError(f"limit must be >= 0, got {limit}")
-            sql += f" LIMIT {int(limit)}"
-        return self.sql(sql, params)
+        """The needs-review queue, lowest confidence first."""
+        from .report import review
+
+        return review(self, since, until, limit, max_confidence, reason)
 
     def errors(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
                examples: int = 3) -> pa.Table:
-        """Failed rows grouped by error message: count, first/last run_date, up to `examples` example paths
-        (alphabetical), most frequent first."""
-        since, until = _check_date(since, "since"), _check_date(until, "until")
-        where, params = _date_where(since, until)
-        n = max(int(examples), 0)
-        return self.sql(
-            f"SELECT coalesce(error, '(no message)') AS error, count(*) AS count, "
-            f"count(DISTINCT run_id) AS runs, min(run_date) AS first_run_date, max(run_date) AS last_run_date, "
-            f"list_slice(list(DISTINCT path ORDER BY path), 1, {n}) AS example_paths "
-            f"FROM {RESULTS_VIEW} WHERE (status <> 'ok' OR status IS NULL) AND {where} "
-            f"GROUP BY 1 ORDER BY count DESC, error",
-            params,
-        )
+        """Failed rows grouped by error message, most frequent first."""
+        from .report import errors
 
-    # -- runs ----------------------------------------------------------------------------------------------
+        return errors(self, since, until, examples)
 
     def run_table(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None) -> pa.Table:
-        """The scoring runs recorded in the table's history (each commit of a run carries its record; the last
-        one counts), oldest first: status (committed, running = stopped after interval commits, failed), the
-        table versions it made, model, times, counts and throughput."""
-        since, until = _check_date(since, "since"), _check_date(until, "until")
-        rows = []
-        for r in self.runs:
-            if (since and (r.run_date or "") < since) or (until and (r.run_date or "9999") > until):
-                continue
-            raw = r.raw
-            c, t, e = raw.get("counts") or {}, raw.get("throughput") or {}, raw.get("execution") or {}
-            rows.append({
-                "run_id": r.run_id, "run_date": r.run_date, "status": r.status,
-                "first_version": min(r.versions), "last_version": max(r.versions), "commits": len(r.versions),
-                "model": f"{r.model_name}:{r.model_version}" if r.model_name else None,
-                "started_at": raw.get("started_at"), "committed_at": r.committed_at,
-                "seen": c.get("seen"), "scored": c.get("scored"), "skipped": c.get("skipped"),
-                "errors": c.get("errors"), "deferred": c.get("deferred"), "rows": raw.get("rows"),
-                "images_per_s": t.get("images_per_s"), "device": e.get("device"), "backend": e.get("backend"),
-                "tta": e.get("tta"), "input": raw.get("input"),
-            })
-        schema = pa.schema([
-            ("run_id", pa.string()), ("run_date", pa.string()), ("status", pa.string()),
-            ("first_version", pa.int64()), ("last_version", pa.int64()), ("commits", pa.int64()),
-            ("model", pa.string()), ("started_at", pa.string()), ("committed_at", pa.timestamp("ms", tz="UTC")),
-            ("seen", pa.int64()), ("scored", pa.int64()), ("skipped", pa.int64()), ("errors", pa.int64()),
-            ("deferred", pa.int64()), ("rows", pa.int64()), ("images_per_s", pa.float64()), ("device", pa.string()),
-            ("backend", pa.string()), ("tta", pa.string()), ("input", pa.string())])
-        return pa.Table.from_pylist(rows, schema=schema)
+        """The scoring runs recorded in the table's history, oldest first."""
+        from .report import run_table
 
-    # -- drift ---------------------------------------------------------------------------------------------
-
-    def model_card(self, model_uri: str, version: str | None = None) -> dict[str, Any]:
-        """The model card of a package folder (has model_card.json) or a model folder (`version`, else LATEST)."""
-        return load_model_card(model_uri, self.storage, version)
+        return run_table(self, since, until)
 
     def drift(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
               model: str | None = None, plot: str | None = None) -> pa.Table:
-        """Class mix per day (ok rows) against the training distribution (model card "class_counts").
+        """Class mix per day against the training distribution of the model card."""
+        from .drift import drift
 
-        `model`: a package or model folder URI used for every day; by default each run's recorded "model_uri"
-        (with the run's model_version) is used, so a day scored by two models gives one row per model.
-        Rows with `source="training"` hold the training proportions (one per model card); rows with
-        `source="scored"` one day each, with `tv_distance` (total variation, 0..1), `chi2` and `p_value`
-        (chi-square goodness of fit of the day's counts to the training proportions; df = classes - 1), and
-        `ood_rate`: the fraction of the day's rows the out-of-distribution guard flagged (training rows: the
-        validation split's, by construction about 1 - in_fraction; null where the model has no guard). A rising
-        rate says the images changed: another camera, stain, or something that is not a smear.
-        """
-        since, until = _check_date(since, "since"), _check_date(until, "until")
-        where, params = _date_where(since, until)
-        counts = self.sql(
-            f"SELECT run_id, run_date, predicted_class, count(*) AS n, "
-            f"count(in_distribution) AS guarded, count(*) FILTER (WHERE NOT in_distribution) AS ood "
-            f"FROM {RESULTS_VIEW} WHERE status = 'ok' AND predicted_class IS NOT NULL AND {where} GROUP BY ALL",
-            params,
-        ).to_pylist()
+        return drift(self, since, until, model, plot)
 
-        cards: dict[tuple[str, str | None], dict[str, Any]] = {}
+    def model_card(self, model_uri: str, version: str | None = None) -> dict[str, Any]:
+        """The model card of a package folder or a model folder (`version`, else LATEST)."""
+        from .drift import load_model_card
 
-        def card_for(key: tuple[str, str | None]) -> dict[str, Any]:
-            if key not in cards:
-                cards[key] = load_model_card(key[0], self.storage, key[1])
-            return cards[key]
+        return load_model_card(model_uri, self.storage, version)
 
-        by_run = {r.run_id: r for r in self.runs}
-        run_card: dict[str, tuple[str, str | None]] = {}
-        for row in counts:
-            rid = row["run_id"]
-            if rid in run_card:
-                continue
-            if model:
-                key = (model, None)
-            else:
-                run = by_run.get(rid)
-                if run is None or not run.model_uri:
-                    raise QueryError(f"cannot find the model card for run {rid}: its record in the table history "
-                                     f"has no 'model_uri'; pass --model <package or model folder URI>")
-                key = (run.model_uri, run.model_version)
-            card_for(key)
-            run_card[rid] = key
-
-        # observed counts per (day, card)
-        observed: dict[tuple[str, tuple[str, str | None]], dict[str, int]] = {}
-        guarded: dict[tuple[str, tuple[str, str | None]], list[int]] = {}
-        for row in counts:
-            k = (row["run_date"], run_card[row["run_id"]])
-            observed.setdefault(k, {})
-            observed[k][row["predicted_class"]] = observed[k].get(row["predicted_class"], 0) + int(row["n"])
-            g = guarded.setdefault(k, [0, 0])
-            g[0] += int(row["guarded"])
-            g[1] += int(row["ood"])
-
-        if not cards and model:
-            card_for((model, None))
-        all_classes: list[str] = []
-        for card in cards.values():
-            all_classes += list(card["_training"].keys())
-        for obs in observed.values():
-            all_classes += list(obs.keys())
-        classes = list(OrderedDict.fromkeys(all_classes)) or list(CLASSES)
-        ordered = _sort_classes(classes)
-        if all(c in CLASSES for c in classes):
-            classes = ordered
-
-        rows: list[dict[str, Any]] = []
-        for key, card in sorted(cards.items(), key=lambda kv: (str(kv[1].get("name")), str(kv[1].get("version")))):
-            train = card["_training"]
-            total = sum(train.values())
-            row = {"source": "training", "run_date": None, "model": _card_label(card), "n": total}
-            row.update({c: (train.get(c, 0) / total if total else None) for c in classes})
-            row.update(tv_distance=None, chi2=None, p_value=None,
-                       ood_rate=(card.get("ood") or {}).get("val_flagged_fraction"))
-            rows.append(row)
-        for (day, key), obs in sorted(observed.items(), key=lambda kv: (kv[0][0], _card_label(card_for(kv[0][1])))):
-            card = card_for(key)
-            train = card["_training"]
-            n = sum(obs.values())
-            total = sum(train.values())
-            p = {c: obs.get(c, 0) / n for c in classes}
-            q = {c: train.get(c, 0) / total for c in classes}
-            tv = 0.5 * sum(abs(p[c] - q[c]) for c in classes)
-            chi2, pval = _chi_square([obs.get(c, 0) for c in classes], [q[c] for c in classes])
-            row = {"source": "scored", "run_date": day, "model": _card_label(card), "n": n}
-            row.update(p)
-            g = guarded[(day, key)]
-            row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g[1] / g[0] if g[0] else None)
-            rows.append(row)
-        schema = pa.schema(
-            [("source", pa.string()), ("run_date", pa.string()), ("model", pa.string()), ("n", pa.int64())]
-            + [(c, pa.float64()) for c in classes]
-            + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64()),
-               ("ood_rate", pa.float64())]
-        )
-        table = pa.Table.from_pylist(rows, schema=schema)
-        if plot:
-            plot_class_mix(table, plot, self.storage)
-        return table
-
-
-def _card_label(card: dict[str, Any]) -> str:
-    return f"{card.get('name', '?')}:{card.get('version', '?')}"
-
-
-def _chi_square(observed: list[int], expected_props: list[float]) -> tuple[float, float]:
-    """Pearson chi-square goodness of fit of counts to proportions. A class the model never saw in training
-    (expected 0) but observed gives chi2=inf, p=0; classes expected 0 and observed 0 are left out of df."""
-    from scipy.stats import chi2 as chi2_dist
-
-    n = sum(observed)
-    stat, k = 0.0, 0
-    for o, q in zip(observed, expected_props):
-        e = n * q
-        if e > 0:
-            stat += (o - e) ** 2 / e
-            k += 1
-        elif o > 0:
-            return math.inf, 0.0
-    if k < 2:
-        return stat, 1.0
-    return float(stat), float(chi2_dist.sf(stat, k - 1))
-
-
-def load_model_card(model_uri: str, options: StorageOptions | None = None,
-                    version: str | None = None) -> dict[str, Any]:
-    """Read model_card.json from a package folder, or from `<model folder>/<version or LATEST>/`.
-    Adds "_training": {class: count} (from "class_counts", ordered as "classes")."""
-    model_uri = model_uri.rstrip("/")
-    tried = []
-
-    def attempt(uri: str) -> dict[str, Any] | None:
-        tried.append(uri)
-        try:
-            return storage.read_json(uri, options)
-        except storage.StorageError as err:
-            if "does not exist" in str(err) or "access denied" in str(err):
-                raise QueryError(f"cannot read the model card: {err}") from None
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise QueryError(f"model card {uri} is not valid JSON: {err}") from None
-
-    card = attempt(storage.join(model_uri, "model_card.json"))
-    if card is None and version:
-        card = attempt(storage.join(model_uri, version, "model_card.json"))
-    if card is None:
-        latest_uri = storage.join(model_uri, "LATEST")
-        try:
-            latest = storage.read_bytes(latest_uri, options).decode().strip()
-        except storage.StorageError:
-            latest = None
-        if latest:
-            card = attempt(storage.join(model_uri, latest, "model_card.json"))
-    if card is None:
-        raise QueryError(f"no model card found for {model_uri} (tried {', '.join(tried)}); "
-                         f"expected a package folder with model_card.json or a model folder with LATEST")
-    counts = card.get("class_counts")
-    if not isinstance(counts, dict) or not counts:
-        raise QueryError(f"model card {tried[-1]} has no 'class_counts' (the training class distribution)")
-    classes = card.get("classes") or list(counts)
-    training = OrderedDict((c, int(counts.get(c, 0))) for c in classes)
-    for c, v in counts.items():
-        training.setdefault(c, int(v))
-    if sum(training.values()) <= 0:
-        raise QueryError(f"model card {tried[-1]} has all-zero 'class_counts'")
-    card["_training"] = training
-    card["_uri"] = tried[-1]
-    return card
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# output
-
-
-def _cell(value: Any, float_digits: int = 4) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        if value != 0 and abs(value) < 10 ** -float_digits * 5:
-            return f"{value:.{float_digits - 1}e}"
-        return f"{value:.{float_digits}f}"
-    if isinstance(value, _dt.datetime):
-        return value.isoformat()
-    if isinstance(value, (list, tuple)):
-        return "; ".join(_cell(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def format_table(table: pa.Table, max_width: int = 160) -> str:
-    """An aligned text table (numbers right-aligned), with a row count line."""
-    names = table.schema.names
-    rows = [[_cell(v) for v in row.values()] for row in table.to_pylist()]
-    rows = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in rows]
-    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type)
-               for f in table.schema]
-    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
-
-    out = [line(list(names)), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
-    return "\n".join(out)
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    if isinstance(value, bytes):
-        return value.hex()
-    if hasattr(value, "as_tuple"):  # Decimal
-        return float(value)
-    return value
-
-
-def write_table(table: pa.Table, fmt: str, out: Any) -> None:
-    """Write `table` to the text stream `out` as 'table' (aligned), 'csv' (header, lists joined by '; ', NULL
-    as empty) or 'json' (an array of objects; NaN/inf become null)."""
-    if fmt == "table":
-        out.write(format_table(table) + "\n")
-    elif fmt == "csv":
-        import csv
-
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(table.schema.names)
-        for row in table.to_pylist():
-            w.writerow(["" if v is None else (repr(v) if isinstance(v, float) else _cell(v))
-                        for v in row.values()])
-    elif fmt == "json":
-        out.write(json.dumps([{k: _json_value(v) for k, v in row.items()} for row in table.to_pylist()],
-                             indent=2, default=str) + "\n")
-    else:
-        raise QueryError(f"unknown output format {fmt!r}: use table, csv or json")
-
-
-def plot_class_mix(drift_table: pa.Table, path: str, storage_options: StorageOptions | None = None) -> str:
-    """Stacked bars of the class proportions per day (from `Results.drift`), the training mix as the first bar(s).
-    Written as PNG to `path`: a local file (parent folders created) or an s3:// URI (written with `storage_options`).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    meta = {"source", "run_date", "model", "n", "tv_distance", "chi2", "p_value"}
-    classes = [c for c in drift_table.schema.names if c not in meta]
-    rows = drift_table.to_pylist()
-    if not rows:
-        raise QueryError("nothing to plot: no scored days in the selected range")
-    multi_model = len({r["model"] for r in rows}) > 1
-    labels = []
-    for r in rows:
-        version = str(r["model"]).rsplit(":", 1)[-1]
-        if r["source"] == "training":
-            labels.append(f"training\n{version}")
-        else:
-            labels.append(f"{r['run_date']}\n" + (f"{version} " if multi_model else "") + f"n={r['n']}")
-    n_train = sum(r["source"] == "training" for r in rows)
-    fig = Figure(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
-    ax = fig.add_subplot(1, 1, 1)
-    xs = [i + (0.5 if i >= n_train else 0.0) for i in range(len(rows))]  # a gap after the training bar(s)
-    if 0 < n_train < len(rows):
-        ax.axvline(n_train - 0.25, color="grey", linestyle=":", linewidth=1)
-    bottom = [0.0] * len(rows)
-    cmap = matplotlib.colormaps["tab10"]
-    for i, c in enumerate(classes):
-        vals = [r[c] or 0.0 for r in rows]
-        ax.bar(xs, vals, bottom=bottom, label=c, color=cmap(i % 10),
-               edgecolor=["black" if r["source"] == "training" else "none" for r in rows])
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for x, r in zip(xs, rows):
-        if r["tv_distance"] is not None:
-            ax.text(x, 1.01, f"TV {r['tv_distance']:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(xs)
-    many = len(rows) > 10
-    ax.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("proportion of ok predictions")
-    ax.set_title("Predicted class mix per day vs training distribution")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    if storage.is_remote(path):
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        storage.write_bytes(path, buf.getvalue(), storage_options)
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    return path

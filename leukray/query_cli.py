@@ -126,7 +126,7 @@ def _guard(fn):
         except (QueryError, StorageError) as e:
             err.write(f"error: {e}\n")
             return 2
-        from .query import write_table
+        from .report import write_table
 
         write_table(table, args.format, out)
         return 0

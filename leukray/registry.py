@@ -8,6 +8,9 @@ Layout (local folder or s3://):
     <registry>/<name>/v0003/ood_reference.npy  the out-of-distribution guard's training features (leukray.ood)
     <registry>/<name>/v0003/model_card.json  classes, preprocessing, temperature, metrics, config, versions
 A reference is a package folder (it has model_card.json) or a model folder (its LATEST names the version).
+
+Resolving a reference and reading its card need no torch (`resolve`, `read_card`: queries and reports use them);
+torch is imported by the functions that build, save or load a network.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .config import StorageOptions
-from .model import LeukNet, ModelConfig, WithFeatures, build_model, load_model_state
+
+if TYPE_CHECKING:
+    from .model import LeukNet
 
 CARD = "model_card.json"
 WEIGHTS = "model.pt"
@@ -79,6 +82,10 @@ def library_versions() -> dict[str, str]:
 
 def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
     """Two outputs of one pass: `logits` (N, K) and `features` (N, 1280), the guard's input."""
+    import torch
+
+    from .model import WithFeatures
+
     model = model.eval().cpu()
     example = torch.zeros(1, 3, image_size, image_size)
     with warnings.catch_warnings():
@@ -91,6 +98,8 @@ def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
 
 def write_package(local_dir: str, model: LeukNet, card: dict[str, Any]) -> None:
     """Write weights, ONNX and the card into a local folder (upload or publish it afterwards)."""
+    import torch
+
     os.makedirs(local_dir, exist_ok=True)
     model = model.eval().cpu()
     torch.save(model.state_dict(), os.path.join(local_dir, WEIGHTS))
@@ -129,11 +138,15 @@ def publish(package_dir: str, registry_uri: str, name: str, storage_options: Sto
     return target
 
 
-def resolve(ref: str, storage_options: StorageOptions | None = None) -> str:
-    """Package URI for a package folder, or for a model folder's LATEST version."""
+def resolve(ref: str, storage_options: StorageOptions | None = None, version: str | None = None) -> str:
+    """Package URI for a package folder, or for a model folder's `version` (default: its LATEST)."""
     ref = ref.rstrip("/")
     if storage.exists(storage.join(ref, CARD), storage_options):
         return ref
+    if version:
+        pkg = storage.join(ref, version)
+        if storage.exists(storage.join(pkg, CARD), storage_options):
+            return pkg
     latest = storage.join(ref, LATEST)
     if storage.exists(latest, storage_options):
         version = storage.read_bytes(latest, storage_options).decode().strip()
@@ -144,9 +157,17 @@ def resolve(ref: str, storage_options: StorageOptions | None = None) -> str:
     raise RegistryError(f"no model package at {ref}: expected {CARD} there (a package) or {LATEST} (a model folder)")
 
 
+def read_card(ref: str, storage_options: StorageOptions | None = None,
+              version: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(package URI, model card) of a reference, without loading the network (no torch)."""
+    uri = resolve(ref, storage_options, version)
+    return uri, storage.read_json(storage.join(uri, CARD), storage_options)
+
+
 def load_package(ref: str, storage_options: StorageOptions | None = None, with_model: bool = True) -> ModelPackage:
-    uri = resolve(ref, storage_options)
-    card = storage.read_json(storage.join(uri, CARD), storage_options)
+    from .model import ModelConfig, build_model, load_model_state
+
+    uri, card = read_card(ref, storage_options)
     arch = card.get("architecture", {})
     model = build_model(ModelConfig(arch=arch.get("arch", "mobilenet_v2"), weights="none",
                                     dropout=arch.get("dropout", 0.0), head_width=arch.get("head_width", 128),
@@ -163,6 +184,8 @@ def read_onnx(package: ModelPackage, storage_options: StorageOptions | None = No
 
 
 def state_bytes(model: LeukNet) -> bytes:
+    import torch
+
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getvalue()

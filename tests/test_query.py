@@ -20,6 +20,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -757,7 +759,7 @@ def test_cli_output_default_from_env(loc, monkeypatch):
 
 def test_json_has_no_nan(loc):
     """JSON output is strict JSON: inf chi2 (a class unseen in training) and NaN become null."""
-    from leukray.query import write_table
+    from leukray.report import write_table
 
     t = pa.table({"a": [math.inf, math.nan, 1.5], "b": ["x", None, "z"]})
     out = io.StringIO()
@@ -776,3 +778,29 @@ def test_only_empty_runs(tmp_path):
     assert row["run_id"] == "20261128T031500Z-ffffff" and row["run_date"] == "2026-11-28" and row["files"] == 0
     assert r.summary(by="day").num_rows == r.review().num_rows == r.errors().num_rows == 0
     assert r.drift().num_rows == 0
+
+
+NO_TORCH = """
+import sys
+from leukray.cli import main
+import leukray.query
+argv = sys.argv[1:]
+for cmd in (["query", "SELECT count(*) AS n FROM results"], ["report", "summary"], ["report", "review"],
+            ["report", "errors"], ["report", "runs"], ["report", "drift", "--plot", argv[-1]]):
+    assert main(cmd + argv[:-1]) == 0, cmd
+heavy = sorted(m for m in ("torch", "torchvision", "ray") if m in sys.modules)
+assert not heavy, f"loaded {heavy}"
+print("ok")
+"""
+
+
+def test_query_and_reports_load_no_torch(tmp_path):
+    """`leukray query` and every `leukray report` (drift reads model cards through the registry) run without
+    importing torch or Ray: the results layout, the registry's card reading and the reports are torch-free."""
+    out = str(tmp_path / "score")
+    build_outputs(str(tmp_path), out, str(tmp_path / "registry"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "--output", out, str(tmp_path / "mix.png")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "mix.png").stat().st_size > 0

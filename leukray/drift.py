@@ -1,0 +1,182 @@
+"""Drift of the predicted class mix: each day's predictions against the training distribution on the model card.
+
+`Results.drift()` and `leukray report drift` call `drift`; the statistics are total variation distance and a
+Pearson chi-square goodness of fit (scipy) per day, plus the out-of-distribution guard's flag rate. Model cards
+are read through the registry (`registry.read_card`: a package folder, or a model folder's version or LATEST).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from . import CLASSES, registry, storage
+from .config import StorageOptions
+from .query import RESULTS_VIEW, QueryError, check_date, date_where
+from .report import sort_classes
+
+if TYPE_CHECKING:
+    from .query import Results
+
+
+def drift(results: Results, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
+          model: str | None = None, plot: str | None = None) -> pa.Table:
+    """Class mix per day (ok rows) against the training distribution (model card "class_counts").
+
+    `model`: a package or model folder URI used for every day; by default each run's recorded "model_uri"
+    (with the run's model_version) is used, so a day scored by two models gives one row per model.
+    Rows with `source="training"` hold the training proportions (one per model card); rows with
+    `source="scored"` one day each, with `tv_distance` (total variation, 0..1), `chi2` and `p_value`
+    (chi-square goodness of fit of the day's counts to the training proportions; df = classes - 1), and
+    `ood_rate`: the fraction of the day's rows the out-of-distribution guard flagged (training rows: the
+    validation split's, by construction about 1 - in_fraction; null where the model has no guard). A rising
+    rate says the images changed: another camera, stain, or something that is not a smear.
+    """
+    since, until = check_date(since, "since"), check_date(until, "until")
+    where, params = date_where(since, until)
+    counts = results.sql(
+        f"SELECT run_id, run_date, predicted_class, count(*) AS n, "
+        f"count(in_distribution) AS guarded, count(*) FILTER (WHERE NOT in_distribution) AS ood "
+        f"FROM {RESULTS_VIEW} WHERE status = 'ok' AND predicted_class IS NOT NULL AND {where} GROUP BY ALL",
+        params,
+    ).to_pylist()
+
+    cards: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    def card_for(key: tuple[str, str | None]) -> dict[str, Any]:
+        if key not in cards:
+            cards[key] = load_model_card(key[0], results.storage, key[1])
+        return cards[key]
+
+    by_run = {r.run_id: r for r in results.runs}
+    run_card: dict[str, tuple[str, str | None]] = {}
+    for row in counts:
+        rid = row["run_id"]
+        if rid in run_card:
+            continue
+        if model:
+            key = (model, None)
+        else:
+            run = by_run.get(rid)
+            if run is None or not run.model_uri:
+                raise QueryError(f"cannot find the model card for run {rid}: its record in the table history "
+                                 f"has no 'model_uri'; pass --model <package or model folder URI>")
+            key = (run.model_uri, run.model_version)
+        card_for(key)
+        run_card[rid] = key
+
+    # observed counts per (day, card)
+    observed: dict[tuple[str, tuple[str, str | None]], dict[str, int]] = {}
+    guarded: dict[tuple[str, tuple[str, str | None]], list[int]] = {}
+    for row in counts:
+        k = (row["run_date"], run_card[row["run_id"]])
+        observed.setdefault(k, {})
+        observed[k][row["predicted_class"]] = observed[k].get(row["predicted_class"], 0) + int(row["n"])
+        g = guarded.setdefault(k, [0, 0])
+        g[0] += int(row["guarded"])
+        g[1] += int(row["ood"])
+
+    if not cards and model:
+        card_for((model, None))
+    all_classes: list[str] = []
+    for card in cards.values():
+        all_classes += list(card["_training"].keys())
+    for obs in observed.values():
+        all_classes += list(obs.keys())
+    classes = list(OrderedDict.fromkeys(all_classes)) or list(CLASSES)
+    ordered = sort_classes(classes)
+    if all(c in CLASSES for c in classes):
+        classes = ordered
+
+    rows: list[dict[str, Any]] = []
+    for key, card in sorted(cards.items(), key=lambda kv: (str(kv[1].get("name")), str(kv[1].get("version")))):
+        train = card["_training"]
+        total = sum(train.values())
+        row = {"source": "training", "run_date": None, "model": _card_label(card), "n": total}
+        row.update({c: (train.get(c, 0) / total if total else None) for c in classes})
+        row.update(tv_distance=None, chi2=None, p_value=None,
+                   ood_rate=(card.get("ood") or {}).get("val_flagged_fraction"))
+        rows.append(row)
+    for (day, key), obs in sorted(observed.items(), key=lambda kv: (kv[0][0], _card_label(card_for(kv[0][1])))):
+        card = card_for(key)
+        train = card["_training"]
+        n = sum(obs.values())
+        total = sum(train.values())
+        p = {c: obs.get(c, 0) / n for c in classes}
+        q = {c: train.get(c, 0) / total for c in classes}
+        tv = 0.5 * sum(abs(p[c] - q[c]) for c in classes)
+        chi2, pval = chi_square([obs.get(c, 0) for c in classes], [q[c] for c in classes])
+        row = {"source": "scored", "run_date": day, "model": _card_label(card), "n": n}
+        row.update(p)
+        g = guarded[(day, key)]
+        row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g[1] / g[0] if g[0] else None)
+        rows.append(row)
+    schema = pa.schema(
+        [("source", pa.string()), ("run_date", pa.string()), ("model", pa.string()), ("n", pa.int64())]
+        + [(c, pa.float64()) for c in classes]
+        + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64()),
+           ("ood_rate", pa.float64())]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if plot:
+        from .plots import plot_class_mix
+
+        if not rows:
+            raise QueryError("nothing to plot: no scored days in the selected range")
+        plot_class_mix(table, plot, results.storage)
+    return table
+
+
+def _card_label(card: dict[str, Any]) -> str:
+    return f"{card.get('name', '?')}:{card.get('version', '?')}"
+
+
+def chi_square(observed: list[int], expected_props: list[float]) -> tuple[float, float]:
+    """Pearson chi-square goodness of fit of counts to proportions. A class the model never saw in training
+    (expected 0) but observed gives chi2=inf, p=0; classes expected 0 and observed 0 are left out of df."""
+    from scipy.stats import chi2 as chi2_dist
+
+    n = sum(observed)
+    stat, k = 0.0, 0
+    for o, q in zip(observed, expected_props):
+        e = n * q
+        if e > 0:
+            stat += (o - e) ** 2 / e
+            k += 1
+        elif o > 0:
+            return math.inf, 0.0
+    if k < 2:
+        return stat, 1.0
+    return float(stat), float(chi2_dist.sf(stat, k - 1))
+
+
+def load_model_card(model_uri: str, options: StorageOptions | None = None,
+                    version: str | None = None) -> dict[str, Any]:
+    """The model card of a package folder, or of `<model folder>/<version or LATEST>/`, with "_training":
+    {class: count} (from "class_counts", ordered as "classes") and "_uri" (the package it came from)."""
+    try:
+        uri, card = registry.read_card(model_uri, options, version)
+    except registry.RegistryError as err:
+        raise QueryError(f"no model card found for {model_uri.rstrip('/')}: {err}") from None
+    except storage.StorageError as err:
+        raise QueryError(f"cannot read the model card of {model_uri}: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QueryError(f"model card {storage.join(model_uri, registry.CARD)} is not valid JSON: {err}") from None
+    where = storage.join(uri, registry.CARD)
+    counts = card.get("class_counts")
+    if not isinstance(counts, dict) or not counts:
+        raise QueryError(f"model card {where} has no 'class_counts' (the training class distribution)")
+    classes = card.get("classes") or list(counts)
+    training = OrderedDict((c, int(counts.get(c, 0))) for c in classes)
+    for c, v in counts.items():
+        training.setdefault(c, int(v))
+    if sum(training.values()) <= 0:
+        raise QueryError(f"model card {where} has all-zero 'class_counts'")
+    card["_training"] = training
+    card["_uri"] = where
+    return card
