@@ -5,28 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, parse_overrides
 from .tta import TTA_CHOICES
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ConfigError(f"--set {p!r}: expected KEY=VALUE (e.g. --set epochs=2)")
-        k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.data:
         overrides["data.root"] = args.data
     if args.epochs is not None:
@@ -98,7 +85,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
 
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     for key in ("input", "output", "model"):
         if getattr(args, key):
             overrides[key] = getattr(args, key)

@@ -62,27 +62,52 @@ def parse_config(cls: type[T], data: dict[str, Any] | None, source: str = "<conf
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
-    """Load YAML at `path` (or defaults when None), apply dotted-key `overrides`, validate as `cls`."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (empty file = {}); errors name the file. The one YAML reader of the configs."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs → {dotted key: value}; the value is read as YAML (`2` an int, `[a, b]` a list)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (e.g. --set epochs=2)")
         try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        try:
-            data = yaml.safe_load(text) or {}
+            out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML: {err}") from None
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key of `overrides` in `data` (in place; parents created)."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ConfigError(f"override {dotted}: {p!r} is not a mapping")
+            node = node[p]
         node[leaf] = value
-    return parse_config(cls, data, source)
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
+    """Load YAML at `path` (or defaults when None), apply dotted-key `overrides`, validate as `cls`."""
+    data = read_yaml(path) if path is not None else {}
+    return parse_config(cls, apply_overrides(data, overrides), str(path) if path is not None else "<defaults>")
 
 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:

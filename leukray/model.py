@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
@@ -32,8 +33,8 @@ class ModelConfig(StrictModel):
     arch: str = "mobilenet_v2"
     weights: str = "imagenet"
     """`imagenet`, `none`, or a local file / s3:// URI of a state_dict (torchvision, deep-sort or leukray keys)."""
-    dropout: float = 0.2
-    head_width: int = 128
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    head_width: int = Field(128, ge=0, le=4096)
     """Width of the hidden dense layer of the head (the study: 128); 0 = a single linear layer."""
     colour_norm: str = "none"
     """Colour constancy inside the network, before ImageNet normalisation, so training, evaluation, scoring and

@@ -1,7 +1,7 @@
 """Hyperparameter search on Ray Tune (the only module that calls Tune): Optuna TPE (seeded) + ASHA, one
 `leukray.train.fit` per trial, checkpoints every epoch, resumable, and the winner published as a versioned model.
 
-Read top to bottom: the config (`SearchConfig`, every key validated at start) → the trial (`trainable`: base
+Read top to bottom (the config, `SearchConfig`, is `leukray.search_config`): the trial (`trainable`: base
 config + sampled hyperparameters → `train.fit`, reporting metrics and a checkpoint each epoch, resuming from
 `tune.get_checkpoint()`) → the driver (`run`: split + decode cache once, Tuner or Tuner.restore, then the best
 trial evaluated once on the test split and published, the trials table and Optuna plots written).
@@ -14,314 +14,28 @@ import datetime as dt
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
-from pydantic import Field, field_validator, model_validator
 
 from . import registry, storage
-from .augment import POLICIES
-from .config import ConfigError, StorageOptions, StrictModel, dump_config, parse_config
+from .config import ConfigError, dump_config
 from .raycluster import connect
+from .search_config import ParamSpec, SearchConfig, kind, load_search_config, trial_config
 from .train import FitResult, TrainConfig, evaluate_and_package, log, prepare_data
 
-METRIC_MODES = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
+__all__ = ["SearchConfig", "load_search_config", "trial_config", "trainable", "run", "main", "run_from_args"]
 STATE_FILE = "state.pt"
 SEARCH_DIR = "search"
 """Sub-folder of the experiment folder with the search's own outputs (trials table, plots, summary)."""
 
 
-# ------------------------------------------------------------------------------------------------ the config
-def _check_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f"{v!r} is not a number"
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            return f"{v!r} is below the allowed range {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
-        if hi is not None and (v > hi or (hi_open and v == hi)):
-            return f"{v!r} is above the allowed range {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        return None
-    return check
-
-
-def _check_in(allowed: tuple) -> Any:
-    def check(v: Any) -> str | None:
-        return None if v in allowed else f"{v!r} is not one of {', '.join(map(str, allowed))}"
-    return check
-
-
-# name → (dotted TrainConfig key, value kind, value check)
-HYPERPARAMETERS: dict[str, tuple[str, str, Any]] = {
-    "lr": ("lr", "float", _check_range(0.0, 1.0, lo_open=True)),
-    "weight_decay": ("weight_decay", "float", _check_range(0.0, 1.0)),
-    "dropout": ("model.dropout", "float", _check_range(0.0, 1.0, hi_open=True)),
-    "label_smoothing": ("label_smoothing", "float", _check_range(0.0, 1.0, hi_open=True)),
-    "augment_strength": ("augment_strength", "float", _check_range(0.0, 4.0)),
-    "augment_zoom": ("augment_zoom", "float", _check_range(1.0, 4.0)),
-    "augment_p": ("augment_p", "float", _check_range(0.0, 1.0)),
-    "ema_decay": ("ema_decay", "float", _check_range(0.0, 1.0, hi_open=True)),
-    "warmup_epochs": ("warmup_epochs", "float", _check_range(0.0, 100.0)),
-    "head_width": ("model.head_width", "int", _check_range(0, 4096)),
-    "batch_size": ("batch_size", "int", _check_range(1, 4096)),
-    "augment": ("augment", "cat", _check_in(POLICIES)),
-    "optimizer": ("optimizer", "cat", _check_in(("adam", "adamw"))),
-    "schedule": ("schedule", "cat", _check_in(("cosine", "constant"))),
-}
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
-
-
-class ParamSpec(StrictModel):
-    """One search-space entry: `{type: loguniform, low: 1e-4, high: 3e-3}` or `{type: choice, values: [...]}`."""
-
-    type: Literal["uniform", "loguniform", "int", "logint", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> "ParamSpec":
-        if self.type == "choice":
-            if not self.values:
-                raise ValueError("type 'choice' needs a non-empty 'values' list")
-            if self.low is not None or self.high is not None:
-                raise ValueError("type 'choice' takes 'values', not 'low'/'high'")
-            return self
-        if self.values is not None:
-            raise ValueError(f"type {self.type!r} takes 'low' and 'high', not 'values'")
-        if self.low is None or self.high is None:
-            raise ValueError(f"type {self.type!r} needs both 'low' and 'high'")
-        if self.low > self.high or (self.type in ("uniform", "loguniform") and self.low == self.high):
-            raise ValueError(f"low={self.low} must be below high={self.high}")
-        if self.type in ("loguniform", "logint") and self.low <= 0:
-            raise ValueError(f"type {self.type!r} needs low > 0 (got {self.low})")
-        if self.type in ("int", "logint") and (self.low != int(self.low) or self.high != int(self.high)):
-            raise ValueError(f"type {self.type!r} needs integer bounds (got {self.low}, {self.high})")
-        return self
-
-    def extremes(self) -> list[Any]:
-        if self.type == "choice":
-            return list(self.values or [])
-        if self.type in ("int", "logint"):
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
-
-
-class SearcherConfig(StrictModel):
-    type: Literal["optuna"] = "optuna"
-    """Optuna TPE sampler (the only searcher)."""
-    seed: int = 0
-    n_startup_trials: int = Field(4, ge=0)
-    """Random trials before TPE starts modelling."""
-
-
-class SchedulerConfig(StrictModel):
-    type: Literal["asha", "fifo"] = "asha"
-    """`asha` stops poor trials early (by `metric` at each epoch); `fifo` runs every trial to the end."""
-    grace_period: int = Field(1, ge=1)
-    """Epochs every trial runs before ASHA may stop it."""
-    reduction_factor: float = Field(2.0, gt=1.0)
-
-
-class ResourcesConfig(StrictModel):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
-    """Fractional values let several small trials share one GPU (e.g. 0.25 = four trials per GPU)."""
-
-    @field_validator("gpu")
-    @classmethod
-    def _gpu(cls, v: float) -> float:
-        if v > 1 and v != int(v):
-            raise ValueError("more than one GPU per trial must be a whole number")
-        return v
-
-
-class SearchConfig(StrictModel):
-    base_config: str | None = None
-    """A `leukray train` YAML (e.g. configs/train.yaml); `train:` below overrides its keys."""
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    """The base training config every trial starts from (the sampled hyperparameters replace its keys)."""
-    space: dict[str, ParamSpec]
-    """Hyperparameter → distribution. Names: see HYPERPARAMETERS."""
-    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
-    """What the searcher, ASHA and the best-trial pick optimise (also each trial's early-stopping monitor)."""
-    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    num_samples: int = Field(16, ge=1)
-    max_concurrent_trials: int | None = Field(4, ge=1)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    epochs: int | None = Field(None, ge=1)
-    """Epochs per trial (ASHA's max_t); default: train.epochs."""
-    storage_path: str = "runs/tune"
-    """Where Tune keeps the experiment (local folder or s3://bucket/prefix); the experiment is <storage_path>/<name>."""
-    name: str = "leukray-tune"
-    registry: str = "runs/registry"
-    model_name: str = "leukray-mobilenetv2"
-    max_failures: int = Field(2, ge=-1)
-    """Retries of a failed trial (from its last checkpoint); -1 = unlimited."""
-    verbose: int = Field(2, ge=0, le=3)
-    """Tune's console output: 0 silent, 1 results, 2 trial status table + results."""
-    num_cpus: int | None = Field(None, ge=1)
-    """CPUs of the local Ray started when no cluster is given (RAY_ADDRESS unset); default: all."""
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    """Object-storage options for storage_path, registry and data (endpoint; credentials from the environment)."""
-
-    @field_validator("space")
-    @classmethod
-    def _space(cls, space: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
-        if not space:
-            raise ValueError(f"the search space is empty; search at least one of {', '.join(HYPERPARAMETERS)}")
-        for name, spec in space.items():
-            if name not in HYPERPARAMETERS:
-                raise ValueError(f"unknown hyperparameter {name!r}; allowed: {', '.join(HYPERPARAMETERS)}")
-            _key, kind, check = HYPERPARAMETERS[name]
-            if kind == "cat" and spec.type != "choice":
-                raise ValueError(f"{name}: a categorical hyperparameter needs type 'choice', not {spec.type!r}")
-            if kind == "int" and spec.type in ("uniform", "loguniform"):
-                raise ValueError(f"{name}: an integer hyperparameter needs type 'int', 'logint' or 'choice', "
-                                 f"not {spec.type!r}")
-            if kind == "float" and spec.type in ("int", "logint"):
-                raise ValueError(f"{name}: a real-valued hyperparameter needs type 'uniform', 'loguniform' or "
-                                 f"'choice', not {spec.type!r}")
-            for v in spec.extremes():
-                if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
-                    problem = f"{v!r} is not an integer"
-                else:
-                    problem = check(v)
-                if problem:
-                    raise ValueError(f"{name}: {problem}")
-        return space
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
-        return v
-
-    @field_validator("storage_path", "registry")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        if "://" in v and not v.startswith(("s3://", "s3a://", "file://")):
-            raise ValueError("use a local path or s3://bucket/prefix")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SearchConfig":
-        epochs = self.epochs or self.train.epochs
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > epochs:
-            raise ValueError(f"scheduler.grace_period={self.scheduler.grace_period} exceeds epochs={epochs}")
-        if self.searcher.n_startup_trials > self.num_samples:
-            pass  # fine: all trials are then random
-        return self
-
-    @property
-    def mode(self) -> str:
-        return METRIC_MODES[self.metric]
-
-    def trial_base(self) -> TrainConfig:
-        """The base TrainConfig every trial starts from: epochs, monitor and storage set by the search."""
-        data = self.train.model_dump()
-        data["epochs"] = self.epochs or self.train.epochs
-        data["monitor"] = self.metric
-        if self.train.storage == StorageOptions():
-            data["storage"] = self.storage.model_dump()
-        if self.train.num_threads is None and self.resources.gpu == 0:
-            data["num_threads"] = max(1, int(self.resources.cpu))
-        return TrainConfig.model_validate(data)
-
-    def local_paths_absolute(self) -> "SearchConfig":
-        """Local storage_path/registry/data.root as absolute paths (Tune needs them; job working dirs move)."""
-        upd: dict[str, Any] = {}
-        for key in ("storage_path", "registry"):
-            v = getattr(self, key)
-            if not storage.is_remote(v):
-                upd[key] = os.path.abspath(os.path.expanduser(v[len("file://"):] if v.startswith("file://") else v))
-        out = self.model_copy(update=upd)
-        root = out.train.data.root
-        if root and not storage.is_remote(root):
-            out.train.data.root = os.path.abspath(os.path.expanduser(root))
-        return out
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_search_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> SearchConfig:
-    """YAML → SearchConfig: `base_config` (a train YAML) merged under `train:`, dotted `overrides` applied, every
-    key validated (the error names the file and key)."""
-    source = str(path) if path else "<defaults>"
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(f"override {dotted}: {p!r} is not a mapping")
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    base = data.get("base_config")
-    if base:
-        cands = ([Path(path).parent / base] if path else []) + [Path(base)]  # beside the search config, else cwd
-        found = next((c for c in cands if c.is_file()), None)
-        if found is None:
-            raise ConfigError(f"{source}: key 'base_config' = {base!r}: file not found")
-        try:
-            base_data = yaml.safe_load(found.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{found}: not valid YAML: {err}") from None
-        if not isinstance(base_data, dict):
-            raise ConfigError(f"{found}: expected a mapping at the top level")
-        train = data.get("train") or {}
-        if not isinstance(train, dict):
-            raise ConfigError(f"{source}: key 'train' must be a mapping")
-        data["train"] = _deep_merge(base_data, train)
-    return parse_config(SearchConfig, data, source)
-
-
 # ------------------------------------------------------------------------------------------------ the trial
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        d = d.setdefault(p, {})
-    d[leaf] = value
-
-
-def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """The trial's TrainConfig: base with the sampled hyperparameters put at their keys."""
-    data = base.model_dump()
-    for name, value in params.items():
-        if name not in HYPERPARAMETERS:
-            raise ConfigError(f"trial parameter {name!r} is not a known hyperparameter")
-        key, kind, _ = HYPERPARAMETERS[name]
-        if kind == "int":
-            value = int(value)
-        elif kind == "float":
-            value = float(value)
-        _set_dotted(data, key, value)
-    return TrainConfig.model_validate(data)
-
-
 _DATA: dict[tuple, Any] = {}
 
 
@@ -441,7 +155,7 @@ def trials_table(grid, cfg: SearchConfig) -> list[dict[str, Any]]:
         for name, s in cfg.space.items():
             v = (r.config or {}).get(name)
             row[f"param_{name}"] = None if v is None else (str(v) if s.type == "choice" and
-                                                           HYPERPARAMETERS[name][1] == "cat" else float(v))
+                                                           kind(name) == "cat" else float(v))
         row["epochs_run"] = int(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0
         for k in ("epoch", "val_loss", "val_accuracy", "val_macro_f1", "train_loss", "train_accuracy"):
             v = None if best is None else best.get(k)

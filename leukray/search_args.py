@@ -24,16 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
+    from .config import parse_overrides
 
-    from .config import ConfigError
-
-    overrides: dict[str, Any] = {}
-    for pair in args.set:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (e.g. --set num_samples=8)")
-        k, v = pair.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+    overrides = parse_overrides(args.set)
     for flag, key in (("data", "train.data.root"), ("storage_path", "storage_path"), ("registry", "registry"),
                       ("name", "name"), ("num_samples", "num_samples"), ("epochs", "epochs")):
         if getattr(args, flag) is not None:

@@ -47,22 +47,22 @@ class TrainConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    image_size: int = 224
+    image_size: int = Field(224, ge=32, le=1024)
     augment: str = "stain"
-    augment_strength: float = 1.0
+    augment_strength: float = Field(1.0, ge=0.0, le=4.0)
     augment_zoom: float = Field(1.0, ge=1.0, le=4.0)
     augment_p: float = Field(1.0, ge=0.0, le=1.0)
     """Fraction of training images that get the policy's colour/camera part (flips, rotation, zoom: all); 1.0 = all."""
     """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
-    epochs: int = 30
-    batch_size: int = 32
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adam", "adamw"] = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = 1.0
-    early_stopping_patience: int = 6
+    warmup_epochs: float = Field(1.0, ge=0.0, le=100.0)
+    early_stopping_patience: int = Field(6, ge=0)
     """Stop after this many epochs without improvement of `monitor`; 0 = never."""
     monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
@@ -73,8 +73,8 @@ class TrainConfig(StrictModel):
     amp: bool = True
     """bfloat16 autocast on CUDA."""
     channels_last: bool = True
-    num_threads: int | None = None
-    eval_batch_size: int = 128
+    num_threads: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
     tta: str = "dihedral8"
     """Test-time augmentation the package is calibrated, measured and shipped with (`leukray.tta`): none | flips4 |
     dihedral8. Epoch-by-epoch validation stays single-view (it only ranks epochs)."""

@@ -115,12 +115,15 @@ SPACE = "space:\n  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
     ("space:\n  lr: {type: normal, low: 1.0e-4, high: 1.0e-2}\n", "space.lr.type"),
     ("space:\n  lr: {type: loguniform, low: 1.0e-2, high: 1.0e-4}\n", "low=0.01 must be below high=0.0001"),
     ("space:\n  lr: {type: loguniform, low: 0, high: 1.0e-2}\n", "needs low > 0"),
-    ("space:\n  augment: {type: choice, values: [stain, sharpen]}\n", "augment: 'sharpen' is not one of"),
-    ("space:\n  schedule: {type: choice, values: [cosine, step]}\n", "schedule: 'step' is not one of"),
-    ("space:\n  dropout: {type: uniform, low: 0.1, high: 1.5}\n", "dropout: 1.5 is above"),
+    ("space:\n  augment: {type: choice, values: [stain, sharpen]}\n", "augment: 'sharpen' is not a valid train.augment"),
+    ("space:\n  schedule: {type: choice, values: [cosine, step]}\n", "schedule: 'step' is not a valid train.schedule: Input should be 'cosine' or 'constant'"),
+    ("space:\n  dropout: {type: uniform, low: 0.1, high: 1.5}\n", "dropout: 1.5 is not a valid train.model.dropout: Input should be less than 1"),
     ("space:\n  batch_size: {type: uniform, low: 8, high: 64}\n", "batch_size: an integer hyperparameter"),
     ("space:\n  lr: {type: choice}\n", "needs a non-empty 'values'"),
     ("space: {}\n", "search space is empty"),
+    ("space:\n  lr: {type: loguniform, low: 1.0e-4, high: 2.0}\n", "lr: 2.0 is not a valid train.lr: Input should be "
+     "less than or equal to 1"),
+    ("space:\n  head_width: {type: int, low: 16, high: 9000}\n", "head_width: 9000 is not a valid train.model.head_width"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, expected):
     with pytest.raises(ConfigError) as err:
