@@ -41,6 +41,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 HOST = "127.0.0.1"
 STATE_FILE = "cluster.json"
 LOCK_FILE = "lock"
@@ -156,24 +158,18 @@ def _tcp_open(port: int, host: str = HOST) -> bool:
 
 
 def _proc_table() -> list[dict]:
-    """All processes: pid, ppid, pgid, sid, cmdline (Linux /proc)."""
+    """All live processes: pid, ppid, pgid, sid, cmdline (psutil; zombies left out)."""
     out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "status"]):
+        info = proc.info
+        if info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        pid = int(entry)
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
+            pgid, sid = os.getpgid(info["pid"]), os.getsid(info["pid"])
+        except OSError:  # exited since the listing
             continue
-        rest = stat[stat.rfind(")") + 2 :].split()
-        # rest: state ppid pgrp session ...
-        if rest[0] == "Z":
-            continue
-        out.append({"pid": pid, "ppid": int(rest[1]), "pgid": int(rest[2]), "sid": int(rest[3]), "cmd": cmd})
+        out.append({"pid": info["pid"], "ppid": info["ppid"], "pgid": pgid, "sid": sid,
+                    "cmd": " ".join(info["cmdline"] or [])})
     return out
 
 
@@ -181,18 +177,15 @@ def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 def _cmdline(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return None
 
 
@@ -225,14 +218,9 @@ def cluster_processes(info: dict) -> list[dict]:
         if p["pid"] != me
         and (p["sid"] in leaders or p["pgid"] in leaders or p["pid"] in leaders or (temp_dir and temp_dir in p["cmd"]))
     }
-    # add descendants (a child that called setsid itself)
-    changed = True
-    while changed:
-        changed = False
-        for p in table:
-            if p["pid"] not in chosen and p["ppid"] in chosen and p["pid"] != me:
-                chosen.add(p["pid"])
-                changed = True
+    for pid in list(chosen):  # add descendants (a child that called setsid itself)
+        with contextlib.suppress(psutil.Error):
+            chosen.update(c.pid for c in psutil.Process(pid).children(recursive=True) if c.pid != me)
     return [p for p in table if p["pid"] in chosen]
 
 
@@ -241,40 +229,15 @@ def processes_naming(text: str) -> list[dict]:
 
 
 def listening_sockets(pids: set[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of TCP listening sockets owned by pids (via /proc, IPv4 and IPv6)."""
-    inode_pid: dict[str, int] = {}
+    """(address, port, pid) of the TCP listening sockets owned by pids (IPv4 and IPv6)."""
+    out = set()
     for pid in pids:
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    inode_pid[link[8:-1]] = pid
-        except OSError:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
             continue
-    out = []
-    for fname, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        try:
-            lines = Path(fname).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            local, st, inode = parts[1], parts[3], parts[9]
-            if st != "0A" or inode not in inode_pid:  # 0A = LISTEN
-                continue
-            addr_hex, port_hex = local.split(":")
-            raw = bytes.fromhex(addr_hex)
-            if v6:
-                # /proc stores each 32-bit word in host (little-endian) order
-                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-                addr = socket.inet_ntop(socket.AF_INET6, raw)
-            else:
-                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-            out.append((addr, int(port_hex, 16), inode_pid[inode]))
-    return sorted(set(out), key=lambda t: (t[1], t[0]))
+        out.update((c.laddr.ip, c.laddr.port, pid) for c in conns if c.status == psutil.CONN_LISTEN)
+    return sorted(out, key=lambda t: (t[1], t[0]))
 
 
 def _signal_and_wait(info: dict, pick, grace: float) -> None:

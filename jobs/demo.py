@@ -16,16 +16,14 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from leukray.config import load_config  # noqa: E402
-from leukray.query import Results  # noqa: E402
-from leukray.report import format_table  # noqa: E402
-from leukray.score import ScoreConfig, summary  # noqa: E402
-from leukray.score import run as score  # noqa: E402
-from leukray.search import load_search_config  # noqa: E402
-from leukray.search import run as search  # noqa: E402
-from leukray.synth import make_dataset  # noqa: E402
+from leukray.config import load_config
+from leukray.query import Results
+from leukray.report import format_table
+from leukray.score import ScoreConfig, summary
+from leukray.score import run as score
+from leukray.search import load_search_config
+from leukray.search import run as search
+from leukray.synth import make_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

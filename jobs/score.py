@@ -15,9 +15,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from leukray.config import ConfigError, load_config  # noqa: E402
+from leukray.config import ConfigError, load_config, parse_overrides
 
 SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "score-smoke.yaml")
 
@@ -28,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="archive prefix, local or s3://bucket/prefix")
     p.add_argument("--output", help="the results Delta table, local or s3://")
     p.add_argument("--model", help="registry reference: package folder or model folder (LATEST)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted)")
     p.add_argument("--smoke-test", action="store_true", help="tiny local run (configs/score-smoke.yaml)")
     p.add_argument("--vacuum", action="store_true", help="only delete uncommitted files older than the retention")
     p.add_argument("--convert-legacy", metavar="OUTPUT", help="only convert OUTPUT (previous layout) to the table")
@@ -35,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from leukray import score
 
-    overrides = {k: v for k, v in (("input", args.input), ("output", args.output), ("model", args.model)) if v}
     try:
+        overrides = parse_overrides(args.set)
+        overrides.update({k: v for k, v in (("input", args.input), ("output", args.output), ("model", args.model))
+                          if v})
         cfg = load_config(score.ScoreConfig, args.config or (SMOKE_CONFIG if args.smoke_test else None), overrides)
         if args.convert_legacy:
             print(json.dumps(score.convert_legacy(args.convert_legacy, cfg), indent=2))

@@ -385,6 +385,16 @@ def main(argv: list[str] | None = None, prog: str = "jobs/tune.py") -> int:
     return run_from_args(args, prog)
 
 
+def prepare_smoke(cfg: SearchConfig) -> None:
+    """--smoke-test on a fresh clone: the tiny generated data set the smoke config trains on, made when absent."""
+    root = cfg.train.data.root
+    if root and not storage.is_remote(root) and not os.path.exists(root):
+        from .synth import make_dataset
+
+        log(f"smoke test: generating a tiny labelled data set in {root}")
+        make_dataset(root, per_class=30, size=48, seed=0)
+
+
 def run_from_args(args: argparse.Namespace, prog: str = "leukray tune") -> int:
     from .data import DataError
 
@@ -394,6 +404,8 @@ def run_from_args(args: argparse.Namespace, prog: str = "leukray tune") -> int:
         print(f"{prog}: config error:\n{err}", file=sys.stderr)
         return 2
     try:
+        if args.smoke_test:
+            prepare_smoke(cfg)
         run(cfg)
     except (ConfigError, DataError, storage.StorageError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -268,3 +268,24 @@ def test_kuberay_images_match_ray_version():
     images = set(re.findall(r"image:\s*(\S+)", text))
     assert images == {f"rayproject/ray:{ray.__version__}-py311-gpu"}, images
     assert set(re.findall(r'rayVersion:\s*"([^"]+)"', text)) == {ray.__version__}
+
+
+def _ray_cluster_schema() -> dict:
+    """The cluster-launcher config schema of the installed Ray (what `ray up` validates against)."""
+    import ray
+
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+@pytest.mark.parametrize("path", sorted((CLUSTER_DIR / "aws").glob("*.yaml")), ids=lambda p: p.name)
+def test_aws_cluster_config_matches_rays_schema(path):
+    """`ray up` validates a cluster config against ray/autoscaler/ray-schema.json; so does this test, and a
+    misspelt top-level key fails it as it fails `ray up`."""
+    import jsonschema
+
+    schema = _ray_cluster_schema()
+    config = yaml.safe_load(path.read_text())
+    jsonschema.validate(config, schema)
+    typo = dict(config, max_worker=config.get("max_workers", 1))
+    with pytest.raises(jsonschema.ValidationError, match="'max_worker' was unexpected"):
+        jsonschema.validate(typo, schema)

@@ -245,3 +245,34 @@ def test_storage_and_registry_on_s3(cluster, smoke_data, monkeypatch):
     _check_card_matches_trials(pkg.card, trials)
     assert fs.exists("tune-test/experiments/on-s3/tuner.pkl")
     assert fs.glob("tune-test/experiments/on-s3/*/checkpoint_*")
+
+
+def test_smoke_test_makes_its_data_on_a_fresh_clone(tmp_path, monkeypatch):
+    """`jobs/tune.py --smoke-test` from a fresh clone: the smoke config's data folder is generated when absent (a
+    labelled folder the trainer lists), and an existing one is left as it is."""
+    from leukray.data import list_labelled_folder
+    from leukray.search import prepare_smoke
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_search_config(SMOKE)
+    assert not (tmp_path / cfg.train.data.root).exists()
+    prepare_smoke(cfg)
+    listing = list_labelled_folder(str(tmp_path / cfg.train.data.root))
+    from leukray import CLASSES
+
+    assert sorted(set(listing.labels)) == sorted(CLASSES) and len(listing.paths) >= 4 * 30
+    marker = tmp_path / cfg.train.data.root / "kept.txt"
+    marker.write_text("x")
+    prepare_smoke(cfg)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("job", ["tune.py", "score.py", "demo.py"])
+def test_jobs_use_the_installed_package(job, tmp_path):
+    """The entry points import `leukray` as installed (pip install -e . here; Ray's --working-dir on a cluster puts
+    the checkout on PYTHONPATH): no sys.path edits, and they start from any working directory."""
+    text = (REPO / "jobs" / job).read_text()
+    assert "sys.path" not in text
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / job), "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "usage" in res.stdout, res.stderr[-2000:]
