@@ -51,9 +51,9 @@ class TrainConfig(StrictModel):
     augment: str = "stain"
     augment_strength: float = Field(1.0, ge=0.0, le=4.0)
     augment_zoom: float = Field(1.0, ge=1.0, le=4.0)
+    """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
     augment_p: float = Field(1.0, ge=0.0, le=1.0)
     """Fraction of training images that get the policy's colour/camera part (flips, rotation, zoom: all); 1.0 = all."""
-    """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adam", "adamw"] = "adamw"

@@ -39,3 +39,19 @@ def test_shipped_train_config_is_valid():
 
     cfg = load_config(TrainConfig, REPO / "configs" / "train.yaml")
     assert cfg.model.weights == "imagenet"
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the config classes: every key of train, tune and score YAML is in
+    it with its type, default and limits. Regenerate with `python -m leukray.config_reference`."""
+    from pathlib import Path
+
+    from leukray.config_reference import SECTIONS, reference, rows
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert page == reference(), "docs/configuration.md is stale: python -m leukray.config_reference > docs/configuration.md"
+    import importlib
+
+    for _title, module, name, _intro in SECTIONS:
+        for key, *_ in rows(getattr(importlib.import_module(module), name), skip=("train",)):
+            assert f"| `{key}` |" in page, key
