@@ -115,6 +115,9 @@ def _results(args: argparse.Namespace):
 
 
 def _guard(fn):
+    """A command: open the results named by the arguments, run `fn(results, args)`, print its table; a query or
+    storage error is one `error: ...` line and exit code 2."""
+
     def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
         from .query import QueryError
         from .storage import StorageError
@@ -122,7 +125,8 @@ def _guard(fn):
         out = out or sys.stdout
         err = err or sys.stderr
         try:
-            table = fn(args)
+            with _results(args) as results:
+                table = fn(results, args)
         except (QueryError, StorageError) as e:
             err.write(f"error: {e}\n")
             return 2
@@ -137,43 +141,37 @@ def _guard(fn):
 
 
 @_guard
-def _run_query(args: argparse.Namespace):
-    with _results(args) as r:
-        return r.sql(args.sql)
+def _run_query(r, args: argparse.Namespace):
+    return r.sql(args.sql)
 
 
 @_guard
-def _run_summary(args: argparse.Namespace):
-    with _results(args) as r:
-        return r.summary(args.since, args.until, by=args.by)
+def _run_summary(r, args: argparse.Namespace):
+    return r.summary(args.since, args.until, by=args.by)
 
 
 @_guard
-def _run_review(args: argparse.Namespace):
-    with _results(args) as r:
-        return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence,
-                        reason=args.reason)
+def _run_review(r, args: argparse.Namespace):
+    return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence,
+                    reason=args.reason)
 
 
 @_guard
-def _run_errors(args: argparse.Namespace):
-    with _results(args) as r:
-        return r.errors(args.since, args.until, examples=args.examples)
+def _run_errors(r, args: argparse.Namespace):
+    return r.errors(args.since, args.until, examples=args.examples)
 
 
 @_guard
-def _run_drift(args: argparse.Namespace):
-    with _results(args) as r:
-        table = r.drift(args.since, args.until, model=args.model, plot=args.plot)
+def _run_drift(r, args: argparse.Namespace):
+    table = r.drift(args.since, args.until, model=args.model, plot=args.plot)
     if args.plot:
         sys.stderr.write(f"wrote {args.plot}\n")
     return table
 
 
 @_guard
-def _run_runs(args: argparse.Namespace):
-    with _results(args) as r:
-        return r.run_table(args.since, args.until)
+def _run_runs(r, args: argparse.Namespace):
+    return r.run_table(args.since, args.until)
 
 
 def main(argv: list[str] | None = None) -> int:
