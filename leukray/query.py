@@ -235,12 +235,16 @@ class Results:
                 pass
             if self.threads:
                 con.execute(f"SET threads = {int(self.threads)}")
-            con.register(RESULTS_VIEW, self.dataset)
+            from .reviews import register_results_view
+
+            register_results_view(con, RESULTS_VIEW, self.dataset, self.output_uri, self.storage, self.as_of)
             self._con = con
         return self._con
 
     def columns(self) -> list[str]:
-        return list(self.dataset.schema.names)
+        from .reviews import VIEW_COLUMNS
+
+        return list(self.dataset.schema.names) + list(VIEW_COLUMNS)
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run one SQL statement over the view `results`; DuckDB errors come back as `QueryError` naming the
@@ -364,9 +368,11 @@ class Results:
         return merged.sort_by([("run_date", "ascending"), ("run_id", "ascending")])
 
     def review(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
-               limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None) -> pa.Table:
+               limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None,
+               include_reviewed: bool = False) -> pa.Table:
         """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`), lowest confidence first
-        (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`."""
+        (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`. Rows a
+        reviewer has decided (`leukray review import`) are left out unless `include_reviewed`."""
         since, until = _check_date(since, "since"), _check_date(until, "until")
         where, params = _date_where(since, until)
         if max_confidence is not None:
@@ -377,10 +383,13 @@ class Results:
                 raise QueryError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
             where += " AND list_contains(string_split(review_reason, ','), ?)"
             params.append(reason)
+        if not include_reviewed:
+            where += " AND reviewed_class IS NULL"
         probs = ", ".join(prob_column(c) for c in CLASSES if prob_column(c) in self.columns())
         sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_score, {probs}, run_date, run_id, "
-               f"model_name, model_version, "
-               f"scored_at FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
+               f"model_name, model_version, scored_at"
+               + (", reviewed_class, reviewed_by, reviewed_at" if include_reviewed else "") +
+               f" FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
                f"ORDER BY confidence ASC NULLS LAST, path, run_id")
         if limit is not None:
             if int(limit) < 0:

@@ -61,7 +61,10 @@ def add_query_commands(subparsers: Any) -> None:
     s = rsub.add_parser("summary", parents=[dated], help="files, ok, errors, per-class counts, mean confidence",
                         description="Per run (default) or per day: files, ok, errors, needs_review, a count per "
                                     "predicted class and the mean confidence of ok rows.")
-    s.add_argument("--by", choices=("run", "day"), default="run", help="one row per run (default) or per day")
+    s.add_argument("--by", choices=("run", "day", "class"), default="run",
+                   help="one row per run (default) or per day; class: the agreement between the model and the "
+                        "reviewers per predicted class (`leukray review import`), which the table format also "
+                        "prints after the runs when decisions exist")
     s.set_defaults(func=_run_summary)
 
     r = rsub.add_parser("review", parents=[dated], help="needs-review queue, lowest confidence first",
@@ -71,6 +74,8 @@ def add_query_commands(subparsers: Any) -> None:
                    help="only rows flagged for this reason")
     r.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50; 0 = all)")
     r.add_argument("--max-confidence", type=float, default=None, help="only rows at or below this confidence")
+    r.add_argument("--all", action="store_true", dest="include_reviewed",
+                   help="also rows a reviewer has decided (with reviewed_class, reviewed_by, reviewed_at)")
     r.set_defaults(func=_run_review)
 
     e = rsub.add_parser("errors", parents=[dated], help="failed images grouped by error message",
@@ -142,17 +147,36 @@ def _run_query(args: argparse.Namespace):
         return r.sql(args.sql)
 
 
-@_guard
-def _run_summary(args: argparse.Namespace):
-    with _results(args) as r:
-        return r.summary(args.since, args.until, by=args.by)
+def _run_summary(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from .reviews import agreement
+
+    agreed = []
+
+    @_guard
+    def summary(args: argparse.Namespace):
+        with _results(args) as r:
+            if args.by == "class":
+                return agreement(r, args.since, args.until)
+            table = r.summary(args.since, args.until, by=args.by)
+            if args.format == "table":
+                agreed.append(agreement(r, args.since, args.until))
+            return table
+
+    rc = summary(args, out, err)
+    if rc == 0 and agreed and agreed[0].column("reviewed")[agreed[0].num_rows - 1].as_py():
+        from .query import write_table
+
+        out = out or sys.stdout
+        out.write("\nagreement with reviewers, per predicted class (leukray review import):\n")
+        write_table(agreed[0], "table", out)
+    return rc
 
 
 @_guard
 def _run_review(args: argparse.Namespace):
     with _results(args) as r:
         return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence,
-                        reason=args.reason)
+                        reason=args.reason, include_reviewed=args.include_reviewed)
 
 
 @_guard
