@@ -174,7 +174,7 @@ def import_decisions(csv_uri: str, output: str, opts: StorageOptions | None = No
         raise ReviewError(f"{csv_uri}: {len(unknown)} decision(s) name files the results table {output} does not "
                           f"hold; nothing imported:\n  " + "\n  ".join(unknown[:_MAX_LISTED]) + more)
     n_read = decisions.num_rows
-    decisions = decisions.group_by(KEY).aggregate([(c, "last") for c in CSV_COLUMNS if c not in KEY])
+    decisions = decisions.group_by(KEY, use_threads=False).aggregate([(c, "last") for c in CSV_COLUMNS if c not in KEY])
     decisions = decisions.rename_columns([c.removesuffix("_last") for c in decisions.column_names])
     now = dt.datetime.now(dt.timezone.utc)
     decisions = decisions.append_column("imported_at", pa.array([now] * decisions.num_rows,
