@@ -44,9 +44,12 @@ def _select(res: Results, since: str | None, until: str | None, reason: str | No
     if reason is not None and reason not in REVIEW_REASONS:
         raise ReviewError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
     conds, params = ["status = 'ok'"], []
-    for op, value in ((">=", since), ("<=", until)):
+    for op, value, name in ((">=", since, "--since"), ("<=", until, "--until")):
         if value:
-            dt.date.fromisoformat(value)  # ValueError names the bad date
+            try:
+                dt.date.fromisoformat(value)
+            except ValueError:
+                raise ReviewError(f"{name} {value!r} is not a date YYYY-MM-DD") from None
             conds.append(f"run_date {op} ?")
             params.append(value)
     if not include_reviewed:
