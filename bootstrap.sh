@@ -8,7 +8,19 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 VENV=.venv
 
+browser() {
+  # headless Chromium + its driver for the review page's browser test (Debian packages; only when absent)
+  if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then return; fi
+  if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: chromium and chromedriver not found: the review page's browser test will be skipped" \
+         "(apt-get install -y chromium chromium-driver)" >&2
+  fi
+}
+
 setup() {
+  browser
   if ! command -v "$PY" >/dev/null; then PY=python3; fi
   local stamp="$VENV/.leukray-installed"
   local want

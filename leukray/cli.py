@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_query_commands(sub)
 
+    from .review_cli import add_review_commands
+
+    add_review_commands(sub)
+
     return p
 
 

@@ -220,12 +220,16 @@ class Results:
                 pass
             if self.threads:
                 con.execute(f"SET threads = {int(self.threads)}")
-            con.register(RESULTS_VIEW, self.dataset)
+            from .reviews import register_results_view
+
+            register_results_view(con, RESULTS_VIEW, self.dataset, self.output_uri, self.storage, self.as_of)
             self._con = con
         return self._con
 
     def columns(self) -> list[str]:
-        return list(self.dataset.schema.names)
+        from .reviews import VIEW_COLUMNS
+
+        return list(self.dataset.schema.names) + list(VIEW_COLUMNS)
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run one SQL statement over the view `results`; DuckDB errors come back as `QueryError` naming the
@@ -292,11 +296,13 @@ class Results:
         return summary(self, since, until, by)
 
     def review(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
-               limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None) -> pa.Table:
-        """The needs-review queue, lowest confidence first."""
+               limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None,
+               include_reviewed: bool = False) -> pa.Table:
+        """The needs-review queue, lowest confidence first; rows a reviewer has decided (`leukray review import`)
+        are left out unless `include_reviewed`."""
         from .report import review
 
-        return review(self, since, until, limit, max_confidence, reason)
+        return review(self, since, until, limit, max_confidence, reason, include_reviewed)
 
     def errors(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
                examples: int = 3) -> pa.Table:

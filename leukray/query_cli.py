@@ -61,7 +61,10 @@ def add_query_commands(subparsers: Any) -> None:
     s = rsub.add_parser("summary", parents=[dated], help="files, ok, errors, per-class counts, mean confidence",
                         description="Per run (default) or per day: files, ok, errors, needs_review, a count per "
                                     "predicted class and the mean confidence of ok rows.")
-    s.add_argument("--by", choices=("run", "day"), default="run", help="one row per run (default) or per day")
+    s.add_argument("--by", choices=("run", "day", "class"), default="run",
+                   help="one row per run (default) or per day; class: the agreement between the model and the "
+                        "reviewers per predicted class (`leukray review import`), which the table format also "
+                        "prints after the runs when decisions exist")
     s.set_defaults(func=_run_summary)
 
     r = rsub.add_parser("review", parents=[dated], help="needs-review queue, lowest confidence first",
@@ -71,6 +74,8 @@ def add_query_commands(subparsers: Any) -> None:
                    help="only rows flagged for this reason")
     r.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50; 0 = all)")
     r.add_argument("--max-confidence", type=float, default=None, help="only rows at or below this confidence")
+    r.add_argument("--all", action="store_true", dest="include_reviewed",
+                   help="also rows a reviewer has decided (with reviewed_class, reviewed_by, reviewed_at)")
     r.set_defaults(func=_run_review)
 
     e = rsub.add_parser("errors", parents=[dated], help="failed images grouped by error message",
@@ -132,7 +137,13 @@ def _guard(fn):
             return 2
         from .report import write_table
 
+        extra = None
+        if isinstance(table, tuple):  # a table and a titled second one (summary's agreement with reviewers)
+            table, extra = table
         write_table(table, args.format, out)
+        if extra is not None:
+            out.write(f"\n{extra[0]}:\n")
+            write_table(extra[1], args.format, out)
         return 0
 
     run.__name__ = fn.__name__
@@ -147,13 +158,21 @@ def _run_query(r, args: argparse.Namespace):
 
 @_guard
 def _run_summary(r, args: argparse.Namespace):
-    return r.summary(args.since, args.until, by=args.by)
+    from .reviews import agreement
+
+    if args.by == "class":
+        return agreement(r, args.since, args.until)
+    table = r.summary(args.since, args.until, by=args.by)
+    agreed = agreement(r, args.since, args.until) if args.format == "table" else None
+    if agreed is not None and agreed.num_rows and agreed.column("reviewed")[agreed.num_rows - 1].as_py():
+        return table, ("agreement with reviewers, per predicted class (leukray review import)", agreed)
+    return table
 
 
 @_guard
 def _run_review(r, args: argparse.Namespace):
     return r.review(args.since, args.until, limit=args.limit or None, max_confidence=args.max_confidence,
-                    reason=args.reason)
+                    reason=args.reason, include_reviewed=args.include_reviewed)
 
 
 @_guard

@@ -100,9 +100,11 @@ def _add_empty_runs(results: Results, table: pa.Table, since: str | None, until:
     return merged.sort_by([("run_date", "ascending"), ("run_id", "ascending")])
 
 def review(results: Results, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
-           limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None) -> pa.Table:
+           limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None,
+           include_reviewed: bool = False) -> pa.Table:
     """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`), lowest confidence first
-    (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`."""
+    (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`. Rows a reviewer
+    has decided (`leukray review import`) are left out unless `include_reviewed`."""
     since, until = check_date(since, "since"), check_date(until, "until")
     where, params = date_where(since, until)
     if max_confidence is not None:
@@ -113,16 +115,20 @@ def review(results: Results, since: str | _dt.date | None = None, until: str | _
             raise QueryError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
         where += " AND list_contains(string_split(review_reason, ','), ?)"
         params.append(reason)
+    if not include_reviewed:
+        where += " AND reviewed_class IS NULL"
     probs = ", ".join(prob_column(c) for c in CLASSES if prob_column(c) in results.columns())
     sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_score, {probs}, run_date, run_id, "
-           f"model_name, model_version, "
-           f"scored_at FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
+           f"model_name, model_version, scored_at"
+           + (", reviewed_class, reviewed_by, reviewed_at" if include_reviewed else "") +
+           f" FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
            f"ORDER BY confidence ASC NULLS LAST, path, run_id")
     if limit is not None:
         if int(limit) < 0:
             raise QueryError(f"limit must be >= 0, got {limit}")
         sql += f" LIMIT {int(limit)}"
     return results.sql(sql, params)
+
 
 def errors(results: Results, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
            examples: int = 3) -> pa.Table:

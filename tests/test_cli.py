@@ -5,7 +5,7 @@ import pytest
 
 from leukray.cli import build_parser
 
-COMMANDS = ["train", "synth", "synth-ood", "evaluate", "calibrate", "score", "tune", "query", "report"]
+COMMANDS = ["train", "synth", "synth-ood", "evaluate", "calibrate", "score", "tune", "query", "report", "review"]
 
 
 def test_every_subcommand_is_registered_once():
