@@ -59,3 +59,58 @@ def stain_concentration(x: torch.Tensor, blue: torch.Tensor | float, eosin: torc
     scale = torch.cat([_factor(blue, x), _factor(eosin, x), torch.ones_like(_factor(1.0, x))], 1)
     od = torch.einsum("ndhw,dc->nchw", conc * scale, RGB_FROM_STAIN.to(x))
     return torch.exp(-od).clamp(0, 1)
+
+
+SIGNATURE_DIM = 7
+"""Length of `signature`: the stain's mean OD direction (3), the darkest pixels' OD direction (3), their chroma (1)."""
+_STAINED_OD = 0.3
+"""Pixels whose summed OD is below this are background (unstained)."""
+_DARK_FRACTION = 0.05
+"""The darkest fraction of pixels (by summed OD): the nuclei, the most strongly stained part of the field."""
+
+
+def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
+    """What colour the stain is, independent of how much of it there is and of the camera's white balance:
+    float [0, 255] NCHW → (N, SIGNATURE_DIM). Each channel is scaled so its brightest `white_fraction` (the
+    background) is white, converted to optical density; then the unit OD direction of all stained pixels, that of
+    the darkest 5 % (the nuclei), and how far from grey the latter are (0 = grey). Exposure, dye amount and channel
+    gains move it little; swapped or inverted channels, a grey image or another dye's hue move it far. Part of the
+    exported graph, so every backend computes it (`leukray.ood`'s colour check reads it)."""
+    x = x.float()
+    n, c, h, w = x.shape
+    k = max(1, int(h * w * white_fraction))
+    level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
+    od = -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0)).reshape(n, c, h * w)
+    total = od.sum(1)
+    stained = total * (total > _STAINED_OD).float()
+    mean = (od * stained[:, None]).sum(2) / stained.sum(1, keepdim=True).clamp_min(1e-6)
+    cut = torch.topk(total, max(1, int(h * w * _DARK_FRACTION)), dim=1).values[:, -1:]
+    dark_mask = (total >= cut).float()
+    count = dark_mask.sum(1, keepdim=True).clamp_min(1.0)
+    dark = (od * dark_mask[:, None]).sum(2) / count
+    chroma = (od - od.mean(1, keepdim=True)).norm(dim=1) / od.norm(dim=1).clamp_min(1e-6)
+    chroma = (chroma * dark_mask).sum(1, keepdim=True) / count
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+    return torch.cat([unit(mean), unit(dark), chroma], 1)
+
+
+def signature_envelope(images_nhwc, seed: int, copies: int = 3, batch_size: int = 64):
+    """uint8 NHWC images → the signatures of the images as they are and of `copies` copies of each under another
+    lab's camera and stain batch (`leukray.augment.colour_response`: gains, exposure, dye amounts; seeded): the
+    colours the colour check must accept (numpy float32, ((1 + copies) N, SIGNATURE_DIM))."""
+    import numpy as np
+
+    from .augment import colour_response
+
+    g = torch.Generator().manual_seed(int(seed))
+    parts = []
+    for copy in range(copies + 1):
+        for i in range(0, len(images_nhwc), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
+            if copy:
+                x = colour_response(x, g).round().clamp(0, 255)
+            parts.append(signature(x).numpy())
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, SIGNATURE_DIM), np.float32)

@@ -32,7 +32,7 @@ import torch
 from . import storage
 from .config import StorageOptions
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
-from .ood import REFERENCE_FILE, review_reason
+from .ood import COLOUR_REFERENCE_FILE, REFERENCE_FILE, review_reason
 from .tta import package_tta, resolve_tta, with_tta
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -612,8 +612,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         import onnx
 
         onnx_bytes = read_onnx(pkg, storage)
-        reexported = len(onnx.load_from_string(onnx_bytes).graph.output) < 2
-        if reexported:  # exported before the graph returned its features
+        reexported = len(onnx.load_from_string(onnx_bytes).graph.output) < 3
+        if reexported:  # exported before the graph returned its features and colour signature
             export_onnx(pkg.model, pkg.image_size, os.path.join(tmp, ONNX))
             with open(os.path.join(tmp, ONNX), "rb") as fh:
                 onnx_bytes = fh.read()
@@ -631,8 +631,9 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
         }
+        colour_ref = colour_val = None
         if data.manifest_uri is not None and data.split != "train":
-            from .train import guard_reference
+            from .train import colour_envelopes, guard_reference
 
             train = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                    data.manifest_uri, storage)
@@ -640,10 +641,16 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             reference, made = guard_reference(lambda images: split_outputs(predict(images), k)[1], train.images,
                                               ood_cfg, tc.get("augment", "none"), float(tc.get("augment_strength", 1.0)),
                                               float(tc.get("augment_zoom", 1.0)), int(tc.get("seed", 0)))
+            colour_ref, colour_val = colour_envelopes(train.images, data.images, ood_cfg, int(tc.get("seed", 0)))
             ref_source = f"train rows of {data.manifest_uri}"
         elif old_guard is not None:
             reference, ref_source = old_guard.reference, f"the reference of {pkg.uri}"
             made = old_guard.fitted.get("reference_made")
+            colour_ref = old_guard.colour_reference
+            if colour_ref is not None and ood_cfg.colour_check:
+                from .colour import signature_envelope
+
+                colour_val = signature_envelope(data.images, 3000, ood_cfg.colour_copies)
         else:
             reference, ref_source, made = None, None, None
             log(f"calibrate: warning: {data_uri} is not covered by the package's split manifest and the package has "
@@ -654,12 +661,14 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         if reference is not None:
             guard = fit_guard(reference, logits, features, temperature, ood_cfg,
                               fitted={"split": data.split, "n_val": len(data.paths), "data": data_uri,
-                                      "reference_split": ref_source, "reference_made": made, "tta": tta_mode})
+                                      "reference_split": ref_source, "reference_made": made, "tta": tta_mode},
+                              colour_reference=colour_ref, colour_val=colour_val)
             card["ood"] = guard.card()
             summary["ood"] = {"method": guard.method, "threshold": guard.threshold,
                               "threshold_before": old_guard.threshold if old_guard is not None else None}
         fs, path = st.filesystem(pkg.uri, storage)
-        copied = {CARD} | ({ONNX} if reexported else set()) | ({REFERENCE_FILE} if guard is not None else set())
+        copied = ({CARD} | ({ONNX} if reexported else set())
+                  | ({REFERENCE_FILE, COLOUR_REFERENCE_FILE} if guard is not None else set()))
         for entry in fs.ls(path, detail=True):
             name = os.path.basename(entry["name"].rstrip("/"))
             if entry["type"] == "file" and name not in copied:

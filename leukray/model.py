@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from . import storage
+from .colour import signature as colour_signature
 from .config import StorageOptions, StrictModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,20 +107,22 @@ class LeukNet(nn.Module):
         return self.forward_with_features(x)[0]
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the pooled features they come from (the out-of-distribution guard's input): one pass."""
+        """Logits, and the pooled features they come from followed by the input's colour signature
+        (`leukray.colour.signature`): the out-of-distribution guard's inputs, from one pass."""
         pooled = torch.flatten(self.pool(self.features(self.preprocess(x))), 1)
-        return self.head(pooled), pooled
+        return self.head(pooled), torch.cat([pooled, colour_signature(x)], 1)
 
 
 class WithFeatures(nn.Module):
-    """The exported graph: image → (logits, features), two outputs of one forward pass."""
+    """The exported graph: image → (logits, features, colour), three outputs of one forward pass."""
 
     def __init__(self, model: LeukNet) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_features(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, features = self.model.forward_with_features(x)
+        return logits, features[:, :FEATURES_DIM], features[:, FEATURES_DIM:]
 
 
 def build_model(cfg: ModelConfig, num_classes: int = 4, storage_options: StorageOptions | None = None,

@@ -21,9 +21,20 @@ and let most blank fields through (flagged 100 % → 30 %), so the default refer
 Each method's threshold is the `in_fraction` quantile (default 0.97) of its scores on the validation split, so
 that fraction of in-distribution images counts as in distribution.
 
-Model outputs: inference backends return one float32 array per batch, (N, K + D): K logits, then D pooled
-features (D = 0 for packages exported before the guard existed). `split_outputs` cuts it; test-time views
-average both parts at once.
+Colour check (joins `knn`): the pooled features are trained to ignore colour (another lab's camera and stain must
+not change the answer), so they hardly see a smear whose colours no stain gives — red and blue swapped (an RGB/BGR
+mix-up), inverted, grey, another dye's hue. The graph also returns the input's colour signature
+(`leukray.colour.signature`: the stain's optical-density direction, its nuclei's, their distance from grey); the
+reference holds the training images' signatures under the colour responses of other cameras and stain batches
+(`leukray.colour.signature_envelope`: channel gains, exposure, dye amounts), and its threshold is the
+`colour_in_fraction` quantile (default 0.995) of the validation images' signatures under the same. An image whose
+signature is further than that from its k-th nearest reference signature is out of distribution; the row's
+`ood_score` is the larger of the knn distance and the colour distance rescaled to the knn threshold, so one score
+and one threshold still decide.
+
+Model outputs: inference backends return one float32 array per batch, (N, K + D): K logits, then D features —
+1280 pooled features and 7 colour-signature values (D = 1280 for packages exported before the colour check, 0
+before the guard existed). `split_outputs` cuts it; test-time views average both parts at once.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from .config import StorageOptions, StrictModel
 
 METHODS = ("knn", "energy", "msp")
 REFERENCE_FILE = "ood_reference.npy"
+COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 FEATURE_DESCRIPTION = ("pooled MobileNetV2 features (global average pool of features[-1], 1280-d), mean over the "
                        "package's test-time views, L2-normalised; reference = the training split, float16")
 _QUERY_CHUNK = 2048
@@ -55,6 +67,14 @@ class OODConfig(StrictModel):
     augmented_copies: int = 0
     """Copies of each training image under the training augmentation added to the knn reference; 0 = the images
     as they are only."""
+    colour_check: bool = True
+    """Flag images whose stain colour no lab gives (swapped or inverted channels, grey, another dye): joins knn."""
+    colour_in_fraction: float = 0.995
+    """The fraction of validation images under other cameras' and stain batches' colours that must pass the colour
+    check; sets its threshold."""
+    colour_copies: int = 3
+    """Copies of each training and validation image under another camera's and stain batch's colours in the colour
+    check's reference and threshold fit."""
 
     def model_post_init(self, _: Any) -> None:
         check_method(self.method)
@@ -64,6 +84,10 @@ class OODConfig(StrictModel):
             raise ValueError(f"ood.in_fraction={self.in_fraction} must be in [0.5, 1)")
         if not 0 <= self.augmented_copies <= 8:
             raise ValueError(f"ood.augmented_copies={self.augmented_copies} must be in [0, 8]")
+        if not 0.5 <= self.colour_in_fraction <= 1.0:
+            raise ValueError(f"ood.colour_in_fraction={self.colour_in_fraction} must be in [0.5, 1]")
+        if not 0 <= self.colour_copies <= 16:
+            raise ValueError(f"ood.colour_copies={self.colour_copies} must be in [0, 16]")
 
 
 def check_method(name: str) -> str:
@@ -97,6 +121,21 @@ def knn_scores(features: np.ndarray, reference: np.ndarray, k: int) -> np.ndarra
     return out
 
 
+def kth_distance(queries: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
+    """Euclidean distance of each query to its k-th nearest reference point (the colour check: few dimensions,
+    no normalisation)."""
+    q = np.asarray(queries, dtype=np.float32)
+    ref = np.asarray(reference, dtype=np.float32)
+    k = min(k, len(ref))
+    ref_sq = (ref ** 2).sum(1)
+    out = np.empty(len(q), dtype=np.float64)
+    for start in range(0, len(q), _QUERY_CHUNK):
+        chunk = q[start:start + _QUERY_CHUNK]
+        d2 = (chunk ** 2).sum(1)[:, None] - 2.0 * chunk @ ref.T + ref_sq[None, :]
+        out[start:start + len(chunk)] = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0))
+    return out
+
+
 def energy_scores(logits: np.ndarray, temperature: float) -> np.ndarray:
     return -temperature * logsumexp(np.asarray(logits, np.float64) / temperature, axis=1)
 
@@ -115,6 +154,9 @@ class Guard:
     reference: np.ndarray = field(repr=False)
     """(N, D) float16, L2-normalised training features."""
     fitted: dict[str, Any] = field(default_factory=dict)
+    colour_reference: np.ndarray | None = field(default=None, repr=False)
+    """(M, 7) float16 colour signatures the colour check accepts; None = no colour check (older packages)."""
+    colour_threshold: float | None = None
     _reference32: np.ndarray | None = field(default=None, init=False, repr=False)
     """The reference in float32, converted once for the knn search (not per batch)."""
 
@@ -130,35 +172,63 @@ class Guard:
                                  "(re-export it: leukray calibrate)")
             if self._reference32 is None:
                 self._reference32 = self.reference.astype(np.float32)
-            return knn_scores(features, self._reference32, self.k)
+            pooled_dim = self.reference.shape[1]
+            scores = knn_scores(features[:, :pooled_dim], self._reference32, self.k)
+            if self.colour_threshold is not None and features.shape[1] > pooled_dim:
+                colour = self.colour_scores(features)
+                scores = np.maximum(scores, colour * (self.thresholds["knn"] / self.colour_threshold))
+            return scores
         if method == "energy":
             return energy_scores(logits, self.temperature)
         return msp_scores(logits, self.temperature)
+
+    def colour_scores(self, features: np.ndarray) -> np.ndarray:
+        """Distance of each image's colour signature (the features after the pooled ones) to its k-th nearest
+        accepted signature."""
+        return kth_distance(features[:, self.reference.shape[1]:], self.colour_reference, self.k)
 
     def in_distribution(self, scores: np.ndarray, method: str | None = None) -> np.ndarray:
         return np.asarray(scores) <= self.thresholds[check_method(method or self.method)]
 
     def card(self) -> dict[str, Any]:
         """What the model card records: method, k, thresholds, how and on what they were fitted."""
-        return {"method": self.method, "k": self.k, "in_fraction": self.in_fraction, "threshold": self.threshold,
+        card = {"method": self.method, "k": self.k, "in_fraction": self.in_fraction, "threshold": self.threshold,
                 "thresholds": dict(self.thresholds), "temperature": self.temperature,
                 "reference": {"file": REFERENCE_FILE, "n": int(len(self.reference)),
                               "dim": int(self.reference.shape[1]), "dtype": "float16"},
                 "feature": FEATURE_DESCRIPTION, **self.fitted}
+        if self.colour_reference is not None:
+            card["colour"] = {**card.get("colour", {}), "threshold": self.colour_threshold, "k": self.k,
+                              "reference": {"file": COLOUR_REFERENCE_FILE, "n": int(len(self.colour_reference)),
+                                            "dim": int(self.colour_reference.shape[1]), "dtype": "float16"}}
+        return card
 
 
 def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: np.ndarray, temperature: float,
-              cfg: OODConfig | None = None, fitted: dict[str, Any] | None = None) -> Guard:
+              cfg: OODConfig | None = None, fitted: dict[str, Any] | None = None,
+              colour_reference: np.ndarray | None = None, colour_val: np.ndarray | None = None,
+              pooled_dim: int = 1280) -> Guard:
     """Reference = the normalised training features; each method's threshold = the `in_fraction` quantile of its
-    validation scores. `fitted` (split names, counts, tta) goes into the card as it is."""
+    validation scores. With `colour_reference` and `colour_val` (`leukray.colour.signature_envelope` of the
+    training and validation images) and `cfg.colour_check`, the colour check joins knn, its threshold the
+    `colour_in_fraction` quantile of `colour_val`'s distances. `fitted` (split names, counts, tta) goes into the
+    card as it is."""
     cfg = cfg or OODConfig()
     if len(train_features) == 0 or len(val_logits) == 0:
         raise ValueError("the out-of-distribution guard needs training features and validation images")
-    reference = l2_normalise(train_features).astype(np.float16)
+    reference = l2_normalise(np.asarray(train_features)[:, :pooled_dim]).astype(np.float16)
     guard = Guard(cfg.method, cfg.k, cfg.in_fraction, float(temperature), {}, reference, dict(fitted or {}))
     for method in METHODS:
         s = guard.scores(val_logits, val_features, method)
         guard.thresholds[method] = float(np.quantile(s, cfg.in_fraction, method="higher"))
+    if cfg.colour_check and colour_reference is not None and colour_val is not None and len(colour_val):
+        guard.colour_reference = np.asarray(colour_reference, dtype=np.float16)
+        d = kth_distance(colour_val, guard.colour_reference, guard.k)
+        guard.colour_threshold = float(np.quantile(d, cfg.colour_in_fraction, method="higher"))
+        guard.fitted["colour"] = {"in_fraction": cfg.colour_in_fraction, "copies": cfg.colour_copies,
+                                  "n_val": int(len(colour_val)),
+                                  "envelope": "leukray.colour.signature_envelope (colour_response: channel gains, "
+                                              "exposure, dye amounts)"}
     guard.fitted.setdefault("n_val", int(len(val_logits)))
     guard.fitted["val_flagged_fraction"] = float((~guard.in_distribution(guard.scores(val_logits, val_features))).mean())
     return guard
@@ -168,6 +238,8 @@ def save_reference(guard: Guard, local_dir: str) -> None:
     import os
 
     np.save(os.path.join(local_dir, REFERENCE_FILE), guard.reference)
+    if guard.colour_reference is not None:
+        np.save(os.path.join(local_dir, COLOUR_REFERENCE_FILE), guard.colour_reference)
 
 
 def load_guard(package_uri: str, card: dict[str, Any], opts: StorageOptions | None = None) -> Guard | None:
@@ -179,8 +251,15 @@ def load_guard(package_uri: str, card: dict[str, Any], opts: StorageOptions | No
     reference = np.load(io.BytesIO(storage.read_bytes(ref_uri, opts)), allow_pickle=False)
     fitted = {k: v for k, v in spec.items() if k not in
               ("method", "k", "in_fraction", "threshold", "thresholds", "temperature", "reference", "feature")}
-    return Guard(spec["method"], int(spec["k"]), float(spec["in_fraction"]), float(spec["temperature"]),
-                 {k: float(v) for k, v in spec["thresholds"].items()}, reference, fitted)
+    guard = Guard(spec["method"], int(spec["k"]), float(spec["in_fraction"]), float(spec["temperature"]),
+                  {k: float(v) for k, v in spec["thresholds"].items()}, reference, fitted)
+    colour = spec.get("colour") or {}
+    if colour.get("reference"):
+        colour_uri = storage.join(package_uri, colour["reference"]["file"])
+        guard.colour_reference = np.load(io.BytesIO(storage.read_bytes(colour_uri, opts)), allow_pickle=False)
+        guard.colour_threshold = float(colour["threshold"])
+        guard.fitted["colour"] = {k: v for k, v in colour.items() if k not in ("reference", "threshold", "k")}
+    return guard
 
 
 def review_reason(low_confidence: np.ndarray, out_of_distribution: np.ndarray | None) -> list[str | None]:

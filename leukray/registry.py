@@ -81,7 +81,8 @@ def library_versions() -> dict[str, str]:
 
 
 def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
-    """Two outputs of one pass: `logits` (N, K) and `features` (N, 1280), the guard's input."""
+    """Three outputs of one pass: `logits` (N, K), `features` (N, 1280) and `colour` (N, 7; the input's colour
+    signature): the guard's inputs."""
     import torch
 
     from .model import WithFeatures
@@ -91,8 +92,9 @@ def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(WithFeatures(model).eval(), (example,), path, input_names=["image"],
-                          output_names=["logits", "features"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+                          output_names=["logits", "features", "colour"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"},
+                                        "colour": {0: "batch"}},
                           opset_version=17, dynamo=False)
 
 

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from . import CLASSES, storage
 from .augment import POLICIES, augment_batch, augment_images, check_policy
+from .colour import signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
 from .model import LeukNet, ModelConfig, build_model, check_colour_norm
@@ -215,6 +216,16 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
                                    "augment_strength": strength, "augment_zoom": zoom}
 
 
+def colour_envelopes(train_images: np.ndarray, val_images: np.ndarray, ood: OODConfig,
+                     seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The colour check's reference (training images) and threshold set (validation images), each under other
+    cameras' and stain batches' colours (`leukray.colour.signature_envelope`); (None, None) when it is off."""
+    if not ood.colour_check:
+        return None, None
+    return (signature_envelope(train_images, seed + 2000, ood.colour_copies),
+            signature_envelope(val_images, seed + 3000, ood.colour_copies))
+
+
 @dataclass
 class FitResult:
     model: LeukNet
@@ -393,9 +404,12 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
                                                 images, cfg.tta), len(CLASSES))[1],
         np.asarray(data.images[data.indices("train")]), cfg.ood, cfg.augment, cfg.augment_strength, cfg.augment_zoom,
         cfg.seed)
+    colour_ref, colour_val = colour_envelopes(np.asarray(data.images[data.indices("train")]),
+                                              np.asarray(data.images[val_idx]), cfg.ood, cfg.seed)
     guard = fit_guard(reference, val_logits, val_features, temperature, cfg.ood,
                       fitted={"split": "val", "n_val": int(len(val_idx)), "reference_split": "train",
-                              "reference_made": made, "tta": cfg.tta})
+                              "reference_made": made, "tta": cfg.tta},
+                      colour_reference=colour_ref, colour_val=colour_val)
     test_metrics = None
     if len(test_idx):
         test_logits, test_features = outputs(test_idx)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from leukray.colour import signature
+
 
 def package_logits(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.ndarray:
     """float64 logits of `pkg.model`, averaged over the views of `tta` (default: the package's card `tta`)."""
@@ -13,8 +15,9 @@ def package_logits(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.n
 
 
 def package_outputs(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.ndarray:
-    """float64 (N, K + 1280): logits and pooled features (global average pool of the backbone's last block, taken
-    here from the modules, not from LeukNet.forward_with_features), averaged over the views of `tta`."""
+    """float64 (N, K + 1280 + 7): logits, pooled features (global average pool of the backbone's last block, taken
+    here from the modules, not from LeukNet.forward_with_features) and the colour signature of the input, averaged
+    over the views of `tta`."""
     tta = tta or pkg.card.get("tta") or "none"
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).float()
     if tta == "none":
@@ -29,7 +32,7 @@ def package_outputs(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.
 
     def both(v: torch.Tensor) -> torch.Tensor:
         feats = model.features(model.preprocess(v)).mean(dim=(2, 3))
-        return torch.cat([model.head(feats), feats], 1).double()
+        return torch.cat([model.head(feats), feats, signature(v)], 1).double()
 
     with torch.inference_mode():
         return torch.stack([both(v) for v in views]).mean(0).numpy()

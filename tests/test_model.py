@@ -108,13 +108,13 @@ def test_onnx_export_has_features_output_and_leaves_the_model_in_eval_mode(tmp_p
     assert not any(m.training for m in model.modules())
     x = torch.rand(3, 3, 32, 32) * 255
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
-    logits, feats = session.run(None, {"image": x.numpy()})
+    assert [o.name for o in session.get_outputs()] == ["logits", "features", "colour"]
+    logits, feats, colour = session.run(None, {"image": x.numpy()})
     with torch.no_grad():
         ref_logits, ref_feats = model.forward_with_features(x)
     np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4)
-    np.testing.assert_allclose(feats, ref_feats.numpy(), atol=1e-4)
-    assert feats.shape == (3, 1280)
+    np.testing.assert_allclose(np.concatenate([feats, colour], 1), ref_feats.numpy(), atol=1e-4)
+    assert feats.shape == (3, 1280) and colour.shape == (3, 7)
 
 
 @pytest.mark.parametrize("norm", ["grey_world", "white_patch"])

@@ -156,9 +156,91 @@ def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, 
     summary = calibrate(str(old), str(synth_data), str(tmp_path / "new"))
     assert summary["onnx_reexported"] is True and summary["ood"]["threshold_before"] is None
     new_card = json.loads((tmp_path / "new" / "model_card.json").read_text())
-    assert len(onnx.load(str(tmp_path / "new" / "model.onnx")).graph.output) == 2
+    assert len(onnx.load(str(tmp_path / "new" / "model.onnx")).graph.output) == 3
     assert new_card["ood"]["method"] == "knn"
     for m in METHODS:  # same images, same network, same views: the guard training fitted
         assert new_card["ood"]["thresholds"][m] == pytest.approx(trained_guard["thresholds"][m], rel=1e-3, abs=1e-4)
+    assert new_card["ood"]["colour"]["threshold"] == pytest.approx(trained_guard["colour"]["threshold"], rel=1e-3)
+    assert (tmp_path / "new" / new_card["ood"]["colour"]["reference"]["file"]).exists()
     after = evaluate(str(tmp_path / "new"), str(synth_data), str(tmp_path / "ev-new"), plots=False)
     assert after["ood"]["method"] == "knn" and after["accuracy"] == before["accuracy"]
+
+
+def _smears(n: int = 24, size: int = 64) -> np.ndarray:
+    """Generated smear-like images (uint8 NHWC): purple nuclei, pink cells, pale background."""
+    from leukray import CLASSES
+    from leukray.synth import smear_image
+
+    rng = np.random.default_rng(3)
+    return np.stack([np.asarray(smear_image(CLASSES[i % len(CLASSES)], rng, size)) for i in range(n)])
+
+
+def test_colour_signature_ignores_camera_and_dye_amount_and_sees_foreign_colours():
+    """Another camera's white balance, exposure or stain batch moves the signature far less than an RGB/BGR swap, an
+    inverted or a grey image — what the colour check tells apart."""
+    import torch
+
+    from leukray import colour
+
+    x = torch.from_numpy(_smears()).permute(0, 3, 1, 2).float()
+    base = colour.signature(x)
+    near = {
+        "warm camera": colour.camera_gains(x / 255, torch.tensor([1.2, 1.0, 0.8])) * 255,
+        "exposure 0.6": colour.exposure(x / 255, 0.6) * 255,
+        "more dye": colour.stain_concentration(x / 255, 1.4, 1.4) * 255,
+    }
+    far = {"BGR": x[:, [2, 1, 0]], "inverted": 255 - x, "grey": x.mean(1, keepdim=True).expand_as(x)}
+    near_d = {k: (colour.signature(v) - base).norm(dim=1).median().item() for k, v in near.items()}
+    far_d = {k: (colour.signature(v) - base).norm(dim=1).median().item() for k, v in far.items()}
+    assert max(near_d.values()) < 0.5 * min(far_d.values()), (near_d, far_d)
+
+
+def test_colour_check_flags_foreign_colours_and_keeps_other_labs_colours():
+    """Fit on the signature envelope of generated smears: validation images under other cameras pass, the same
+    images with red and blue swapped or in grey are flagged, and the row's score stays on the knn threshold's scale."""
+    import torch
+
+    from leukray import colour
+
+    images = _smears(48)
+    train, val = images[:32], images[32:]
+    rng = np.random.default_rng(0)
+    feats = lambda n: rng.normal(size=(n, 16)) + 5.0  # noqa: E731  same cloud: knn passes everything
+    sig = lambda a: colour.signature(torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()).numpy()  # noqa: E731
+    cfg = OODConfig(k=3, in_fraction=0.97, colour_in_fraction=1.0, colour_copies=3)
+    guard = fit_guard(feats(32), rng.normal(size=(16, 4)), np.c_[feats(16), sig(val)], 1.0, cfg,
+                      colour_reference=colour.signature_envelope(train, 0, 3),
+                      colour_val=colour.signature_envelope(val, 1, 3), pooled_dim=16)
+    assert guard.colour_threshold is not None and guard.fitted["colour"]["copies"] == 3
+    shifted = (colour.camera_gains(torch.from_numpy(val).permute(0, 3, 1, 2).float() / 255,
+                                   torch.tensor([0.85, 1.0, 1.15])) * 255).round().permute(0, 2, 3, 1).numpy()
+    logits = np.zeros((16, 4))
+    ok = guard.in_distribution(guard.scores(logits, np.c_[feats(16), sig(shifted.astype(np.uint8))]))
+    assert ok.mean() >= 0.9
+    for foreign in (val[..., ::-1], np.repeat(val.mean(3, keepdims=True), 3, 3).astype(np.uint8)):
+        scores = guard.scores(logits, np.c_[feats(16), sig(foreign)])
+        flagged = ~guard.in_distribution(scores)
+        assert flagged.mean() >= 0.9
+        assert (scores[flagged] > guard.thresholds["knn"]).all()  # one score, one threshold
+    # without the signature columns (a package exported before the colour check) the knn alone decides
+    assert guard.in_distribution(guard.scores(logits, feats(16))).all()
+
+
+def test_colour_check_round_trips_through_the_package(tmp_path):
+    import torch
+
+    from leukray import colour
+
+    images = _smears(16)
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(20, 8))
+    val = np.c_[rng.normal(size=(10, 8)), colour.signature(torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float()).numpy()]
+    guard = fit_guard(train, rng.normal(size=(10, 4)), val, 1.0, OODConfig(k=3), pooled_dim=8,
+                      colour_reference=colour.signature_envelope(images, 0, 1),
+                      colour_val=colour.signature_envelope(images[:10], 1, 1))
+    save_reference(guard, str(tmp_path))
+    back = load_guard(str(tmp_path), {"ood": guard.card()})
+    assert back.colour_threshold == pytest.approx(guard.colour_threshold)
+    np.testing.assert_array_equal(back.colour_reference, guard.colour_reference)
+    np.testing.assert_allclose(back.scores(np.zeros((10, 4)), val), guard.scores(np.zeros((10, 4)), val))
+    assert back.card()["colour"] == guard.card()["colour"]

@@ -24,6 +24,7 @@ from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ra
 from reference import package_logits, package_outputs  # noqa: E402
 
 from leukray import registry, results, storage  # noqa: E402
+from leukray.colour import SIGNATURE_DIM  # noqa: E402
 from leukray.config import ConfigError, StorageOptions, load_config  # noqa: E402
 from leukray.images import decode_image, is_image_name  # noqa: E402
 from leukray.query import RESULTS_SCHEMA, Results  # noqa: E402
@@ -217,12 +218,18 @@ def test_predictions_match_pytorch(loc, package):
     got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
     np.testing.assert_allclose(got, expected, atol=PROB_TOL, rtol=0)
     assert ok["predicted_class"].to_pylist() == [pkg.classes[i] for i in expected.argmax(1)]
-    # ood_score: distance to the 10th nearest training feature, brute force from the reference file
-    feats = package_outputs(pkg, x)[:, 4:]
+    # ood_score: distance to the 10th nearest training feature, or the colour signature's distance to its 10th
+    # nearest accepted signature on the knn threshold's scale, whichever is larger; brute force from the files
+    outputs = package_outputs(pkg, x)
+    feats = outputs[:, 4:4 + 1280]
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     reference = np.load(Path(package) / "ood_reference.npy").astype(np.float64)
-    dist = np.sqrt(((feats[:, None, :] - reference[None]) ** 2).sum(-1))
-    np.testing.assert_allclose(ok["ood_score"].to_numpy(), np.sort(dist, axis=1)[:, 9], atol=2e-3, rtol=0)
+    knn = np.sort(np.sqrt(((feats[:, None, :] - reference[None]) ** 2).sum(-1)), axis=1)[:, 9]
+    spec = pkg.card["ood"]
+    colour_ref = np.load(Path(package) / spec["colour"]["reference"]["file"]).astype(np.float64)
+    colour = np.sort(np.sqrt(((outputs[:, 4 + 1280:][:, None, :] - colour_ref[None]) ** 2).sum(-1)), axis=1)[:, 9]
+    expected_score = np.maximum(knn, colour * spec["thresholds"]["knn"] / spec["colour"]["threshold"])
+    np.testing.assert_allclose(ok["ood_score"].to_numpy(), expected_score, atol=2e-3, rtol=0)
 
 
 def test_second_run_adds_nothing(cluster, loc):
@@ -391,7 +398,7 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
     scorer = _Scorer(str(confident), None, "cpu", backend, 2, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc),
                      precision, tta=tta)
     out = scorer.outputs(x)  # with bf16 the first batch also measures bf16's error: all f32
-    assert out.shape == (len(x), 4 + 1280)
+    assert out.shape == (len(x), 4 + 1280 + SIGNATURE_DIM)
     np.testing.assert_allclose(softmax_t(out[:, :4], 1.0), expected, atol=PROB_TOL, rtol=0)
     # the guard's input: the pooled features of the same pass, averaged over the same views
     np.testing.assert_allclose(out[:, 4:], reference[:, 4:], atol=2e-4 * np.abs(reference[:, 4:]).max(), rtol=0)
@@ -435,7 +442,7 @@ def test_openvino_requests_put_every_image_back_in_place(package, tmp_path, requ
     model = OpenVINOModel((Path(package) / registry.ONNX).read_bytes(), 2, "f32", request_images)
     for n in (7, 1, 0):
         got = model(x[:n])
-        assert got.shape == (n, 4 + 1280)
+        assert got.shape == (n, 4 + 1280 + SIGNATURE_DIM)
         np.testing.assert_allclose(got[:, :4], expected[:n, :4], atol=1e-4, rtol=0)
         np.testing.assert_allclose(got[:, 4:], expected[:n, 4:], atol=2e-4 * max(1.0, np.abs(expected).max()), rtol=0)
 
