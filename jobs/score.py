@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from leukray.config import ConfigError, load_config  # noqa: E402
+from leukray.smoke import prepare_smoke  # noqa: E402
 
 SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "score-smoke.yaml")
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"output": cfg.output, "removed": score.vacuum(cfg)}, indent=2))
             return 0
         if args.smoke_test:
-            score.prepare_smoke(cfg)
+            prepare_smoke(cfg)
         record = score.run(cfg)
     except (ConfigError, score.ScoreError, LookupError, OSError, ValueError) as err:
         print(f"score: error: {err}", file=sys.stderr)
