@@ -32,6 +32,7 @@ from . import storage
 from .config import StorageOptions
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
 from .inference import Predictor, ViewPolicy, package_backend
+from .tta import package_tta
 from .ood import review_reason
 from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, format_ood_table, format_robustness_table,
                          ood_folders, robustness_suite, silent_errors)

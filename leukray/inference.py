@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from . import CLASSES
-from .tta import ADAPTIVE, ADAPTIVE_FULL, TTA_VIEWS, check_tta, package_tta, resolve_tta, torch_view, view, view_ids
+from .tta import ADAPTIVE, ADAPTIVE_FULL, TTA_VIEWS, package_tta, resolve_tta, torch_view, view, view_ids
 
 ONNX = "model.onnx"
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import StorageOptions
 from .evaluate import load_eval_data, log
-from .inference import Predictor, ViewPolicy, package_backend
+from .inference import package_backend
 from .ood import REFERENCE_FILE
 from .tta import package_tta, resolve_tta
 

@@ -526,3 +526,79 @@ def test_package_without_guard_scores_as_before(package, tmp_path):
     low = rows["confidence"].to_numpy() < THRESHOLD
     assert rows["needs_review"].to_pylist() == low.tolist()
     assert rows["review_reason"].to_pylist() == ["low_confidence" if x else None for x in low]
+
+
+def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(cluster, package, tiny_package, tmp_path):
+    """decode=actor (each model actor decodes) and decode=tasks (CPU decode tasks, the actors only run the model)
+    forced on this CPU cluster: the same rows, bad files as error rows in both. With tta adaptive each ok row
+    records its views: 1 above the cascade threshold, 8 below, each with its path's calibrated probabilities."""
+    from deltalake import DeltaTable
+
+    from leukray.inference import TorchModel, ViewPolicy
+    from leukray.recalibrate import calibrate
+
+    import torch
+
+    from leukray.model import ModelConfig, build_model
+
+    calibrated = tmp_path / "calibrated"
+    calibrate(package, str(tiny_package / "data"), str(calibrated), tta="adaptive")
+    card = json.loads((calibrated / registry.CARD).read_text())
+    card.pop("ood")  # another network below: the tiny package's guard does not belong to it
+    archive = tmp_path / "archive"
+    build_archive(archive)
+    files = [p for p in _image_files(archive) if "bad" not in p.parts]
+    x = np.stack([decode_image(p.read_bytes(), card["preprocessing"]["image_size"]) for p in files])
+    # The ImageNet backbone with its head fitted to these images (a linear probe): confidences that differ from
+    # image to image, as a trained model's do (the 1-epoch package's barely do).
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="imagenet"), 4, None, verbose=False).eval()
+    names = sorted({p.parent.name for p in files})
+    labels = torch.tensor([names.index(p.parent.name) for p in files])
+    with torch.no_grad():
+        feats = torch.flatten(model.pool(model.features(model.preprocess(torch.from_numpy(x).permute(0, 3, 1, 2).float()))), 1)
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    model.head.train()
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
+        opt.step()
+    model.eval()
+    card["adaptive"]["temperature_one_view"] = card["adaptive"]["temperature_full"] = 1.0
+    one = softmax_t(TorchModel(model, "cpu").mean_views(x, [0])[:, :4], 1.0)
+    # a cascade threshold in the widest gap between the middle half of these images' one-view confidences: both
+    # paths occur, and no backend's rounding moves an image across it
+    c = np.sort(one.max(1))[len(x) // 4: 3 * len(x) // 4 + 1]
+    gap = int(np.argmax(np.diff(c)))
+    card["adaptive"]["threshold"] = float((c[gap] + c[gap + 1]) / 2)
+    adaptive = tmp_path / "adaptive"
+    registry.write_package(str(adaptive), model, card)
+    pkg = registry.load_package(str(adaptive))
+    rows = {}
+    for layout in ("actor", "tasks"):
+        cfg = {"input": str(archive), "output": str(tmp_path / f"out-{layout}"), "model": str(adaptive),
+               "batch_size": 8, "decode_batch_size": 4, "files_per_block": 6, "review_threshold": THRESHOLD,
+               "decode": layout, "tta": "adaptive"}
+        (tmp_path / f"{layout}.yaml").write_text(yaml.safe_dump(cfg))
+        res = submit_job(cluster, [sys.executable, "jobs/score.py", "--config", str(tmp_path / f"{layout}.yaml")],
+                         working_dir=REPO, timeout=600)
+        assert res.returncode == 0, res.stdout[-6000:]
+        assert f"decode in {layout}" in res.stdout
+        t = DeltaTable(cfg["output"]).to_pyarrow_table().sort_by("path")
+        rows[layout] = t.drop_columns(["run_id", "scored_at"])
+    assert rows["actor"].num_rows == len(_image_files(archive))
+    assert rows["actor"].equals(rows["tasks"])
+    t = rows["actor"]
+    errors = t.filter(pc.equal(t["status"], "error"))
+    assert errors.num_rows == len(BAD) and errors["views"].null_count == len(BAD)
+    ok = t.filter(pc.equal(t["status"], "ok"))
+    assert ok["path"].to_pylist() == [str(p) for p in files]
+    unsure = one.max(1) < card["adaptive"]["threshold"]
+    assert 0 < unsure.sum() < len(files)
+    assert ok["views"].to_pylist() == [8 if u else 1 for u in unsure]
+    policy = ViewPolicy.from_card(card)
+    want = np.where(unsure[:, None],
+                    softmax_t(package_outputs(pkg, x, "dihedral8")[:, :4], policy.temperature),
+                    softmax_t(package_outputs(pkg, x, "none")[:, :4], policy.temperature_one_view))
+    got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
+    np.testing.assert_allclose(got, want, atol=PROB_TOL, rtol=0)
