@@ -64,6 +64,10 @@ def mean_over_views(run: Callable[[np.ndarray], np.ndarray], images_nhwc: np.nda
     """Mean of `run` over the views `ids` (float64 sum, float32 result); one view: `run` itself."""
     if ids == [0]:
         return run(images_nhwc)
+    n = len(images_nhwc)
+    if n * len(ids) <= 512:  # a small batch (adaptive's unsure images): all views in one call fill the streams
+        out = np.asarray(run(np.concatenate([view(images_nhwc, i) for i in ids])), dtype=np.float64)
+        return out.reshape(len(ids), n, -1).mean(axis=0).astype(np.float32)
     total = None
     for i in ids:
         out = np.asarray(run(np.ascontiguousarray(view(images_nhwc, i))), dtype=np.float64)

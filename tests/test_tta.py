@@ -63,7 +63,11 @@ def test_invariant_model_is_unchanged_and_calls_are_counted():
     for mode, n in TTA_VIEWS.items():
         calls.clear()
         np.testing.assert_allclose(tta_logits(mean_colour, x, mode), x.mean(axis=(1, 2)), rtol=1e-6)
-        assert calls == [5] * n
+        assert calls == [5 * n]  # a small batch: every view in one call
+    big = np.concatenate([x] * 40)  # 200 images x 4 views > 512: one call per view
+    calls.clear()
+    np.testing.assert_allclose(tta_logits(mean_colour, big, "flips4"), big.mean(axis=(1, 2)), rtol=1e-6)
+    assert calls == [200] * 4
 
 
 def test_modes_are_checked_and_packages_without_one_are_single_view():
