@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Scoring throughput, side by side in one run, on N images (default 4000 generated 224x224 JPEG smears):
 
-  score_ips       the scoring job end to end (leukray.score.run: listing, the Ray Data model actor that reads,
+  score_ips       (per test-time mode: none / adaptive / dihedral8 side by side, `modes`) the scoring job end to end (leukray.score.run: listing, the Ray Data model actor that reads,
                   decodes and scores with the shipped CPU backend, the workers' Parquet files of the results table,
                   the commits; actor start-up included) on a local Ray started beforehand; score_first_rows_s =
                   start-up until the first data file is written (max_rows_per_file rows), score_steady_ips = the
@@ -14,12 +14,14 @@
                   agreement against the package's PyTorch fp32 model (meaningful with --model, a trained package)
 then the scoring job again at factor x N (hard links of the same files under other names), each with the peak RSS
 of the whole process tree (this driver + raylet + gcs + every Ray worker; psutil, sampled every 0.1 s).
-All three run the test-time augmentation the scoring run resolved (`--set tta=none` for one view; `tta` in the JSON).
-The three measurements at N run back to back; `loadavg_before` has the 1-minute load average before each (the
+`modes` holds, per test-time mode, score_ips, the re-scored fraction (rows scored in more than one view, read back
+from the table's `views` column), mean views and the ratio to one view's throughput; the top-level numbers are the
+first mode's (adaptive needs a package calibrated for it: the default one is). The model-only and plain loops run
+the first mode's views (adaptive: the views the run used, as a mean). The measurements at N run back to back; `loadavg_before` has the 1-minute load average before each (the
 machine is shared: compare numbers only within one run). Prints one JSON object.
 
     .venv/bin/python bench/score_throughput.py [--n 4000] [--factor 10] [--data ../shared/data/taleqani-all]
-        [--model runs/taleqani/] [--set cpu_precision=f32] [--set backend=onnx] [--set tta=none]
+        [--model runs/taleqani/] [--set cpu_precision=f32] [--set backend=onnx] [--modes adaptive,none,dihedral8]
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def link_copies(files: list[Path], folder: Path, factor: int) -> None:
             os.link(p, d / p.name)
 
 
-def plain_torch(files: list[Path], pkg, batch_size: int, workers: int, tta: str) -> float:
+def plain_torch(files: list[Path], pkg, batch_size: int, workers: int, tta: str, mean_views: float = 1.0) -> float:
+    """The plain loop in a fixed mode; adaptive: one view for every image plus the other seven views for the
+    re-scored fraction (mean_views - 1) / 7 of each batch."""
     import torch
     from torch.utils.data import DataLoader, Dataset
 
@@ -133,8 +137,15 @@ def plain_torch(files: list[Path], pkg, batch_size: int, workers: int, tta: str)
     t = time.perf_counter()
     with torch.inference_mode():
         for x in loader:
-            for v in torch_views(x.float(), tta):
-                model(v)
+            if tta == "adaptive":
+                model(x.float())
+                extra = int(round(len(x) * (mean_views - 1) / 7))
+                if extra:
+                    for v in list(torch_views(x[:extra].float(), "dihedral8"))[1:]:
+                        model(v)
+            else:
+                for v in torch_views(x.float(), tta):
+                    model(v)
             n += len(x)
     return n / (time.perf_counter() - t)
 
@@ -157,6 +168,24 @@ def trained_package(work: Path) -> Path:
     return pkg
 
 
+def adaptive_package(pkg_dir: Path, data: str | None, work: Path) -> Path:
+    """The package as it is when its card has the adaptive cascade, else a copy calibrated for it on `data`'s
+    validation rows (`leukray calibrate --tta adaptive`), cached in the work dir."""
+    import json
+
+    if "adaptive" in json.loads((pkg_dir / "model_card.json").read_text()):
+        return pkg_dir
+    if not data:
+        sys.exit(f"{pkg_dir} has no adaptive cascade: pass --calibrate-data (its labelled images) or calibrate it "
+                 "with leukray calibrate --tta adaptive")
+    out = work / f"{pkg_dir.name}-adaptive"
+    if not (out / "model_card.json").exists():
+        from leukray.recalibrate import calibrate
+
+        calibrate(str(pkg_dir), data, str(out), tta="adaptive")
+    return out
+
+
 def model_only(files: list[Path], package_dir: str, batch_size: int, backend: str, precision: str, tta: str
                ) -> tuple[float, dict]:
     """Model-alone throughput of the shipped backend, and how its calibrated probabilities compare with the
@@ -167,8 +196,9 @@ def model_only(files: list[Path], package_dir: str, batch_size: int, backend: st
 
     from leukray import registry
     from leukray.images import decode_image
-    from leukray.score import _Scorer, default_threads, softmax_t
-    from leukray.tta import tta_logits
+    from leukray.inference import default_threads, softmax as softmax_t, tta_logits
+    from leukray.score import _Scorer
+    from leukray.tta import ADAPTIVE
 
     pkg = registry.load_package(package_dir)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in files])
@@ -178,28 +208,40 @@ def model_only(files: list[Path], package_dir: str, batch_size: int, backend: st
 
     def step(b: np.ndarray) -> np.ndarray:
         """What the actor does per batch: the model's outputs, then the out-of-distribution guard if any."""
-        logits, features = split_outputs(scorer.outputs(b), len(pkg.classes))
+        out = scorer.outputs(b)
+        logits, features = split_outputs(out.values, len(pkg.classes))
         if scorer.guard is not None:
             scorer.guard.scores(logits, features)
-        return logits
+        return out
 
     step(x[:batch_size])  # warm-up
     t = time.perf_counter()
-    logits = [step(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    outs = [step(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     ips = len(x) / (time.perf_counter() - t)
-    got = softmax_t(np.concatenate(logits), pkg.temperature)
+    k = len(pkg.classes)
+    got = np.concatenate([o.probs(k) for o in outs])
+    views = np.concatenate([o.views for o in outs])
+    temps = np.concatenate([o.temperature for o in outs])
     def torch_logits(b: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return pkg.model.eval()(torch.from_numpy(b).permute(0, 3, 1, 2).float()).numpy()
 
-    ref = np.concatenate([softmax_t(tta_logits(torch_logits, x[i:i + batch_size], tta), pkg.temperature)
-                          for i in range(0, len(x), batch_size)])
+    def ref_logits(b: np.ndarray, n_views: int) -> np.ndarray:
+        return tta_logits(torch_logits, b, "dihedral8" if n_views == 8 else "none" if n_views == 1 else tta)
+
+    # the reference: the torch fp32 model in the views each row took, with that path's temperature
+    ref = np.concatenate([softmax_t(ref_logits(x[i:i + 1], int(views[i])), temps[i:i + 1]) for i in range(len(x))]) \
+        if tta == ADAPTIVE else \
+        np.concatenate([softmax_t(tta_logits(torch_logits, x[i:i + batch_size], tta), temps[i:i + batch_size])
+                        for i in range(0, len(x), batch_size)])
     agree = {"prob_max_abs_diff_vs_torch": float(np.abs(got - ref).max()),
              "class_agreement_vs_torch": float((got.argmax(1) == ref.argmax(1)).mean()),
              "agreement_images": len(x),
-             "bf16_error": getattr(scorer, "bf16_error", None),
-             "bf16_kept": getattr(scorer, "compiled_f32", None) is not None,
-             "f32_recheck_fraction": scorer.rechecked / scorer.images if getattr(scorer, "images", 0) else None}
+             "model_only_mean_views": float(views.mean()),
+             "bf16_error": scorer.bf16.error if scorer.bf16 else None,
+             "bf16_kept": bool(scorer.bf16 and scorer.bf16.kept),
+             "f32_recheck_fraction": scorer.bf16.rechecked / scorer.bf16.images if scorer.bf16 and scorer.bf16.images
+             else None}
     return ips, agree
 
 
@@ -215,6 +257,15 @@ def score_job(input_dir: str, output_dir: str, package_dir: str, batch_size: int
     return n / wall, mem.mb, m
 
 
+def views_of(output_dir: str) -> dict:
+    """Re-scored fraction and mean views of the rows a run wrote (the table's `views` column)."""
+    from deltalake import DeltaTable
+
+    v = DeltaTable(output_dir).to_pyarrow_table(columns=["views"])["views"].drop_null().to_numpy()
+    return {"rescored_fraction": round(float((v > 1).mean()), 4) if len(v) else None,
+            "mean_views": round(float(v.mean()), 3) if len(v) else None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4000)
@@ -227,6 +278,10 @@ def main() -> int:
     ap.add_argument("--plain-n", type=int, default=1000, help="images for the (slow) plain DataLoader loop")
     ap.add_argument("--plain-workers", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra ScoreConfig keys")
+    ap.add_argument("--calibrate-data", help="labelled images to fit the adaptive cascade on when the package has "
+                                            "none (default package: its generated training data)")
+    ap.add_argument("--modes", default="adaptive,none,dihedral8",
+                    help="test-time modes scored side by side (comma-separated; the first is the main one)")
     args = ap.parse_args()
 
 
@@ -252,15 +307,31 @@ def main() -> int:
         base = work / "data-n"
         files = make_images(base, args.n)
     pkg_dir = Path(args.model) if args.model else trained_package(work)
+    modes = [m for m in args.modes.split(",") if m]
+    if "tta" in extra:
+        modes = [extra.pop("tta")]
+    if "adaptive" in modes:
+        pkg_dir = adaptive_package(pkg_dir, args.calibrate_data or (None if args.model else str(work / "train-data")),
+                                   work)
     pkg = registry.load_package(str(pkg_dir))
 
     init_ray(ScoreConfig())
-    out_n, out_10 = work / "out-n", work / "out-10x"
-    shutil.rmtree(out_n, ignore_errors=True)
+    out_10 = work / "out-10x"
     shutil.rmtree(out_10, ignore_errors=True)
 
-    load = {"score": os.getloadavg()[0]}
-    score_ips, rss_n, m_n = score_job(str(base), str(out_n), str(pkg_dir), args.batch_size, extra)
+    load, per_mode, runs = {}, {}, {}
+    for mode in modes:
+        out = work / f"out-n-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        load[f"score_{mode}"] = os.getloadavg()[0]
+        ips, rss, m = score_job(str(base), str(out), str(pkg_dir), args.batch_size, dict(extra, tta=mode))
+        runs[mode] = (ips, rss, m)
+        per_mode[mode] = {"score_ips": round(ips, 1), "score_pipeline_ips": m["throughput"]["images_per_s"],
+                          "peak_rss_mb": rss, **views_of(str(out))}
+    one = per_mode.get("none", {}).get("score_ips")
+    for mode in per_mode:
+        per_mode[mode]["ratio_vs_one_view"] = round(per_mode[mode]["score_ips"] / one, 3) if one else None
+    score_ips, rss_n, m_n = runs[modes[0]]
     tta = m_n["execution"]["tta"]
     load["model_only"] = os.getloadavg()[0]
     cfg = ScoreConfig(input="-", output="-", model="-", **extra)
@@ -272,7 +343,8 @@ def main() -> int:
         model_ips, agreement = ex.submit(model_only, files[: min(len(files), 512)], str(pkg_dir), args.batch_size,
                                          m_n["execution"]["backend"], cfg.cpu_precision, tta).result()
     load["plain"] = os.getloadavg()[0]
-    plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers, tta)
+    plain_ips = plain_torch(files[: args.plain_n], pkg, args.batch_size, args.plain_workers, tta,
+                            per_mode[modes[0]]["mean_views"] or 1.0)
     tp = m_n["throughput"]
     result = {
         "images": len(files),
@@ -292,6 +364,7 @@ def main() -> int:
         "backend": m_n["execution"]["backend"],
         "precision": m_n["execution"]["precision"],
         "tta": tta,
+        "modes": per_mode,
         "ood_guard": m_n["execution"].get("ood"),
         "batch_size": args.batch_size,
         "model": str(args.model or "224 px, 6 epochs on generated smears"),
@@ -301,7 +374,8 @@ def main() -> int:
         data_10 = work / "data-10x"
         link_copies(files, data_10, args.factor)
         load["score_10x"] = os.getloadavg()[0]
-        ips_10, rss_10, m_10 = score_job(str(data_10), str(out_10), str(pkg_dir), args.batch_size, extra)
+        ips_10, rss_10, m_10 = score_job(str(data_10), str(out_10), str(pkg_dir), args.batch_size,
+                                         dict(extra, tta=modes[0]))
         result.update({"images_10x": m_10["counts"]["seen"], "score_ips_10x": round(ips_10, 1),
                        "peak_rss_mb_10x": rss_10, "rss_ratio_10x": round(rss_10 / rss_n, 2)})
     result.update({"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load_start],

@@ -16,6 +16,7 @@ import os
 import sys
 
 from leukray.config import ConfigError, load_config, parse_overrides
+from leukray.smoke import prepare_smoke
 
 SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "score-smoke.yaml")
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"output": cfg.output, "removed": score.vacuum(cfg)}, indent=2))
             return 0
         if args.smoke_test:
-            score.prepare_smoke(cfg)
+            prepare_smoke(cfg)
         record = score.run(cfg)
     except (ConfigError, score.ScoreError, LookupError, OSError, ValueError) as err:
         print(f"score: error: {err}", file=sys.stderr)

@@ -25,9 +25,10 @@ import math
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 
-__all__ = ["FIT_DESCRIPTION", "TEMPERATURE_BOUNDS", "fit_temperature", "nll_with_temperature", "softmax_with_temperature"]
+__all__ = ["FIT_DESCRIPTION", "TEMPERATURE_BOUNDS", "fit_adaptive", "fit_mode", "fit_temperature", "nll_with_temperature",
+           "softmax_with_temperature"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,61 @@ def fit_temperature(
 
 def softmax_with_temperature(logits: np.ndarray | torch.Tensor, temperature: float) -> np.ndarray:
     """Calibrated probabilities softmax(logits / T) as a float64 (N, C) array (rows sum to 1)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return softmax(_as_logits(logits) / float(temperature), axis=1)
+    from .inference import softmax as calibrated
+
+    return calibrated(_as_logits(logits), float(temperature))
+
+
+ADAPTIVE_SAFETY = 2.0
+"""The cascade threshold halves the doubt (1 - confidence) of the most confident validation image whose one-view
+class differs from its full-view class."""
+ADAPTIVE_MIN_THRESHOLD = 0.9
+"""…and never re-scores fewer images than those below this one-view confidence."""
+
+
+def fit_adaptive(one_view_logits: np.ndarray, full_logits: np.ndarray, labels: np.ndarray,
+                 safety: float = ADAPTIVE_SAFETY, min_threshold: float = ADAPTIVE_MIN_THRESHOLD) -> dict:
+    """The `adaptive` test-time mode on validation logits: a temperature per path (one view, all views) and the
+    cascade threshold — the loosest one-view confidence below which images must be re-scored for the adaptive
+    predictions to equal the full-view predictions on these images, widened by `safety` (doubt / safety) and
+    floored at `min_threshold`. Returns the card's `adaptive` block (without `full`)."""
+    from .inference import softmax
+
+    one, full = _as_logits(one_view_logits), _as_logits(full_logits)
+    y = _as_labels(labels, one.shape[0], one.shape[1])
+    t_one, t_full = fit_temperature(one, y), fit_temperature(full, y)
+    conf = softmax(one, t_one).max(axis=1)
+    differ = one.argmax(1) != full.argmax(1)
+    exact = float(conf[differ].max()) if differ.any() else 0.0
+    threshold = max(1.0 - (1.0 - exact) / safety, min_threshold)
+    rescored = conf < threshold
+    mixed = np.where(rescored, full.argmax(1), one.argmax(1))
+    return {"threshold": threshold, "threshold_exact": exact, "safety": safety, "min_threshold": min_threshold,
+            "temperature_one_view": t_one, "temperature_full": t_full, "n": int(len(y)),
+            "one_view_full_disagreements": int(differ.sum()), "rescored_fraction": float(rescored.mean()) if len(y) else 0.0,
+            "agreement_with_full": float((mixed == full.argmax(1)).mean()) if len(y) else 1.0}
+
+
+def fit_mode(model, images: np.ndarray, labels: np.ndarray, mode: str, num_classes: int):
+    """Run `model` (a `leukray.inference` backend) over validation images in test-time `mode` and fit its
+    temperature(s): returns the rows' `Outputs` as scoring will compute them (adaptive: the one-view or the
+    full-view outputs per row, each with its path's temperature) and the card fields (`temperature`, and for
+    adaptive the `adaptive` block: both temperatures, the cascade threshold, the re-scored fraction)."""
+    from .inference import Outputs
+    from .tta import ADAPTIVE, ADAPTIVE_FULL, view_ids
+
+    k, n = num_classes, len(images)
+    ids = view_ids(mode)
+    if mode != ADAPTIVE:
+        out = np.asarray(model.mean_views(images, ids), np.float32)
+        temperature = fit_temperature(out[:, :k], labels)
+        return Outputs(out, np.full(n, len(ids), np.int64), np.full(n, temperature)), {"temperature": temperature}
+    one = np.asarray(model.mean_views(images, [0]), np.float64)
+    full = (one + np.asarray(model.mean_views(images, ids[1:]), np.float64) * (len(ids) - 1)) / len(ids)
+    ad = fit_adaptive(one[:, :k], full[:, :k], labels)
+    from .inference import softmax
+
+    unsure = softmax(one[:, :k], ad["temperature_one_view"]).max(axis=1) < ad["threshold"]
+    out = Outputs(np.where(unsure[:, None], full, one).astype(np.float32), np.where(unsure, len(ids), 1),
+                  np.where(unsure, ad["temperature_full"], ad["temperature_one_view"]))
+    return out, {"temperature": ad["temperature_full"], "adaptive": {"full": ADAPTIVE_FULL, **ad}}

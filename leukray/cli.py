@@ -69,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .config import StorageOptions
-    from .evaluate import calibrate
+    from .recalibrate import calibrate
 
     summary = calibrate(args.model, args.data, args.out, split=args.split,
                         storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
@@ -126,7 +126,8 @@ def _package_on_data_arguments(p: argparse.ArgumentParser, out_help: str, split:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                    help="auto: OpenVINO fp32 on a CPU (as scoring), PyTorch on a GPU")
     p.add_argument("--tta", default="package", choices=list(TTA_CHOICES),
-                   help="test-time augmentation: the package's mode (default, card `tta`) or none | flips4 | dihedral8")
+                   help="test-time augmentation: the package's mode (default, card `tta`) or none | flips4 | dihedral8 | "
+                        "adaptive (one view; the 8 views only for images below the package's cascade threshold)")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
 
 

@@ -2,8 +2,9 @@
 
 Read top to bottom: load the package → list the data and pick the rows (the split manifest's test rows when a
 manifest covers the data, else every image) → decode once with the card's image size (`leukray.data`, the same
-path as training and scoring) → logits (`backend`: on a CPU the package's ONNX graph under OpenVINO fp32, as
-scoring runs it; on a GPU the torch model) → calibrated probabilities (card temperature) →
+path as training and scoring) → outputs over the test-time views (`leukray.inference`; `backend`: on a CPU the
+package's ONNX graph under OpenVINO fp32, as scoring runs it; on a GPU the torch model) → calibrated
+probabilities (each row with the temperature of the path it took) →
 metrics, review trade-off, plots, `evaluation.json`. With `robustness=True` the same decoded images are re-scored
 under every perturbation × severity of `leukray.perturb.PERTURBATIONS`.
 
@@ -16,32 +17,30 @@ in it was trained on, and every image is evaluated (`split_source` in the report
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from . import storage
 from .config import StorageOptions
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
-from .ood import COLOUR_REFERENCE_FILE, REFERENCE_FILE, review_reason
-from .tta import package_tta, resolve_tta, with_tta
+from .inference import Predictor, ViewPolicy, package_backend
+from .tta import package_tta
+from .ood import review_reason
+from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, format_ood_table, format_robustness_table,
+                         ood_folders, robustness_suite, silent_errors)
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
 REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
 DEFAULT_REVIEW_THRESHOLD = 0.8
 """needs_review threshold when neither the call nor the package names one (card `review_threshold`)."""
-PERTURB_CHUNK = 64
-"""Perturbations are applied in fixed chunks of this many images (seeded per chunk), independent of
-`batch_size`, so robustness numbers depend only on the images, the seed and the package."""
 SAMPLE_GRID = 16
 EVALUATION_JSON = "evaluation.json"
 
@@ -155,189 +154,6 @@ def load_eval_data(data_uri: str, classes: list[str], image_size: int, split: st
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def _prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-BACKENDS = ("auto", "torch", "openvino")
-
-
-def make_predictor(pkg: Any, device: torch.device, batch_size: int, backend: str = "auto",
-                   storage_options: StorageOptions | None = None,
-                   onnx_bytes: bytes | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """uint8 NHWC images → float32 model outputs (logits, then pooled features where the graph has them:
-    `leukray.ood.split_outputs`), and the backend's name. On a CPU `auto` runs the package's ONNX graph
-    with OpenVINO in fp32 as scoring does (several times faster than PyTorch there, same numbers to ~1e-6: the
-    robustness suite's 10 000+ forward passes take minutes instead of a quarter of an hour); elsewhere PyTorch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "openvino" if device.type == "cpu" and importlib.util.find_spec("openvino") else "torch"
-    if backend == "openvino":
-        if device.type != "cpu":
-            raise ValueError(f"backend=openvino runs on the CPU; device={device} needs backend torch (or auto)")
-        from .registry import read_onnx
-        from .score import OpenVINOModel, default_threads
-
-        ov_model = OpenVINOModel(onnx_bytes or read_onnx(pkg, storage_options), default_threads(), "f32")
-        return (lambda images: ov_model(np.asarray(images, dtype=np.uint8))), "openvino f32"
-
-    from .train import predict_outputs
-
-    model = _prepare_model(pkg.model, device)
-    return (lambda images: predict_outputs(model, images, device, batch_size,
-                                           channels_last=device.type == "cuda")), f"torch {device}"
-
-
-def chunk_seed(seed: int, name: str, severity_index: int, chunk: int) -> int:
-    """Seed of one perturbation chunk: a pure function of (seed, perturbation, severity position, chunk)."""
-    from .perturb import PERTURBATIONS
-
-    names = list(PERTURBATIONS)
-    ss = np.random.SeedSequence([int(seed) % 2**63, names.index(name), severity_index, chunk])
-    return int(ss.generate_state(1, dtype=np.uint32)[0])
-
-
-@dataclass
-class Flagger:
-    """What scoring does with a model's outputs: calibrated confidence → needs_review below `threshold`, and the
-    package's out-of-distribution guard (None: confidence only)."""
-    classes: list[str]
-    temperature: float
-    threshold: float
-    guard: Any = None
-
-    def __call__(self, outputs: np.ndarray) -> dict[str, np.ndarray]:
-        from .calibration import softmax_with_temperature
-        from .ood import split_outputs
-
-        logits, features = split_outputs(outputs, len(self.classes))
-        probs = softmax_with_temperature(logits, self.temperature)
-        conf = probs.max(1)
-        low = conf < self.threshold
-        if self.guard is not None and features is not None:
-            ood_score = self.guard.scores(logits, features)
-            ood = ~self.guard.in_distribution(ood_score)
-        else:
-            ood_score, ood = np.full(len(conf), np.nan), np.zeros(len(conf), bool)
-        return {"pred": probs.argmax(1), "probs": probs, "confidence": conf, "low_confidence": low,
-                "ood_score": ood_score, "ood": ood, "needs_review": low | ood}
-
-
-def silent_errors(labels: np.ndarray, pred: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
-    """Errors nobody is told about: wrong and not flagged for review; and how many of them cross benign ↔ malignant."""
-    from .metrics import BENIGN_INDEX
-
-    silent = (pred != labels) & ~flagged
-    crossing = silent & ((labels == BENIGN_INDEX) != (pred == BENIGN_INDEX))
-    return {"silent_error_rate": float(silent.mean()) if len(labels) else 0.0,
-            "silent_benign_malignant": int(crossing.sum())}
-
-
-def robustness_suite(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
-                     classes: list[str], batch_size: int, seed: int = 0, flagger: Flagger | None = None,
-                     clean_outputs: np.ndarray | None = None) -> dict[str, Any]:
-    """Per perturbation × severity: accuracy, macro-F1 and — what a lab lives with — the fraction flagged for review
-    (low confidence or out of distribution), the fraction out of distribution, and the silent error rate (wrong
-    and not flagged) with the silent benign ↔ malignant count; `silent_error_rate_confidence_only` is the same
-    without the guard. The decoded images are perturbed chunk by chunk; `predict` returns model outputs."""
-    from sklearn.metrics import f1_score
-
-    from .perturb import PERTURBATIONS, apply_perturbation
-
-    t0 = time.time()
-    labels_idx = list(range(len(classes)))
-    flagger = flagger or Flagger(classes, 1.0, 0.0)
-
-    def summary(f: dict[str, np.ndarray]) -> dict[str, Any]:
-        pred = f["pred"]
-        return {"accuracy": float((pred == labels).mean()),
-                "macro_f1": float(f1_score(labels, pred, labels=labels_idx, average="macro", zero_division=0)),
-                "flagged_fraction": float(f["needs_review"].mean()),
-                "ood_fraction": float(f["ood"].mean()),
-                **silent_errors(labels, pred, f["needs_review"]),
-                "silent_error_rate_confidence_only": silent_errors(labels, pred, f["low_confidence"])["silent_error_rate"]}
-
-    if clean_outputs is None:
-        clean_outputs = predict(images)
-    clean_f = flagger(clean_outputs)
-    clean = summary(clean_f)
-    settings = [(name, k, severity) for name, severities in PERTURBATIONS.items() for k, severity in enumerate(severities)]
-    n = len(images)
-    keys = ("pred", "low_confidence", "ood", "needs_review")
-    flags = {key: np.empty((len(settings), n), dtype=np.int64 if key == "pred" else bool) for key in keys}
-
-    # Perturbed chunks of every setting stream into shared model batches: small evaluation sets still fill
-    # whole batches (one forward pass per batch_size images, not per setting), and memory stays one batch.
-    pending: list[tuple[int, int, np.ndarray]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        out = flagger(predict(np.concatenate([b for _, _, b in pending])))
-        at = 0
-        for s_i, start, b in pending:
-            for key in keys:
-                flags[key][s_i, start:start + len(b)] = out[key][at:at + len(b)]
-            at += len(b)
-        pending.clear()
-
-    for s_i, (name, k, severity) in enumerate(settings):
-        for c, start in enumerate(range(0, n, PERTURB_CHUNK)):
-            batch = apply_perturbation(images[start:start + PERTURB_CHUNK], name, severity,
-                                       seed=chunk_seed(seed, name, k, c))
-            pending.append((s_i, start, batch))
-            if sum(len(b) for _, _, b in pending) >= batch_size:
-                flush()
-    flush()
-    rows: list[dict[str, Any]] = []
-    for s_i, (name, _k, severity) in enumerate(settings):
-        s = summary({key: flags[key][s_i] for key in keys})
-        rows.append({"perturbation": name, "severity": severity, **s,
-                     "accuracy_drop": clean["accuracy"] - s["accuracy"],
-                     "changed_fraction": float((flags["pred"][s_i] != clean_f["pred"]).mean()), "n": int(n)})
-    worst = min(rows, key=lambda r: (r["accuracy"], r["macro_f1"]))
-    by_perturbation = {}
-    for name in PERTURBATIONS:
-        rs = [r for r in rows if r["perturbation"] == name]
-        w = min(rs, key=lambda r: (r["accuracy"], r["macro_f1"]))
-        by_perturbation[name] = {"mean_accuracy": float(np.mean([r["accuracy"] for r in rs])),
-                                 "worst_severity": w["severity"], "worst_accuracy": w["accuracy"],
-                                 "worst_macro_f1": w["macro_f1"],
-                                 "max_silent_error_rate": max(r["silent_error_rate"] for r in rs),
-                                 "silent_benign_malignant": sum(r["silent_benign_malignant"] for r in rs),
-                                 "max_flagged_fraction": max(r["flagged_fraction"] for r in rs)}
-    return {"seed": int(seed), "review_threshold": flagger.threshold,
-            "guard": None if flagger.guard is None else flagger.guard.method,
-            "clean": clean, "results": rows, "worst": dict(worst),
-            "worst_silent": dict(max(rows, key=lambda r: (r["silent_error_rate"], r["silent_benign_malignant"]))),
-            "max_flagged": dict(max(rows, key=lambda r: r["flagged_fraction"])),
-            "by_perturbation": by_perturbation, "wall_time_s": time.time() - t0}
-
-
-def format_robustness_table(rob: dict[str, Any]) -> str:
-    """Compact text table: one line per perturbation, accuracy at each severity (mildest first)."""
-    lines = [f"robustness (n={rob['results'][0]['n'] if rob['results'] else 0}, seed {rob['seed']}): "
-             f"clean accuracy {rob['clean']['accuracy']:.3f}, macro-F1 {rob['clean']['macro_f1']:.3f}",
-             f"{'perturbation':<18} severity:accuracy/silent error rate/flagged fraction"]
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in rob["results"]:
-        by.setdefault(r["perturbation"], []).append(r)
-    for name, rs in by.items():
-        cells = "  ".join(f"{r['severity']:g}:{r['accuracy']:.3f}/{r['silent_error_rate']:.3f}/{r['flagged_fraction']:.2f}"
-                          for r in rs)
-        lines.append(f"{name:<18} {cells}")
-    w, ws, wf = rob["worst"], rob["worst_silent"], rob["max_flagged"]
-    lines.append(f"worst: {w['perturbation']} {w['severity']:g} accuracy {w['accuracy']:.3f} "
-                 f"(drop {w['accuracy_drop']:+.3f}), macro-F1 {w['macro_f1']:.3f}; most silent errors: "
-                 f"{ws['perturbation']} {ws['severity']:g} {ws['silent_error_rate']:.3f} "
-                 f"({ws['silent_benign_malignant']} benign<->malignant); most flagged: {wf['perturbation']} "
-                 f"{wf['severity']:g} {wf['flagged_fraction']:.3f}")
-    return "\n".join(lines)
-
 
 def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
@@ -387,15 +203,16 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pkg = load_package(model_ref, storage)
     classes = pkg.classes
-    tta_mode, tta_package = resolve_tta(tta, pkg.card), package_tta(pkg.card)
+    policy, tta_package = ViewPolicy.from_card(pkg.card, tta), package_tta(pkg.card)
+    tta_mode = policy.mode
     data = load_eval_data(data_uri, classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     n = len(data.paths)
     log(f"evaluate: {pkg.name} {pkg.version} on {n} image(s) of {data_uri} ({data.split_source})")
 
     dev = select_device(device)
-    predict, backend_name = make_predictor(pkg, dev, batch_size, backend, storage)
-    predict = with_tta(predict, tta_mode)
-    if tta_mode != tta_package:
+    model, backend_name = package_backend(pkg, dev, batch_size, backend, storage)
+    predict = Predictor(model, policy, len(classes))
+    if not policy.calibrated:
         log(f"evaluate: tta={tta_mode}, but the package's temperature was fitted with tta={tta_package}: "
             f"confidences may be off (refit: leukray calibrate --tta {tta_mode})")
     outputs = predict(data.images)
@@ -403,7 +220,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     if guard is None:
         log("evaluate: this package has no out-of-distribution guard (add one: leukray calibrate); "
             "needs_review is low confidence alone")
-    elif outputs.shape[1] == len(classes):
+    elif outputs.values.shape[1] == len(classes):
         log("evaluate: this package's ONNX graph has no features output (re-export: leukray calibrate); "
             "needs_review is low confidence alone")
         guard = None
@@ -416,7 +233,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         threshold, threshold_source = DEFAULT_REVIEW_THRESHOLD, "default"
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"review threshold must be in [0, 1], got {threshold}")
-    flagger = Flagger(classes, pkg.temperature, threshold, guard)
+    flagger = Flagger(classes, threshold, guard)
     flags = flagger(outputs)
     probs, pred = flags["probs"], flags["pred"]
     metrics = classification_metrics(data.labels, probs, classes)
@@ -451,6 +268,10 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         "backend": backend_name,
         "tta": tta_mode,
         "tta_package": tta_package,
+        "views": {"mean": float(outputs.views.mean()) if n else 0.0,
+                  "rescored_fraction": float((outputs.views > 1).mean()) if n and tta_mode == "adaptive" else None,
+                  "temperature": policy.temperature, "temperature_one_view": policy.temperature_one_view,
+                  "threshold": policy.threshold if tta_mode == "adaptive" else None},
     }
 
     rob = None
@@ -473,9 +294,9 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     reasons = review_reason(flags["low_confidence"], flags["ood"])
     predictions = [{"path": p, "actual": classes[int(y)], "predicted": classes[int(q)], "confidence": float(c),
                     "needs_review": bool(r is not None), "review_reason": r or "",
-                    "ood_score": "" if np.isnan(o) else float(o), "correct": bool(y == q)}
-                   for p, y, q, c, r, o in zip(data.paths, data.labels, pred, flags["confidence"], reasons,
-                                               flags["ood_score"])]
+                    "ood_score": "" if np.isnan(o) else float(o), "views": int(v), "correct": bool(y == q)}
+                   for p, y, q, c, r, o, v in zip(data.paths, data.labels, pred, flags["confidence"], reasons,
+                                                  flags["ood_score"], outputs.views)]
     with tempfile.TemporaryDirectory() as tmp:
         if plots:
             plot_confusion_matrix(metrics["confusion_matrix"], classes, os.path.join(tmp, "confusion_matrix.png"),
@@ -493,14 +314,14 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
             del ood_report["scores"]
         with open(os.path.join(tmp, "predictions.csv"), "w") as fh:
             fh.write(_csv_text(predictions, ["path", "actual", "predicted", "confidence", "needs_review",
-                                             "review_reason", "ood_score", "correct"]))
+                                             "review_reason", "ood_score", "views", "correct"]))
         if rob is not None:
             with open(os.path.join(tmp, "robustness.csv"), "w") as fh:
                 fh.write(_csv_text(rob["results"], ROBUSTNESS_COLUMNS))
         st.write_json(os.path.join(tmp, EVALUATION_JSON), report)
         st.upload_dir(tmp, out_dir, storage)
     wg = report["review"]["with_guard"]
-    log(f"evaluate: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro']['f1']:.4f}  ECE {metrics['ece']:.4f}  "
+    log(f"evaluate: tta {tta_mode} ({report['views']['mean']:.2f} views per image)  accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro']['f1']:.4f}  ECE {metrics['ece']:.4f}  "
         f"review<{threshold:g}: {at['flagged_fraction']:.1%} flagged, "
         f"{'n/a' if at['errors_caught_fraction'] is None else format(at['errors_caught_fraction'], '.1%')} of errors "
         f"caught; with the guard {wg['flagged_fraction']:.1%} flagged ({wg['ood_fraction']:.1%} out of distribution), "
@@ -508,177 +329,3 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     return report
 
 
-ROBUSTNESS_COLUMNS = ["perturbation", "severity", "accuracy", "macro_f1", "flagged_fraction", "ood_fraction",
-                      "silent_error_rate", "silent_benign_malignant", "silent_error_rate_confidence_only",
-                      "accuracy_drop", "changed_fraction", "n"]
-OOD_COLUMNS = ["folder", "n", "unreadable", "knn_auroc", "knn_flagged_fraction", "msp_auroc", "msp_flagged_fraction",
-               "energy_auroc", "energy_flagged_fraction", "needs_review_fraction"]
-
-
-def ood_folders(predict: Callable[[np.ndarray], np.ndarray], flagger: Flagger, in_outputs: np.ndarray,
-                dirs: list[str], image_size: int, storage_options: StorageOptions | None = None) -> dict[str, Any]:
-    """Each folder of not-in-distribution images against the evaluated (in-distribution) split: AUROC and the
-    fraction flagged at the package's thresholds, per method, side by side."""
-    from .data import read_images_folder
-    from .ood import METHODS, auroc, split_outputs
-
-    guard = flagger.guard
-    k = len(flagger.classes)
-    in_logits, in_feats = split_outputs(in_outputs, k)
-    in_scores = {m: guard.scores(in_logits, in_feats, m) for m in METHODS}
-    scores = {"in-distribution": in_scores}
-    rows = []
-    for d in dirs:
-        images, unreadable = read_images_folder(d, image_size, storage_options)
-        if not len(images):
-            raise DataError(f"--ood {d}: no readable image ({len(unreadable)} unreadable)")
-        out = predict(images)
-        logits, feats = split_outputs(out, k)
-        row: dict[str, Any] = {"folder": d, "n": int(len(images)), "unreadable": len(unreadable)}
-        scores[d] = {}
-        for m in METHODS:
-            sc = guard.scores(logits, feats, m)
-            scores[d][m] = sc
-            row[f"{m}_auroc"] = auroc(in_scores[m], sc)
-            row[f"{m}_flagged_fraction"] = float((~guard.in_distribution(sc, m)).mean())
-        row["needs_review_fraction"] = float(flagger(out)["needs_review"].mean())
-        rows.append(row)
-    return {"method": guard.method, "thresholds": dict(guard.thresholds),
-            "in_distribution": {"n": int(len(in_logits)),
-                                **{f"{m}_flagged_fraction": float((~guard.in_distribution(in_scores[m], m)).mean())
-                                   for m in METHODS}},
-            "folders": rows, "scores": scores}
-
-
-def format_ood_table(rep: dict[str, Any]) -> str:
-    i = rep["in_distribution"]
-    lines = [f"out-of-distribution folders (in-distribution split: {i['n']} images, flagged knn {i['knn_flagged_fraction']:.1%}"
-             f" / msp {i['msp_flagged_fraction']:.1%} / energy {i['energy_flagged_fraction']:.1%})",
-             f"{'folder':<40} {'n':>5}  {'knn AUROC':>9} {'flagged':>7}  {'msp AUROC':>9} {'flagged':>7}  "
-             f"{'energy AUROC':>12} {'flagged':>7}"]
-    for r in rep["folders"]:
-        lines.append(f"{r['folder'][-40:]:<40} {r['n']:>5}  {r['knn_auroc']:>9.4f} {r['knn_flagged_fraction']:>7.1%}  "
-                     f"{r['msp_auroc']:>9.4f} {r['msp_flagged_fraction']:>7.1%}  {r['energy_auroc']:>12.4f} "
-                     f"{r['energy_flagged_fraction']:>7.1%}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ calibrate
-
-
-def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", storage: StorageOptions | None = None,
-              batch_size: int = 64, split_manifest: str | None = None, device: str = "auto",
-              backend: str = "auto", tta: str = "package", ood: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Refit a package's temperature and out-of-distribution guard on labelled images and write the package,
-    with the new card, to out_dir.
-
-    Why: a lab's own images (stain, camera) shift confidences; refitting T on a labelled sample of them makes
-    `confidence` and `needs_review` mean what they say there. Default split `val`: the training split's val rows
-    when the package's manifest covers the data, else every image. The weights are copied unchanged (the argmax,
-    so accuracy, cannot move); the card records the old temperature and where the new one was fitted. `tta`: fit
-    for another test-time augmentation mode (e.g. `none` for a package that scores 8× faster); the new card's
-    `tta` is that mode.
-
-    The guard (`leukray.ood`): its reference is the training split's features when the package's manifest covers
-    the data (so a package trained before the guard gets one without retraining), else the package's own
-    reference; its thresholds are fitted on the same images as T. A graph exported without the features output
-    is re-exported from the weights. `ood`: OODConfig keys (method, k, in_fraction) overriding the package's."""
-    import datetime as dt
-
-    from . import storage as st
-    from .calibration import FIT_DESCRIPTION, fit_temperature, nll_with_temperature
-    from .ood import OODConfig, fit_guard, load_guard, save_reference, split_outputs
-    from .registry import CARD, ONNX, export_onnx, load_package, read_onnx
-    from .train import select_device
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pkg = load_package(model_ref, storage)
-    if out_dir.rstrip("/") == pkg.uri.rstrip("/") or (not st.is_remote(out_dir) and not st.is_remote(pkg.uri)
-                                                      and os.path.abspath(out_dir) == os.path.abspath(pkg.uri)):
-        raise ValueError(f"--out {out_dir} is the package itself; write the recalibrated package to a new folder "
-                         "(a package, once written or published, is never changed in place)")
-    tta_before = package_tta(pkg.card)
-    tta_mode = resolve_tta(tta, pkg.card)
-    k = len(pkg.classes)
-    old_guard = load_guard(pkg.uri, pkg.card, storage)
-    ood_cfg = OODConfig.model_validate({**({kk: pkg.card["ood"][kk] for kk in ("method", "k", "in_fraction")}
-                                           if pkg.card.get("ood") else {}),
-                                        **({"augmented_copies": pkg.card["ood"]["reference_made"]["augmented_copies"]}
-                                           if (pkg.card.get("ood") or {}).get("reference_made") else {}),
-                                        **(ood or {})})
-    data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
-    with tempfile.TemporaryDirectory() as tmp:
-        import onnx
-
-        onnx_bytes = read_onnx(pkg, storage)
-        reexported = len(onnx.load_from_string(onnx_bytes).graph.output) < 3
-        if reexported:  # exported before the graph returned its features and colour signature
-            export_onnx(pkg.model, pkg.image_size, os.path.join(tmp, ONNX))
-            with open(os.path.join(tmp, ONNX), "rb") as fh:
-                onnx_bytes = fh.read()
-        predict, backend_name = make_predictor(pkg, select_device(device), batch_size, backend, storage, onnx_bytes)
-        predict = with_tta(predict, tta_mode)
-        logits, features = split_outputs(predict(data.images), k)
-        temperature = fit_temperature(logits, data.labels)
-        summary = {
-            "temperature_before": pkg.temperature, "temperature": temperature,
-            "tta_before": tta_before, "tta": tta_mode,
-            "nll_before": nll_with_temperature(logits, data.labels, pkg.temperature),
-            "nll": nll_with_temperature(logits, data.labels, temperature),
-            "n": len(data.paths), "errors": int((logits.argmax(1) != data.labels).sum()),
-            "data": data_uri, "split": data.split, "split_source": data.split_source, "backend": backend_name,
-            "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
-        }
-        colour_ref = colour_val = None
-        if data.manifest_uri is not None and data.split != "train":
-            from .train import colour_envelopes, guard_reference
-
-            train = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
-                                   data.manifest_uri, storage)
-            tc = pkg.card.get("config") or {}
-            reference, made = guard_reference(lambda images: split_outputs(predict(images), k)[1], train.images,
-                                              ood_cfg, tc.get("augment", "none"), float(tc.get("augment_strength", 1.0)),
-                                              float(tc.get("augment_zoom", 1.0)), int(tc.get("seed", 0)))
-            colour_ref, colour_val = colour_envelopes(train.images, data.images, ood_cfg, int(tc.get("seed", 0)))
-            ref_source = f"train rows of {data.manifest_uri}"
-        elif old_guard is not None:
-            reference, ref_source = old_guard.reference, f"the reference of {pkg.uri}"
-            made = old_guard.fitted.get("reference_made")
-            colour_ref = old_guard.colour_reference
-            if colour_ref is not None and ood_cfg.colour_check:
-                from .colour import signature_envelope
-
-                colour_val = signature_envelope(data.images, 3000, ood_cfg.colour_copies)
-        else:
-            reference, ref_source, made = None, None, None
-            log(f"calibrate: warning: {data_uri} is not covered by the package's split manifest and the package has "
-                "no guard yet: no out-of-distribution guard (calibrate on the training data to add one)")
-        card = dict(pkg.card, temperature=temperature, tta=tta_mode, calibration=summary)
-        card.pop("ood", None)
-        guard = None
-        if reference is not None:
-            guard = fit_guard(reference, logits, features, temperature, ood_cfg,
-                              fitted={"split": data.split, "n_val": len(data.paths), "data": data_uri,
-                                      "reference_split": ref_source, "reference_made": made, "tta": tta_mode},
-                              colour_reference=colour_ref, colour_val=colour_val)
-            card["ood"] = guard.card()
-            summary["ood"] = {"method": guard.method, "threshold": guard.threshold,
-                              "threshold_before": old_guard.threshold if old_guard is not None else None}
-        fs, path = st.filesystem(pkg.uri, storage)
-        copied = ({CARD} | ({ONNX} if reexported else set())
-                  | ({REFERENCE_FILE, COLOUR_REFERENCE_FILE} if guard is not None else set()))
-        for entry in fs.ls(path, detail=True):
-            name = os.path.basename(entry["name"].rstrip("/"))
-            if entry["type"] == "file" and name not in copied:
-                fs.get_file(entry["name"], os.path.join(tmp, name))
-        if guard is not None:
-            save_reference(guard, tmp)
-        st.write_json(os.path.join(tmp, CARD), card)
-        st.upload_dir(tmp, out_dir, storage)
-    log(f"calibrate: T {pkg.temperature:.4g} → {temperature:.4g} (tta {tta_before} → {tta_mode}) on {summary['n']} image(s) of {data_uri} "
-        f"({data.split}, {summary['errors']} error(s)); NLL {summary['nll_before']:.4f} → {summary['nll']:.4f}"
-        + (f"; guard {guard.method} threshold {guard.threshold:.4g} (reference: {ref_source})" if guard else "")
-        + f"  → {out_dir}")
-    return {"out": out_dir, **summary}

@@ -33,7 +33,8 @@ from .model import LeukNet, ModelConfig, build_model, check_colour_norm
 from .ood import OODConfig, fit_guard, save_reference, split_outputs
 from .registry import library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
-from .tta import check_tta, tta_logits
+from .inference import Predictor, TorchModel, ViewPolicy, predict_outputs, softmax
+from .tta import check_tta, view_ids
 
 
 class DataConfig(StrictModel):
@@ -176,31 +177,10 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def to_input(batch_nhwc: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC → float [0,255] NCHW on `device` (the model rescales/normalises itself)."""
-    x = torch.as_tensor(np.asarray(batch_nhwc)) if not isinstance(batch_nhwc, torch.Tensor) else batch_nhwc
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
 def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, batch_size: int = 128,
                    channels_last: bool = True, amp: bool = True) -> np.ndarray:
-    """(N, K) float32 logits: the first columns of `predict_outputs`."""
+    """(N, K) float32 logits of one view (`leukray.inference.predict_outputs`): the epochs' validation metrics."""
     return predict_outputs(model, images, device, batch_size, channels_last, amp)[:, :len(CLASSES)]
-
-
-@torch.no_grad()
-def predict_outputs(model: LeukNet, images: np.ndarray, device: torch.device, batch_size: int = 128,
-                    channels_last: bool = True, amp: bool = True) -> np.ndarray:
-    """(N, K + D) float32: logits, then the pooled features (`leukray.ood.split_outputs`), one pass per batch."""
-    model.eval()
-    out = []
-    use_amp = amp and device.type == "cuda"
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size], device, channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(torch.cat(model.forward_with_features(x), 1).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
 
 
 def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ood: OODConfig,
@@ -335,7 +315,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
                 log(f"epoch {epoch}: batch {b + 1}/{n_batches}  loss {total_loss / seen:.4f}  "
                     f"{seen / (time.time() - t0):.1f} img/s")
         val_logits = predict_logits(shipped, val_images, device, cfg.eval_batch_size, cfg.channels_last, cfg.amp)
-        val_prob = torch.softmax(torch.from_numpy(val_logits).double(), 1).numpy()
+        val_prob = softmax(val_logits, 1.0)
         vm = classification_metrics(val_labels, val_prob, CLASSES)
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         row = {
@@ -384,24 +364,22 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
                          name: str = "leukray-mobilenetv2", extra_card: dict[str, Any] | None = None) -> dict[str, Any]:
     """Calibrate on val, fit the out-of-distribution guard (reference: train; threshold: val), measure on the
     untouched test split, write plots, metrics and a model package."""
-    from .calibration import FIT_DESCRIPTION, fit_temperature, softmax_with_temperature
+    from .calibration import FIT_DESCRIPTION, fit_mode
     from .metrics import classification_metrics
     from .plots import plot_confusion_matrix, plot_curves
 
     device = next(result.model.parameters()).device
     val_idx, test_idx = data.indices("val"), data.indices("test")
+    model = TorchModel(result.model, device, cfg.eval_batch_size, channels_last=cfg.channels_last)
+    k = len(CLASSES)
 
-    def outputs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = tta_logits(lambda x: predict_outputs(result.model, x, device, cfg.eval_batch_size),
-                         np.asarray(data.images[idx]), cfg.tta)
-        return split_outputs(out, len(CLASSES))
-
-    val_logits, val_features = outputs(val_idx)
-    temperature = float(fit_temperature(val_logits, data.labels[val_idx]))
-    val_metrics = classification_metrics(data.labels[val_idx], softmax_with_temperature(val_logits, temperature), CLASSES)
+    val, fitted = fit_mode(model, np.asarray(data.images[val_idx]), data.labels[val_idx], cfg.tta, k)
+    temperature = float(fitted["temperature"])
+    val_logits, val_features = split_outputs(val.values, k)
+    val_metrics = classification_metrics(data.labels[val_idx], val.probs(k), CLASSES)
+    ids = view_ids(cfg.tta)
     reference, made = guard_reference(
-        lambda images: split_outputs(tta_logits(lambda x: predict_outputs(result.model, x, device, cfg.eval_batch_size),
-                                                images, cfg.tta), len(CLASSES))[1],
+        lambda images: split_outputs(model.mean_views(images, ids), k)[1],
         np.asarray(data.images[data.indices("train")]), cfg.ood, cfg.augment, cfg.augment_strength, cfg.augment_zoom,
         cfg.seed)
     colour_ref, colour_val = colour_envelopes(np.asarray(data.images[data.indices("train")]),
@@ -412,9 +390,12 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
                       colour_reference=colour_ref, colour_val=colour_val)
     test_metrics = None
     if len(test_idx):
-        test_logits, test_features = outputs(test_idx)
-        test_metrics = classification_metrics(data.labels[test_idx], softmax_with_temperature(test_logits, temperature), CLASSES)
+        card_views = {"tta": cfg.tta, "temperature": temperature, **fitted}
+        test = Predictor(model, ViewPolicy.from_card(card_views), k)(np.asarray(data.images[test_idx]))
+        test_logits, test_features = split_outputs(test.values, k)
+        test_metrics = classification_metrics(data.labels[test_idx], test.probs(k), CLASSES)
         test_metrics["ood_flagged_fraction"] = float((~guard.in_distribution(guard.scores(test_logits, test_features))).mean())
+        test_metrics["mean_views"] = float(test.views.mean())
     card = {
         "name": name, "version": "unversioned", "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "classes": list(CLASSES),
@@ -425,6 +406,7 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
                           "decoder": "leukray.images.decode_image"},
         "temperature": temperature,
         "tta": cfg.tta,
+        **({"adaptive": dict(fitted["adaptive"], split="val")} if "adaptive" in fitted else {}),
         "calibration": {"split": "val", "tta": cfg.tta, "n": int(len(val_idx)),
                         "errors": int((val_logits.argmax(1) != data.labels[val_idx]).sum()),
                         "fit": FIT_DESCRIPTION},

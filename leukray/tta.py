@@ -8,24 +8,33 @@ default recipe and removed its validation errors; it is no free lunch for every 
 gained an error: README "Results"). The cost is one forward pass per view.
 
 Modes: `none` (1 view), `flips4` (identity, horizontal, vertical, both = 180° rotation), `dihedral8` (those and
-the four transposed views: ±90° rotations and the two diagonal mirrors). A package records the mode its
-temperature was fitted with (card `tta`; packages from before test-time augmentation: `none`); evaluate, scoring
-and calibrate use it unless told otherwise (`package`).
+the four transposed views: ±90° rotations and the two diagonal mirrors), and `adaptive`: every image is scored
+in the identity view; only images whose calibrated one-view confidence is below the package's cascade threshold
+are scored in the seven other dihedral views and averaged (`leukray.calibration.fit_adaptive`; the views can
+only change the answer near a decision boundary, so they are spent where the model hesitates). A package
+records the mode its temperature was fitted with (card `tta`; packages from before test-time augmentation:
+`none`); evaluate, scoring and calibrate use it unless told otherwise (`package`).
+
+This module defines the views; `leukray.inference` runs them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 TTA_VIEWS = {"none": 1, "flips4": 4, "dihedral8": 8}
-TTA_CHOICES = ("package", *TTA_VIEWS)
+"""Fixed modes and their number of views."""
+ADAPTIVE, ADAPTIVE_FULL = "adaptive", "dihedral8"
+"""The cascade mode, and the fixed mode its uncertain images are scored in."""
+TTA_MODES = (*TTA_VIEWS, ADAPTIVE)
+TTA_CHOICES = ("package", *TTA_MODES)
 
 
 def check_tta(mode: str) -> str:
-    if mode not in TTA_VIEWS:
-        raise ValueError(f"tta={mode!r} is not a test-time augmentation mode; allowed: {', '.join(TTA_VIEWS)}")
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta={mode!r} is not a test-time augmentation mode; allowed: {', '.join(TTA_MODES)}")
     return mode
 
 
@@ -38,48 +47,45 @@ def resolve_tta(requested: str, card: dict[str, Any]) -> str:
     """`package` → the card's mode; anything else must be a mode."""
     if requested == "package":
         return package_tta(card)
-    if requested not in TTA_VIEWS:
+    if requested not in TTA_MODES:
         raise ValueError(f"tta={requested!r}; allowed: {', '.join(TTA_CHOICES)}")
     return requested
 
 
-def views(images_nhwc: np.ndarray, mode: str) -> Iterator[np.ndarray]:
-    """The views of a (N, H, W, C) batch, identity first (square images for the transposed ones)."""
-    n = TTA_VIEWS[check_tta(mode)]
+def view_ids(mode: str) -> list[int]:
+    """The views a fixed mode averages (indices for `view`); adaptive: those of its full mode."""
+    mode = ADAPTIVE_FULL if check_tta(mode) == ADAPTIVE else mode
+    return list(range(TTA_VIEWS[mode]))
+
+
+def view(images_nhwc: np.ndarray, i: int) -> np.ndarray:
+    """View i (0..7) of a (N, H, W, C) batch: 0 identity, 1 horizontal mirror, 2 vertical mirror, 3 half turn,
+    4-7 the same of the transposed batch (square images only)."""
     x = images_nhwc
-    if n > 4 and x.shape[1] != x.shape[2]:
-        raise ValueError(f"tta={mode} needs square images, got {x.shape[1]}x{x.shape[2]}")
-    flips = (x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1])
-    yield from flips[:n]
-    if n > 4:
-        t = x.transpose(0, 2, 1, 3)
-        yield from (t, t[:, :, ::-1], t[:, ::-1], t[:, ::-1, ::-1])
+    if i >= 4:
+        if x.shape[1] != x.shape[2]:
+            raise ValueError(f"the transposed views need square images, got {x.shape[1]}x{x.shape[2]}")
+        x = x.transpose(0, 2, 1, 3)
+    return (x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1])[i % 4]
+
+
+def torch_view(x_nchw: Any, i: int) -> Any:
+    """`view` for a torch NCHW batch already on its device (the GPU scorer uploads each batch once)."""
+    x = x_nchw.transpose(-1, -2) if i >= 4 else x_nchw
+    return (x, x.flip(-1), x.flip(-2), x.flip((-2, -1)))[i % 4]
+
+
+def views(images_nhwc: np.ndarray, mode: str) -> Iterator[np.ndarray]:
+    """The views of a (N, H, W, C) batch in a fixed mode, identity first."""
+    if mode not in TTA_VIEWS:
+        raise ValueError(f"tta={mode!r} has no fixed views; allowed: {', '.join(TTA_VIEWS)}")
+    if TTA_VIEWS[mode] > 4 and images_nhwc.shape[1] != images_nhwc.shape[2]:
+        raise ValueError(f"tta={mode} needs square images, got {images_nhwc.shape[1]}x{images_nhwc.shape[2]}")
+    return (view(images_nhwc, i) for i in view_ids(mode))
 
 
 def torch_views(x_nchw: Any, mode: str) -> Iterator[Any]:
-    """`views` for a torch NCHW batch already on its device (the GPU scorer uploads each batch once), same order."""
-    n = TTA_VIEWS[check_tta(mode)]
-    flips = (x_nchw, x_nchw.flip(-1), x_nchw.flip(-2), x_nchw.flip((-2, -1)))
-    yield from flips[:n]
-    if n > 4:
-        t = x_nchw.transpose(-1, -2)
-        yield from (t, t.flip(-1), t.flip(-2), t.flip((-2, -1)))
-
-
-def tta_logits(predict: Callable[[np.ndarray], np.ndarray], images_nhwc: np.ndarray, mode: str) -> np.ndarray:
-    """Mean outputs over the views; `predict` maps a uint8 NHWC batch to (N, K) float logits, or to logits and
-    features side by side (`leukray.ood.split_outputs`): both are averaged."""
-    if TTA_VIEWS[check_tta(mode)] == 1:
-        return predict(images_nhwc)
-    total = None
-    for v in views(images_nhwc, mode):
-        out = np.asarray(predict(np.ascontiguousarray(v)), dtype=np.float64)
-        total = out if total is None else total + out
-    return (total / TTA_VIEWS[mode]).astype(np.float32)
-
-
-def with_tta(predict: Callable[[np.ndarray], np.ndarray], mode: str) -> Callable[[np.ndarray], np.ndarray]:
-    check_tta(mode)
-    if mode == "none":
-        return predict
-    return lambda images: tta_logits(predict, images, mode)
+    """`views` for a torch NCHW batch, same order."""
+    if mode not in TTA_VIEWS:
+        raise ValueError(f"tta={mode!r} has no fixed views; allowed: {', '.join(TTA_VIEWS)}")
+    return (torch_view(x_nchw, i) for i in view_ids(mode))

@@ -30,10 +30,17 @@ def _bench(*args: str) -> dict:
 def test_score_benchmark_smoke(package, tmp_path):
     work = tmp_path / "work"
     out = _bench("--n", "24", "--factor", "2", "--plain-n", "16", "--batch-size", "8", "--model",
-                 str(package / "pkg"), "--workdir", str(work))
+                 str(package / "pkg"), "--workdir", str(work), "--calibrate-data", str(package / "data"))
     assert KEYS <= set(out), KEYS - set(out)
     assert out["images"] == 24 and out["images_10x"] == 48
-    assert out["tta"] == "dihedral8"  # the package's, in all three measurements
+    assert out["tta"] == "adaptive"  # the first mode, in all three measurements
+    modes = out["modes"]
+    assert list(modes) == ["adaptive", "none", "dihedral8"]
+    assert modes["none"]["rescored_fraction"] == 0 and modes["none"]["mean_views"] == 1
+    assert modes["dihedral8"]["rescored_fraction"] == 1 and modes["dihedral8"]["mean_views"] == 8
+    r = modes["adaptive"]["rescored_fraction"]
+    assert 0 <= r <= 1 and modes["adaptive"]["mean_views"] == pytest.approx(1 + 7 * r, abs=1e-3)
+    assert modes["none"]["ratio_vs_one_view"] == 1.0
     assert out["class_agreement_vs_torch"] == 1.0 and out["prob_max_abs_diff_vs_torch"] < 1e-4
     assert min(out["score_ips"], out["plain_torch_ips"], out["model_only_ips"]) > 0
     # a second run with a smaller N on the same work dir scores exactly N (nothing left over from the first)
@@ -42,3 +49,14 @@ def test_score_benchmark_smoke(package, tmp_path):
     assert out["images"] == 12 and "images_10x" not in out and out["tta"] == "none"
     assert out["class_agreement_vs_torch"] == 1.0 and out["prob_max_abs_diff_vs_torch"] < 1e-4
 
+
+def test_gpu_score_benchmark_runs_on_the_cpu(tmp_path):
+    """bench/gpu_score.py with a small N on this CPU: both decode layouts end to end, the model alone."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_score.py"), "--n", "12", "--batch-size", "8",
+                        "--seconds", "0.5", "--layouts", "actor,tasks", "--workdir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["images"] == 12 and out["device"] in ("cpu", "cuda")
+    assert out["execution_actor"]["decode"] == "actor" and out["execution_tasks"]["decode"] == "tasks"
+    assert min(out["model_only_ips"], out["score_ips_actor"], out["score_ips_tasks"], out["decode_ips_per_core"]) > 0

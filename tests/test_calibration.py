@@ -95,3 +95,29 @@ def test_invalid_inputs() -> None:
         fit_temperature(np.zeros((3, 2)), [0, 1])
     with pytest.raises(ValueError, match="zero samples"):
         fit_temperature(np.zeros((0, 2)), [])
+
+
+def test_adaptive_threshold_is_the_loosest_that_keeps_the_full_view_answers():
+    """The cascade threshold re-scores every validation image whose one-view class differs from its eight-view
+    class, with the doubt of the most confident one halved; images above it keep their one-view answer."""
+    from leukray.calibration import fit_adaptive
+    from leukray.inference import softmax
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    full = rng.normal(0, 1, (400, 4))
+    full[np.arange(400), labels] += 6.0
+    one = full + rng.normal(0, 1.5, full.shape)  # one view: noisier, some classes differ
+    ad = fit_adaptive(one, full, labels, safety=2.0, min_threshold=0.0)
+    conf = softmax(one, ad["temperature_one_view"]).max(1)
+    differ = one.argmax(1) != full.argmax(1)
+    assert differ.sum() == ad["one_view_full_disagreements"] > 0
+    assert ad["threshold_exact"] == pytest.approx(conf[differ].max())
+    assert ad["threshold"] == pytest.approx(1 - (1 - conf[differ].max()) / 2)
+    rescored = conf < ad["threshold"]
+    assert (rescored | ~differ).all() and ad["agreement_with_full"] == 1.0
+    assert ad["rescored_fraction"] == pytest.approx(rescored.mean()) and 0 < rescored.mean() < 1
+    assert ad["temperature_one_view"] == fit_temperature(one, labels)  # each path its own temperature
+    assert ad["temperature_full"] == fit_temperature(full, labels)
+    # the floor: never fewer re-scored images than those below min_threshold
+    assert fit_adaptive(one, one, labels, min_threshold=0.9)["threshold"] == 0.9

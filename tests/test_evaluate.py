@@ -13,7 +13,8 @@ import torch
 
 from leukray import CLASSES
 from leukray.data import DataError, canonical_class
-from leukray.evaluate import calibrate, evaluate
+from leukray.evaluate import evaluate
+from leukray.recalibrate import calibrate
 from leukray.images import decode_image
 from leukray.perturb import PERTURBATIONS
 from leukray.registry import RegistryError, load_package

@@ -135,7 +135,8 @@ def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, 
     import onnx
     import torch
 
-    from leukray.evaluate import calibrate, evaluate
+    from leukray.evaluate import evaluate
+    from leukray.recalibrate import calibrate
     from leukray.registry import load_package
 
     old = tmp_path / "old"

@@ -28,7 +28,8 @@ from leukray.colour import SIGNATURE_DIM  # noqa: E402
 from leukray.config import ConfigError, StorageOptions, load_config  # noqa: E402
 from leukray.images import decode_image, is_image_name  # noqa: E402
 from leukray.query import RESULTS_SCHEMA, Results  # noqa: E402
-from leukray.score import FILE_SCHEMA, ScoreConfig, softmax_t  # noqa: E402
+from leukray.inference import softmax as softmax_t  # noqa: E402
+from leukray.score import FILE_SCHEMA, ScoreConfig  # noqa: E402
 from leukray.synth import make_dataset  # noqa: E402
 
 KEY = "AKIALEUKRAYLEAKTEST7"
@@ -364,7 +365,8 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
 
     import torch
 
-    from leukray.score import BF16_PROB_TOL, _Scorer, resolve_cpu_precision
+    from leukray.inference import BF16_PROB_TOL, resolve_cpu_precision
+    from leukray.score import _Scorer
 
     bf16 = resolve_cpu_precision(precision) == "bf16"
     from leukray.model import ModelConfig, build_model
@@ -397,14 +399,14 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
     registry.write_package(str(confident), model, card)
     scorer = _Scorer(str(confident), None, "cpu", backend, 2, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc),
                      precision, tta=tta)
-    out = scorer.outputs(x)  # with bf16 the first batch also measures bf16's error: all f32
+    out = scorer.outputs(x).values  # with bf16 the first batch also measures bf16's error: all f32
     assert out.shape == (len(x), 4 + 1280 + SIGNATURE_DIM)
     np.testing.assert_allclose(softmax_t(out[:, :4], 1.0), expected, atol=PROB_TOL, rtol=0)
     # the guard's input: the pooled features of the same pass, averaged over the same views
     np.testing.assert_allclose(out[:, 4:], reference[:, 4:], atol=2e-4 * np.abs(reference[:, 4:]).max(), rtol=0)
     if bf16:
-        assert scorer.bf16_error > 0.01, scorer.bf16_error  # measured on the first batch
-    got = softmax_t(scorer.outputs(x)[:, :4], 1.0)
+        assert scorer.bf16.error > 0.01, scorer.bf16.error  # measured on the first batch
+    got = softmax_t(scorer.outputs(x).values[:, :4], 1.0)
     np.testing.assert_allclose(got, expected, atol=BF16_PROB_TOL if bf16 else PROB_TOL, rtol=0)
     assert (got.argmax(1) == expected.argmax(1)).all()
 
@@ -421,7 +423,7 @@ def test_torch_backend_matches_the_reference(package, tmp_path, tta):
     make_dataset(tmp_path / "d", per_class=2, size=48, seed=8)
     x = np.stack([decode_image(p.read_bytes(), pkg.image_size) for p in sorted((tmp_path / "d").rglob("*.jpg"))])
     scorer = _Scorer(package, None, "cpu", "torch", 1, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc), tta=tta)
-    got, expected = scorer.outputs(x), package_outputs(pkg, x, tta)
+    got, expected = scorer.outputs(x).values, package_outputs(pkg, x, tta)
     np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got[:, 4:], expected[:, 4:], atol=2e-4 * np.abs(expected[:, 4:]).max(), rtol=0)
 
@@ -431,7 +433,7 @@ def test_openvino_requests_put_every_image_back_in_place(package, tmp_path, requ
     """A batch cut into requests that run on parallel streams comes back in input order (odd sizes included)."""
     import torch
 
-    from leukray.score import OpenVINOModel
+    from leukray.inference import OpenVINOModel
 
     pkg = registry.load_package(package)
     make_dataset(tmp_path / "d", per_class=2, size=48, seed=7)
@@ -448,24 +450,29 @@ def test_openvino_requests_put_every_image_back_in_place(package, tmp_path, requ
 
 
 def test_bf16_guard_rescores_exactly_the_images_bf16_could_get_wrong():
-    """The guard's rule on known logits (stand-in bf16/f32 graphs: the rule, not OpenVINO, is under test)."""
+    """The guard's rule on known logits (stand-in bf16/f32 predictors: the rule, not OpenVINO, is under test)."""
     import math
 
-    from leukray.score import BF16_ERROR_SAFETY, BF16_PROB_TOL, _Scorer
+    from leukray.inference import BF16_ERROR_SAFETY, BF16_PROB_TOL, BF16Guard, Outputs
 
     f32 = np.array([[9.0, 0, 0, 0], [0, 9.0, 0, 0], [1.0, 0.9, 0, 0], [0, 0, 30.0, 0]] * 4, np.float32)
     bf16 = f32 + np.float32(0.1) * np.sign(np.arange(f32.size).reshape(f32.shape) % 2 - 0.5).astype(np.float32)
-    scorer = _Scorer.__new__(_Scorer)
-    scorer.temperature, scorer.bf16_error, scorer.images, scorer.rechecked, scorer.tta = 1.0, None, 0, 0, "none"
-    scorer.classes = ["a", "b", "c", "d"]
     calls = []
-    scorer.compiled_f32 = lambda x: calls.append(len(x)) or f32[x[:, 0, 0, 0]]
-    scorer.compiled = None
+
+    def stand_in(table):
+        def predict(x):
+            rows = x[:, 0, 0, 0]
+            if table is f32:
+                calls.append(len(x))
+            return Outputs(table[rows].copy(), np.ones(len(x), np.int64), np.ones(len(x)))
+        return predict
+
+    guard = BF16Guard(stand_in(bf16), stand_in(f32), 4)
     idx = np.arange(len(f32)).reshape(-1, 1, 1, 1).repeat(1, axis=3)
-    first = scorer._guard_bf16(idx, bf16.copy())  # first batch: f32 for all, error measured
-    np.testing.assert_array_equal(first, f32)
-    assert scorer.bf16_error == pytest.approx(0.1, abs=1e-5) and scorer.compiled_f32 is not None  # 3 of 4 sure: bf16 kept
-    got = scorer._guard_bf16(idx, bf16.copy())
+    first = guard(idx)  # first batch: f32 for all, error measured
+    np.testing.assert_array_equal(first.values, f32)
+    assert guard.error == pytest.approx(0.1, abs=1e-5) and guard.kept  # 3 of 4 sure: bf16 kept
+    got = guard(idx).values
     need = 2 * BF16_ERROR_SAFETY * 0.1 + math.log(3 / BF16_PROB_TOL)  # 6.1: margins 9 and 30 are sure, 0.1 is not
     unsure = np.array([False, False, True, False] * 4)
     assert calls == [16, int(unsure.sum())] and need < 9
@@ -481,7 +488,8 @@ def test_bf16_falls_back_to_f32_when_too_coarse_for_the_model(package, tmp_path)
 
     import torch
 
-    from leukray.score import _Scorer, resolve_cpu_precision
+    from leukray.inference import resolve_cpu_precision
+    from leukray.score import _Scorer
 
     if resolve_cpu_precision("auto") != "bf16":
         pytest.skip("this CPU has no native bf16: OpenVINO runs f32 anyway")
@@ -496,8 +504,8 @@ def test_bf16_falls_back_to_f32_when_too_coarse_for_the_model(package, tmp_path)
     scorer = _Scorer(str(tmp_path / "flat"), None, "cpu", "openvino", 2, THRESHOLD, "r",
                      dt.datetime.now(dt.timezone.utc), "bf16")
     for _ in range(2):
-        np.testing.assert_allclose(scorer.outputs(x)[:, :4], expected, atol=1e-4, rtol=0)
-    assert scorer.bf16_error > 0 and scorer.compiled_f32 is None  # now f32 only
+        np.testing.assert_allclose(scorer.outputs(x).values[:, :4], expected, atol=1e-4, rtol=0)
+    assert scorer.bf16.error > 0 and not scorer.bf16.kept  # now f32 only
 
 
 def test_bf16_needs_openvino():
@@ -509,7 +517,8 @@ def test_package_without_guard_scores_as_before(package, tmp_path):
     """A package fitted before the guard existed: rows get confidence-only review, the guard's columns stay null."""
     import datetime as dt
 
-    from leukray.score import _Scorer, untrained_package
+    from leukray.score import _Scorer
+    from leukray.smoke import untrained_package
 
     old = untrained_package(str(tmp_path / "old"), 32)
     assert "ood" not in json.loads((Path(old) / registry.CARD).read_text())
@@ -524,3 +533,79 @@ def test_package_without_guard_scores_as_before(package, tmp_path):
     low = rows["confidence"].to_numpy() < THRESHOLD
     assert rows["needs_review"].to_pylist() == low.tolist()
     assert rows["review_reason"].to_pylist() == ["low_confidence" if x else None for x in low]
+
+
+def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(cluster, package, tiny_package, tmp_path):
+    """decode=actor (each model actor decodes) and decode=tasks (CPU decode tasks, the actors only run the model)
+    forced on this CPU cluster: the same rows, bad files as error rows in both. With tta adaptive each ok row
+    records its views: 1 above the cascade threshold, 8 below, each with its path's calibrated probabilities."""
+    from deltalake import DeltaTable
+
+    from leukray.inference import TorchModel, ViewPolicy
+    from leukray.recalibrate import calibrate
+
+    import torch
+
+    from leukray.model import ModelConfig, build_model
+
+    calibrated = tmp_path / "calibrated"
+    calibrate(package, str(tiny_package / "data"), str(calibrated), tta="adaptive")
+    card = json.loads((calibrated / registry.CARD).read_text())
+    card.pop("ood")  # another network below: the tiny package's guard does not belong to it
+    archive = tmp_path / "archive"
+    build_archive(archive)
+    files = [p for p in _image_files(archive) if "bad" not in p.parts]
+    x = np.stack([decode_image(p.read_bytes(), card["preprocessing"]["image_size"]) for p in files])
+    # The ImageNet backbone with its head fitted to these images (a linear probe): confidences that differ from
+    # image to image, as a trained model's do (the 1-epoch package's barely do).
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="imagenet"), 4, None, verbose=False).eval()
+    names = sorted({p.parent.name for p in files})
+    labels = torch.tensor([names.index(p.parent.name) for p in files])
+    with torch.no_grad():
+        feats = torch.flatten(model.pool(model.features(model.preprocess(torch.from_numpy(x).permute(0, 3, 1, 2).float()))), 1)
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    model.head.train()
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
+        opt.step()
+    model.eval()
+    card["adaptive"]["temperature_one_view"] = card["adaptive"]["temperature_full"] = 1.0
+    one = softmax_t(TorchModel(model, "cpu").mean_views(x, [0])[:, :4], 1.0)
+    # a cascade threshold in the widest gap between the middle half of these images' one-view confidences: both
+    # paths occur, and no backend's rounding moves an image across it
+    c = np.sort(one.max(1))[len(x) // 4: 3 * len(x) // 4 + 1]
+    gap = int(np.argmax(np.diff(c)))
+    card["adaptive"]["threshold"] = float((c[gap] + c[gap + 1]) / 2)
+    adaptive = tmp_path / "adaptive"
+    registry.write_package(str(adaptive), model, card)
+    pkg = registry.load_package(str(adaptive))
+    rows = {}
+    for layout in ("actor", "tasks"):
+        cfg = {"input": str(archive), "output": str(tmp_path / f"out-{layout}"), "model": str(adaptive),
+               "batch_size": 8, "decode_batch_size": 4, "files_per_block": 6, "review_threshold": THRESHOLD,
+               "decode": layout, "tta": "adaptive"}
+        (tmp_path / f"{layout}.yaml").write_text(yaml.safe_dump(cfg))
+        res = submit_job(cluster, [sys.executable, "jobs/score.py", "--config", str(tmp_path / f"{layout}.yaml")],
+                         working_dir=REPO, timeout=600)
+        assert res.returncode == 0, res.stdout[-6000:]
+        assert f"decode in {layout}" in res.stdout
+        t = DeltaTable(cfg["output"]).to_pyarrow_table().sort_by("path")
+        rows[layout] = t.drop_columns(["run_id", "scored_at"])
+    assert rows["actor"].num_rows == len(_image_files(archive))
+    assert rows["actor"].equals(rows["tasks"])
+    t = rows["actor"]
+    errors = t.filter(pc.equal(t["status"], "error"))
+    assert errors.num_rows == len(BAD) and errors["views"].null_count == len(BAD)
+    ok = t.filter(pc.equal(t["status"], "ok"))
+    assert ok["path"].to_pylist() == [str(p) for p in files]
+    unsure = one.max(1) < card["adaptive"]["threshold"]
+    assert 0 < unsure.sum() < len(files)
+    assert ok["views"].to_pylist() == [8 if u else 1 for u in unsure]
+    policy = ViewPolicy.from_card(card)
+    want = np.where(unsure[:, None],
+                    softmax_t(package_outputs(pkg, x, "dihedral8")[:, :4], policy.temperature),
+                    softmax_t(package_outputs(pkg, x, "none")[:, :4], policy.temperature_one_view))
+    got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
+    np.testing.assert_allclose(got, want, atol=PROB_TOL, rtol=0)

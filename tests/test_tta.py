@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from leukray.tta import TTA_VIEWS, package_tta, resolve_tta, torch_views, tta_logits, views, with_tta
+from leukray.inference import tta_logits, with_tta
+from leukray.tta import TTA_VIEWS, package_tta, resolve_tta, torch_views, views
 
 
 def _image(h: int = 3, w: int = 3) -> np.ndarray:
@@ -62,7 +63,11 @@ def test_invariant_model_is_unchanged_and_calls_are_counted():
     for mode, n in TTA_VIEWS.items():
         calls.clear()
         np.testing.assert_allclose(tta_logits(mean_colour, x, mode), x.mean(axis=(1, 2)), rtol=1e-6)
-        assert calls == [5] * n
+        assert calls == [5 * n]  # a small batch: every view in one call
+    big = np.concatenate([x] * 40)  # 200 images x 4 views > 512: one call per view
+    calls.clear()
+    np.testing.assert_allclose(tta_logits(mean_colour, big, "flips4"), big.mean(axis=(1, 2)), rtol=1e-6)
+    assert calls == [200] * 4
 
 
 def test_modes_are_checked_and_packages_without_one_are_single_view():
@@ -87,3 +92,49 @@ def test_configs_reject_unknown_modes():
     with pytest.raises((ConfigError, ValueError), match="tta"):
         load_config(ScoreConfig, None, {"tta": "dihedral"})
     assert load_config(TrainConfig, None, {"tta": "flips4"}).tta == "flips4"
+
+
+class _RecordingBackend:
+    """A stand-in network: logits = the image's mean colour per channel (2 channels → 2 'classes'), features none;
+    records which views each call asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mean_views(self, images, ids):
+        from leukray.tta import view
+
+        self.calls.append((len(images), list(ids)))
+        return np.mean([view(images, i).astype(np.float64)[:, 0, 0, :] for i in ids], axis=0).astype(np.float32)
+
+
+def test_adaptive_scores_every_image_once_and_only_the_unsure_in_all_eight_views():
+    from leukray.inference import Predictor, ViewPolicy, softmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, (6, 3, 3, 2)).astype(np.uint8)
+    x[:3, 0, 0, 0] = 200  # images 0-2: the identity view's corner makes class 0 certain
+    backend = _RecordingBackend()
+    policy = ViewPolicy("adaptive", temperature=2.0, temperature_one_view=3.0, threshold=0.99)
+    out = Predictor(backend, policy, 2)(x)
+    one = x[:, 0, 0, :].astype(np.float64)
+    unsure = softmax(one, 3.0).max(1) < 0.99
+    assert unsure.tolist() == [False] * 3 + [True] * 3
+    assert backend.calls == [(6, [0]), (3, [1, 2, 3, 4, 5, 6, 7])]
+    assert out.views.tolist() == [1, 1, 1, 8, 8, 8] and out.temperature.tolist() == [3.0] * 3 + [2.0] * 3
+    full = np.mean([backend.mean_views(x, [i]) for i in range(8)], axis=0)
+    np.testing.assert_allclose(out.values[unsure], full[unsure], rtol=1e-6)
+    np.testing.assert_allclose(out.values[~unsure], one[~unsure], rtol=1e-6)
+
+
+def test_view_policy_takes_each_mode_s_temperature_from_the_card():
+    from leukray.inference import ViewPolicy
+
+    card = {"name": "m", "version": "v1", "tta": "adaptive", "temperature": 1.2,
+            "adaptive": {"full": "dihedral8", "threshold": 0.97, "temperature_one_view": 1.5, "temperature_full": 1.2}}
+    assert ViewPolicy.from_card(card) == ViewPolicy("adaptive", 1.2, 1.5, 0.97)
+    assert ViewPolicy.from_card(card, "none") == ViewPolicy("none", 1.5)
+    assert ViewPolicy.from_card(card, "dihedral8") == ViewPolicy("dihedral8", 1.2)
+    assert not ViewPolicy.from_card(card, "flips4").calibrated
+    with pytest.raises(ValueError, match="calibrate --tta adaptive"):
+        ViewPolicy.from_card({"tta": "dihedral8", "temperature": 1.0}, "adaptive")
