@@ -136,9 +136,9 @@ def load_eval_data(data_uri: str, classes: list[str], image_size: int, split: st
                 raise DataError(f"the {split} split of {manifest_uri} holds none of the images of {data_uri}")
         mhash = manifest_hash(chosen)
     else:
-        if split in ("val", "train"):
-            raise DataError(f"split={split!r} needs a split manifest covering {data_uri}; none was found "
-                            f"(pass --split-manifest, or --split test/all)")
+        if split != "all":  # a lab's own labelled folder: every image is new to the model
+            log(f"no split manifest covers {data_uri}: using every image of the folder ({split} rows need the "
+                f"manifest the package was split with: --split-manifest)")
         keep = list(range(len(listing.paths)))
         split, mhash = "all", None
 

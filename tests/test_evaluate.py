@@ -244,6 +244,18 @@ def test_calibrate(package, synth_data, tmp_path, capsys):
     assert json.loads((sharp / "model_card.json").read_text())["temperature"] == 0.05
 
 
+def test_calibrate_on_a_labs_own_folder_uses_every_image(package, tmp_path):
+    """A lab's labelled folder (or `leukray review export-labelled`'s) is not in the package's split manifest: the
+    default split takes every image of it, and the guard keeps its reference from the package."""
+    from leukray.synth import make_dataset
+
+    lab = make_dataset(tmp_path / "lab", per_class=3, size=48, seed=11)
+    r = calibrate(str(package), str(lab), str(tmp_path / "lab-cal"), backend="torch")
+    assert r["split"] == "all" and r["n"] == 12
+    card = json.loads((tmp_path / "lab-cal" / "model_card.json").read_text())
+    assert card["ood"]["reference_split"].startswith("the reference of")
+
+
 def test_tta_override_and_a_package_calibrated_for_it(package, synth_data, tmp_path, capsys):
     """`tta none` on a dihedral8 package: one view, the package's temperature, a warning that says how to refit;
     `calibrate --tta none` writes a package whose temperature is fitted on single-view val logits."""
