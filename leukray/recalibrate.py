@@ -12,7 +12,6 @@ import numpy as np
 from .config import StorageOptions
 from .evaluate import load_eval_data, log
 from .inference import package_backend
-from .colour import signature_envelope
 from .ood import COLOUR_REFERENCE_FILE, REFERENCE_FILE
 from .tta import package_tta, resolve_tta
 
@@ -97,6 +96,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
         }
+        train_images = None
         same_views = (old_guard is not None and not ood and data.manifest_uri is not None
                       and view_ids(old_guard.fitted.get("tta") or "none") == view_ids(tta_mode))
         if same_views:  # the reference a rebuild would make: the training rows' features in the same views
@@ -105,12 +105,12 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         elif data.manifest_uri is not None and data.split != "train":
             from .train import guard_reference
 
-            train = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
-                                   data.manifest_uri, storage)
+            train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
+                                          data.manifest_uri, storage).images
             tc = pkg.card.get("config") or {}
             ids = view_ids(tta_mode)
             reference, made = guard_reference(lambda images: split_outputs(model.mean_views(images, ids), k)[1],
-                                              train.images,
+                                              train_images,
                                               ood_cfg, tc.get("augment", "none"), float(tc.get("augment_strength", 1.0)),
                                               float(tc.get("augment_zoom", 1.0)), int(tc.get("seed", 0)))
             ref_source = f"train rows of {data.manifest_uri}"
@@ -122,16 +122,17 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             log(f"calibrate: warning: {data_uri} is not covered by the package's split manifest and the package has "
                 "no guard yet: no out-of-distribution guard (calibrate on the training data to add one)")
         colour_ref = colour_val = None
+        old_colour = old_guard.colour_reference if old_guard is not None else None
         if reference is not None and ood_cfg.colour_check:  # the colour check's reference and threshold set
-            seed = int((pkg.card.get("config") or {}).get("seed", 0))
-            if old_guard is not None and old_guard.colour_reference is not None:
-                colour_ref = old_guard.colour_reference
-            elif data.manifest_uri is not None and data.split != "train":
+            from .train import colour_envelopes
+
+            if old_colour is None and train_images is None and data.manifest_uri is not None and data.split != "train":
                 train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                               data.manifest_uri, storage).images
-                colour_ref = signature_envelope(train_images, seed + 2000, ood_cfg.colour_copies)
-            if colour_ref is not None:
-                colour_val = signature_envelope(data.images, seed + 3000, ood_cfg.colour_copies)
+            if old_colour is not None or train_images is not None:
+                colour_ref, colour_val = colour_envelopes(train_images, data.images, ood_cfg,
+                                                          int((pkg.card.get("config") or {}).get("seed", 0)),
+                                                          reference=old_colour)
         card = dict(pkg.card, temperature=temperature, tta=tta_mode, calibration=summary)
         card.pop("ood", None)
         card.pop("adaptive", None)

@@ -196,14 +196,16 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
                                    "augment_strength": strength, "augment_zoom": zoom}
 
 
-def colour_envelopes(train_images: np.ndarray, val_images: np.ndarray, ood: OODConfig,
-                     seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The colour check's reference (training images) and threshold set (validation images), each under other
-    cameras' and stain batches' colours (`leukray.colour.signature_envelope`); (None, None) when it is off."""
+def colour_envelopes(train_images: np.ndarray | None, val_images: np.ndarray, ood: OODConfig, seed: int,
+                     reference: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The colour check's reference (training images, or an existing `reference`) and threshold set (validation
+    images), each under other cameras' and stain batches' colours (`leukray.colour.signature_envelope`);
+    (None, None) when it is off."""
     if not ood.colour_check:
         return None, None
-    return (signature_envelope(train_images, seed + 2000, ood.colour_copies),
-            signature_envelope(val_images, seed + 3000, ood.colour_copies))
+    if reference is None:
+        reference = signature_envelope(train_images, seed + 2000, ood.colour_copies)
+    return reference, signature_envelope(val_images, seed + 3000, ood.colour_copies)
 
 
 @dataclass

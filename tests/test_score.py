@@ -154,6 +154,25 @@ def _all_rows(loc) -> pa.Table:
 
 
 # the tests of one location run in order: first run, rerun, incremental run, then checks over everything
+
+def _linear_probe(x_nchw, labels, steps: int):
+    """The ImageNet backbone with its head fitted to these images (seconds): logits like a trained model's."""
+    import torch
+
+    from leukray.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="imagenet"), 4, None, verbose=False).eval()
+    with torch.no_grad():
+        feats = torch.flatten(model.pool(model.features(model.preprocess(x_nchw))), 1)
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    model.head.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
+        opt.step()
+    return model.eval()
+
 def test_first_run_one_row_per_file(cluster, loc):
     _submit(cluster, loc)
     r = _results(loc)
@@ -369,8 +388,6 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
     from leukray.score import _Scorer
 
     bf16 = resolve_cpu_precision(precision) == "bf16"
-    from leukray.model import ModelConfig, build_model
-
     make_dataset(tmp_path / "d", per_class=6, size=48, seed=5)
     card = json.loads((Path(package) / registry.CARD).read_text()) | {"temperature": 1.0}
     card.pop("ood")  # another network: the tiny package's guard does not belong to it
@@ -379,18 +396,8 @@ def test_cpu_backends_match_pytorch(package, tmp_path, backend, precision, tta):
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float()
     # The ImageNet backbone with its head fitted to these images (a linear probe, seconds): logits like a trained
     # model's, image to image. bf16's error grows with the logits; the guard must keep the answers within tolerance.
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(weights="imagenet"), 4, None, verbose=False).eval()
     labels = torch.tensor([i // 6 for i in range(len(x))])  # make_dataset: 6 per class, class folders in order
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
-    with torch.no_grad():
-        feats = torch.flatten(model.pool(model.features(model.preprocess(xt))), 1)
-    model.head.train()
-    for _ in range(100):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
-        opt.step()
-    model.eval()
+    model = _linear_probe(xt, labels, 100)
     from types import SimpleNamespace
 
     reference = package_outputs(SimpleNamespace(model=model, card={"classes": card["classes"]}), x, tta)
@@ -546,8 +553,6 @@ def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(clu
 
     import torch
 
-    from leukray.model import ModelConfig, build_model
-
     calibrated = tmp_path / "calibrated"
     calibrate(package, str(tiny_package / "data"), str(calibrated), tta="adaptive")
     card = json.loads((calibrated / registry.CARD).read_text())
@@ -558,19 +563,9 @@ def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(clu
     x = np.stack([decode_image(p.read_bytes(), card["preprocessing"]["image_size"]) for p in files])
     # The ImageNet backbone with its head fitted to these images (a linear probe): confidences that differ from
     # image to image, as a trained model's do (the 1-epoch package's barely do).
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(weights="imagenet"), 4, None, verbose=False).eval()
     names = sorted({p.parent.name for p in files})
     labels = torch.tensor([names.index(p.parent.name) for p in files])
-    with torch.no_grad():
-        feats = torch.flatten(model.pool(model.features(model.preprocess(torch.from_numpy(x).permute(0, 3, 1, 2).float()))), 1)
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
-    model.head.train()
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model.head(feats), labels).backward()
-        opt.step()
-    model.eval()
+    model = _linear_probe(torch.from_numpy(x).permute(0, 3, 1, 2).float(), labels, 30)
     card["adaptive"]["temperature_one_view"] = card["adaptive"]["temperature_full"] = 1.0
     one = softmax_t(TorchModel(model, "cpu").mean_views(x, [0])[:, :4], 1.0)
     # a cascade threshold in the widest gap between the middle half of these images' one-view confidences: both
