@@ -157,8 +157,15 @@ def test_review_page_in_a_browser_and_back(scored, tmp_path, monkeypatch):
         print(f"\nreview page screenshot: {shot}")
         assert shot.stat().st_size > 10_000
 
-        driver.refresh()  # decisions survive a reload (localStorage of this page)
-        counter = driver.find_element(By.ID, "counter")
+        # Decisions survive a reload (localStorage of this page). Chromium hands a write to its storage
+        # service asynchronously, so a reload in the same instant may still see the old state: reload
+        # a few times, as a reviewer coming back would, before calling the decisions lost.
+        for _ in range(5):
+            driver.refresh()
+            counter = driver.find_element(By.ID, "counter")
+            if counter.text.startswith("3 done"):
+                break
+            time.sleep(0.5)
         assert counter.text == f"3 done / {len(expected) - 3} left"
         page_cards = {f"card-{c['id']}": c for c in _page_cards(driver)}
         got = [driver.find_element(By.ID, i).get_attribute("data-decision") for i in order[:4]]
