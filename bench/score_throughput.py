@@ -16,7 +16,7 @@ then the scoring job again at factor x N (hard links of the same files under oth
 of the whole process tree (this driver + raylet + gcs + every Ray worker; psutil, sampled every 0.1 s).
 `modes` holds, per test-time mode, score_ips, the re-scored fraction (rows scored in more than one view, read back
 from the table's `views` column), mean views and the ratio to one view's throughput; the top-level numbers are the
-first mode's (adaptive needs a package calibrated for it: the default one is). The model-only and plain loops run
+first mode's (adaptive needs a package with the cascade: the default one, trained with configs/train.yaml, has it). The model-only and plain loops run
 the first mode's views (adaptive: the views the run used, as a mean). The measurements at N run back to back; `loadavg_before` has the 1-minute load average before each (the
 machine is shared: compare numbers only within one run). Prints one JSON object.
 

@@ -61,8 +61,9 @@ class ScoreConfig(StrictModel):
     """Read+decode threads per model actor (PIL releases the GIL); they decode the next batch while the model runs."""
     tta: Literal["package", "none", "flips4", "dihedral8", "adaptive"] = "package"
     """Test-time augmentation (`leukray.tta`): package = the mode the model's temperature was fitted with (card
-    `tta`); adaptive = one pass per image, the 8 dihedral views only for images below the package's cascade
-    threshold (needs a package calibrated for it: `leukray calibrate --tta adaptive`); dihedral8 = 8 passes per
+    `tta`; the default recipe's: adaptive); adaptive = one pass per image, the 8 dihedral views only for images
+    below the package's cascade threshold (needs a package with the cascade in its card: trained with `tta:
+    adaptive`, or `leukray calibrate --tta adaptive`); dihedral8 = 8 passes per
     image; none = one pass. An adaptive package carries the temperatures of none and dihedral8 too; other
     packages use their temperature as it is for another mode (refit it with `leukray calibrate --tta MODE`)."""
     review_threshold: float = 0.8

@@ -79,7 +79,9 @@ class TrainConfig(StrictModel):
     eval_batch_size: int = Field(128, ge=1)
     tta: str = "dihedral8"
     """Test-time augmentation the package is calibrated, measured and shipped with (`leukray.tta`): none | flips4 |
-    dihedral8. Epoch-by-epoch validation stays single-view (it only ranks epochs)."""
+    dihedral8 | adaptive (one view; the 8 dihedral views only below a cascade threshold fitted on val with a
+    temperature per path, as `leukray calibrate --tta adaptive` fits it; configs/train.yaml's choice).
+    Epoch-by-epoch validation stays single-view (it only ranks epochs)."""
     ood: OODConfig = Field(default_factory=OODConfig)
     """The out-of-distribution guard fitted into the package (`leukray.ood`)."""
     storage: StorageOptions = Field(default_factory=StorageOptions)

@@ -42,6 +42,25 @@ def tiny_package(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def recipe_package(synth_data, tmp_path_factory):
+    """A small package trained with the default recipe (`leukray train --config configs/train.yaml`, shrunk to
+    seconds: 32 px, 3 epochs, no weight average, a faster rate) on synth_data: its card is what the recipe ships
+    (tta adaptive, the cascade and both temperatures fitted on val), and it is sure enough of some images that
+    they stay on the one-view path. Read-only for the tests that share it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("recipe-model") / "pkg"
+    r = subprocess.run([sys.executable, "-m", "leukray.cli", "train", "--data", str(synth_data), "--out", str(out),
+                        "--config", str(REPO / "configs" / "train.yaml"), "--epochs", "3", "--set", "image_size=32",
+                        "--set", "batch_size=16", "--set", "ema_decay=0", "--set", "lr=0.001",
+                        "--set", "ood.colour_copies=1"],
+                       env=dict(os.environ, LEUKRAY_OFFLINE="1"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
 def needs_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(),
                               reason=f"real dataset not present at {SHARED_DATA} (../shared is absent on a fresh clone)")

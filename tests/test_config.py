@@ -39,6 +39,7 @@ def test_shipped_train_config_is_valid():
 
     cfg = load_config(TrainConfig, REPO / "configs" / "train.yaml")
     assert cfg.model.weights == "imagenet"
+    assert cfg.tta == "adaptive"  # the recipe's test-time mode (docs/results.md, docs/benchmarks.md)
 
 
 def test_configuration_reference_is_current():

@@ -19,7 +19,7 @@ from leukray.images import decode_image
 from leukray.perturb import PERTURBATIONS
 from leukray.registry import RegistryError, load_package
 from leukray.split import load_manifest
-from reference import package_logits
+from reference import package_logits, package_predictions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -287,6 +287,28 @@ def test_tta_override_and_a_package_calibrated_for_it(package, synth_data, tmp_p
     with pytest.raises(SystemExit):
         main(["evaluate", "--model", str(package), "--data", str(synth_data), "--out", str(tmp_path / "x"), "--tta", "d8"])
     assert "invalid choice: 'd8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_adaptive_package_rows_match_the_reference(recipe_package, synth_data, tmp_path, backend):
+    """A default-recipe package (tta adaptive) evaluated on every image of the data, with PyTorch and with the CPU
+    default (OpenVINO): each prediction row is the reference's cascade from the card — class, confidence with the
+    path's temperature, views — and the report's accuracy and re-scored fraction are the reference's."""
+    pkg = load_package(str(recipe_package))
+    other = Path(synth_data)
+    r = evaluate(str(recipe_package), str(other), str(tmp_path / "e"), split="all", plots=False, backend=backend)
+    assert r["tta"] == r["tta_package"] == "adaptive" and r["split"] == "all"
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    images = np.stack([decode_image((other / x["path"]).read_bytes(), pkg.image_size) for x in rows])
+    want = package_predictions(pkg, images)
+    assert [x["predicted"] for x in rows] == [pkg.classes[i] for i in want.predicted]
+    assert [int(x["views"]) for x in rows] == want.views.tolist()
+    assert 0 < (want.views == 8).sum() < len(rows)  # both paths
+    np.testing.assert_allclose([float(x["confidence"]) for x in rows], want.confidence, atol=1e-4, rtol=0)
+    labels = np.array([pkg.classes.index(canonical_class(x["path"].split("/")[0])) for x in rows])
+    assert r["accuracy"] == pytest.approx(float((want.predicted == labels).mean()), abs=1e-12)
+    assert r["views"]["rescored_fraction"] == pytest.approx(float((want.views == 8).mean()))
+    assert r["views"]["mean"] == pytest.approx(float(want.views.mean()))
 
 
 def test_s3(report, package, synth_data, s3):

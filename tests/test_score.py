@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ray, submit_job  # noqa: E402
-from reference import package_logits, package_outputs  # noqa: E402
+from reference import package_outputs, package_predictions  # noqa: E402
 
 from leukray import registry, results, storage  # noqa: E402
 from leukray.colour import SIGNATURE_DIM  # noqa: E402
@@ -226,6 +226,21 @@ def test_first_run_one_row_per_file(cluster, loc):
         assert pq.read_schema(f).remove_metadata().equals(FILE_SCHEMA)
 
 
+PROBS = ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")
+
+
+def check_rows_match_reference(ok: pa.Table, pkg, x: np.ndarray):
+    """Ok rows (in the order of the decoded images x) = the reference's rows of the package under its card's
+    test-time mode: probabilities, class, confidence, views. Returns the reference's predictions."""
+    want = package_predictions(pkg, x)
+    got = np.stack([ok[c].to_numpy() for c in PROBS], 1)
+    np.testing.assert_allclose(got, want.probs, atol=PROB_TOL, rtol=0)
+    np.testing.assert_allclose(ok["confidence"].to_numpy(), want.confidence, atol=PROB_TOL, rtol=0)
+    assert ok["predicted_class"].to_pylist() == [pkg.classes[i] for i in want.predicted]
+    assert ok["views"].to_pylist() == want.views.tolist()
+    return want
+
+
 def test_predictions_match_pytorch(loc, package):
     """Rows = the PyTorch model averaged over the package's 8 test-time views, then its temperature."""
     pkg = registry.load_package(package)
@@ -234,10 +249,8 @@ def test_predictions_match_pytorch(loc, package):
     assert ok.num_rows >= 10
     files = {_uri(loc, p): p for p in _image_files(loc["archive"])}
     x = np.stack([decode_image(files[p].read_bytes(), pkg.image_size) for p in ok["path"].to_pylist()])
-    expected = softmax_t(package_logits(pkg, x), pkg.temperature)
-    got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
-    np.testing.assert_allclose(got, expected, atol=PROB_TOL, rtol=0)
-    assert ok["predicted_class"].to_pylist() == [pkg.classes[i] for i in expected.argmax(1)]
+    want = check_rows_match_reference(ok, pkg, x)
+    assert set(want.views) == {8}
     # ood_score: distance to the 10th nearest training feature, or the colour signature's distance to its 10th
     # nearest accepted signature on the knn threshold's scale, whichever is larger; brute force from the files
     outputs = package_outputs(pkg, x)
@@ -548,7 +561,6 @@ def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(clu
     records its views: 1 above the cascade threshold, 8 below, each with its path's calibrated probabilities."""
     from deltalake import DeltaTable
 
-    from leukray.inference import TorchModel, ViewPolicy
     from leukray.recalibrate import calibrate
 
     import torch
@@ -566,11 +578,14 @@ def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(clu
     names = sorted({p.parent.name for p in files})
     labels = torch.tensor([names.index(p.parent.name) for p in files])
     model = _linear_probe(torch.from_numpy(x).permute(0, 3, 1, 2).float(), labels, 30)
-    card["adaptive"]["temperature_one_view"] = card["adaptive"]["temperature_full"] = 1.0
-    one = softmax_t(TorchModel(model, "cpu").mean_views(x, [0])[:, :4], 1.0)
+    # two different temperatures, so a row calibrated with the other path's would show
+    card["adaptive"]["temperature_one_view"], card["adaptive"]["temperature_full"] = 1.25, 0.8
+    from types import SimpleNamespace
+
+    one = package_predictions(SimpleNamespace(model=model, card=card), x, "none").confidence
     # a cascade threshold in the widest gap between the middle half of these images' one-view confidences: both
     # paths occur, and no backend's rounding moves an image across it
-    c = np.sort(one.max(1))[len(x) // 4: 3 * len(x) // 4 + 1]
+    c = np.sort(one)[len(x) // 4: 3 * len(x) // 4 + 1]
     gap = int(np.argmax(np.diff(c)))
     card["adaptive"]["threshold"] = float((c[gap] + c[gap + 1]) / 2)
     adaptive = tmp_path / "adaptive"
@@ -595,12 +610,45 @@ def test_decode_layouts_give_the_same_rows_and_adaptive_rows_take_their_path(clu
     assert errors.num_rows == len(BAD) and errors["views"].null_count == len(BAD)
     ok = t.filter(pc.equal(t["status"], "ok"))
     assert ok["path"].to_pylist() == [str(p) for p in files]
-    unsure = one.max(1) < card["adaptive"]["threshold"]
-    assert 0 < unsure.sum() < len(files)
-    assert ok["views"].to_pylist() == [8 if u else 1 for u in unsure]
-    policy = ViewPolicy.from_card(card)
-    want = np.where(unsure[:, None],
-                    softmax_t(package_outputs(pkg, x, "dihedral8")[:, :4], policy.temperature),
-                    softmax_t(package_outputs(pkg, x, "none")[:, :4], policy.temperature_one_view))
-    got = np.stack([ok[c].to_numpy() for c in ("prob_benign", "prob_early_pre_b", "prob_pre_b", "prob_pro_b")], 1)
-    np.testing.assert_allclose(got, want, atol=PROB_TOL, rtol=0)
+    want = check_rows_match_reference(ok, pkg, x)
+    assert 0 < (want.views == 8).sum() < len(files)
+    assert (want.views == np.where(one < card["adaptive"]["threshold"], 8, 1)).all()
+
+
+def test_default_recipe_package_scores_adaptively_from_s3(cluster, recipe_package, tmp_path):
+    """A package trained with the default recipe (configs/train.yaml: tta adaptive, the cascade fitted on val by
+    training) published to an S3 registry, an S3 archive scored with `tta: package`: every ok row is the
+    reference's cascade from the card — class, probabilities and confidence with its path's temperature, views —
+    and some images take the one-view path, others the eight views."""
+    pkg = registry.load_package(str(recipe_package))
+    ad = pkg.card["adaptive"]
+    assert pkg.card["tta"] == "adaptive" and ad["split"] == "val"
+    endpoint = cluster["s3_endpoint"]
+    for b in ("recipe-archive", "recipe-models", "recipe-scores"):
+        make_bucket(endpoint, b)
+    opts = StorageOptions(endpoint_url=endpoint, key=KEY, secret=SECRET)
+    archive = tmp_path / "archive"
+    build_archive(archive)
+    storage.upload_dir(str(archive), "s3://recipe-archive/smears", opts)
+    registry.publish(str(recipe_package), "s3://recipe-models", "leukray-recipe", opts)
+    cfg = {"input": "s3://recipe-archive/smears", "output": "s3://recipe-scores/out",
+           "model": "s3://recipe-models/leukray-recipe", "storage": {"endpoint_url": endpoint, "key": KEY, "secret": SECRET},
+           "batch_size": 8, "decode_batch_size": 4, "files_per_block": 6, "review_threshold": THRESHOLD}
+    (tmp_path / "score.yaml").write_text(yaml.safe_dump(cfg))
+    res = submit_job(cluster, [sys.executable, "jobs/score.py", "--config", str(tmp_path / "score.yaml")],
+                     working_dir=REPO, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:]
+    r = Results(cfg["output"], opts)
+    m = r.runs[-1].raw
+    assert m["execution"]["tta"] == "adaptive" and m["execution"]["cascade_threshold"] == ad["threshold"]
+    t = r.dataset.to_table()
+    assert t.filter(pc.equal(t["status"], "error")).num_rows == len(BAD)
+    ok = t.filter(pc.equal(t["status"], "ok")).sort_by("path")
+    files = {f"s3://recipe-archive/smears/{p.relative_to(archive).as_posix()}": p for p in _image_files(archive)}
+    x = np.stack([decode_image(files[p].read_bytes(), pkg.image_size) for p in ok["path"].to_pylist()])
+    # no image so near the threshold that a backend's rounding could move it to the other path
+    one = package_predictions(pkg, x, "none").confidence
+    assert np.abs(one - ad["threshold"]).min() > 1e-4
+    want = check_rows_match_reference(ok, pkg, x)
+    assert 0 < (want.views == 8).sum() < ok.num_rows
+    assert set(want.temperature) == {ad["temperature_one_view"], ad["temperature_full"]}

@@ -60,10 +60,60 @@ def test_package_loads_and_predicts_like_training(trained, bigger_data):
     pkg = load_package(str(out))
     cfg = _cfg(bigger_data)
     data = prepare_data(cfg, manifest_uri=str(out / "split.parquet"))  # reuses the saved split
-    from reference import package_logits  # the card's test metrics are over the 8 dihedral views
-    logits = package_logits(pkg, np.ascontiguousarray(data.images[data.indices("test")]))
-    acc = float((logits.argmax(1) == data.labels[data.indices("test")]).mean())
+    from reference import package_predictions  # the card's test metrics are in the card's test-time mode
+    want = package_predictions(pkg, np.ascontiguousarray(data.images[data.indices("test")]))
+    acc = float((want.predicted == data.labels[data.indices("test")]).mean())
     assert acc == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+
+def _split_images(pkg, data_root, split: str):
+    """A package's split rows (its manifest), decoded as scoring decodes them, and their labels."""
+    from leukray.data import canonical_class
+    from leukray.images import decode_image
+    from leukray.split import load_manifest
+
+    m = load_manifest(os.path.join(pkg.uri, "split.parquet"))
+    rel = sorted(p for p, s in zip(m["path"].to_pylist(), m["split"].to_pylist()) if s == split)
+    x = np.stack([decode_image((data_root / p).read_bytes(), pkg.image_size) for p in rel])
+    return x, np.array([pkg.classes.index(canonical_class(p.split("/")[0])) for p in rel])
+
+
+def test_default_recipe_fits_the_adaptive_cascade_as_calibrate_does(recipe_package, synth_data, tmp_path):
+    """configs/train.yaml ships tta adaptive: training fits the cascade threshold and both path temperatures on
+    val with the code `leukray calibrate --tta adaptive` runs (the same numbers on the same rows), and the card's
+    val and test metrics are those of the reference's cascade written from the card."""
+    from reference import package_predictions
+
+    from leukray.recalibrate import calibrate
+
+    pkg = load_package(str(recipe_package))
+    card = pkg.card
+    ad = card["adaptive"]
+    assert card["tta"] == card["calibration"]["tta"] == card["config"]["tta"] == "adaptive"
+    assert ad["split"] == "val" and ad["full"] == "dihedral8" and card["temperature"] == ad["temperature_full"]
+    assert ad["temperature_one_view"] != ad["temperature_full"]
+    assert card["ood"]["reference_split"] == "train"
+    calibrate(str(recipe_package), str(synth_data), str(tmp_path / "cal"), tta="adaptive", backend="torch")
+    again = json.loads((tmp_path / "cal" / "model_card.json").read_text())["adaptive"]
+    assert again["n"] == ad["n"] == card["metrics"]["val"]["n"]
+    for key in ("threshold", "temperature_one_view", "temperature_full", "threshold_exact"):
+        assert again[key] == pytest.approx(ad[key], rel=1e-4), key
+    for key in ("rescored_fraction", "one_view_full_disagreements", "agreement_with_full"):
+        assert again[key] == ad[key], key
+
+    for split in ("val", "test"):
+        x, labels = _split_images(pkg, synth_data, split)
+        want = package_predictions(pkg, x)
+        metrics = card["metrics"][split]
+        assert metrics["n"] == len(labels)
+        assert metrics["accuracy"] == pytest.approx(float((want.predicted == labels).mean()))
+        assert metrics["confusion_matrix"] == [[int(((labels == i) & (want.predicted == j)).sum()) for j in range(4)]
+                                               for i in range(4)]
+        if split == "val":
+            assert ad["rescored_fraction"] == pytest.approx(float((want.views == 8).mean()))
+        else:
+            assert metrics["mean_views"] == pytest.approx(float(want.views.mean()))
+    assert 1 < card["metrics"]["test"]["mean_views"] < 8  # both paths taken on the test split
 
 
 def test_seeded_runs_are_reproducible(synth_data, tmp_path):

@@ -138,6 +138,15 @@ def test_shipped_configs_validate():
         assert cfg.space and cfg.trial_base().monitor == cfg.metric
     real = load_search_config(REPO / "configs" / "tune.yaml")
     assert real.train.image_size == 224 and real.train.model.weights == "imagenet" and real.resources.gpu == 0.25
+    # the winner is packaged with its trial's config (leukray.search → train.evaluate_and_package): the default
+    # recipe's test-time mode comes through base_config and the sampled hyperparameters do not touch it
+    from leukray.search_config import trial_config
+    from leukray.train import TrainConfig
+    from leukray.config import load_config
+
+    recipe = load_config(TrainConfig, REPO / "configs" / "train.yaml").tta
+    assert trial_config(real.trial_base(), {"lr": 1e-4, "augment": "lab"}).tta == recipe
+    assert load_search_config(REPO / "configs" / "tune.yaml", {"train.tta": "none"}).trial_base().tta == "none"
 
 
 def test_jobs_tune_bad_override_exits_2(tmp_path):
