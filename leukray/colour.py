@@ -97,20 +97,31 @@ def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     return torch.cat([unit(mean), unit(dark), chroma], 1)
 
 
-def signature_envelope(images_nhwc, seed: int, copies: int = 3, batch_size: int = 64):
-    """uint8 NHWC images → the signatures of the images as they are and of `copies` copies of each under another
-    lab's camera and stain batch (`leukray.augment.colour_response`: gains, exposure, dye amounts; seeded): the
-    colours the colour check must accept (numpy float32, ((1 + copies) N, SIGNATURE_DIM))."""
+def other_labs(images_nhwc, g: torch.Generator, batch_size: int = 64):
+    """uint8 NHWC images → one copy of each as another lab's camera and stain batch would record it
+    (`leukray.augment.colour_response`: gains, exposure, dye amounts; drawn from `g`), uint8 NHWC."""
     import numpy as np
 
     from .augment import colour_response
 
+    out = np.empty_like(images_nhwc)
+    for i in range(0, len(images_nhwc), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
+        out[i:i + batch_size] = colour_response(x, g).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def signature_envelope(images_nhwc, seed: int, copies: int = 3, batch_size: int = 64):
+    """uint8 NHWC images → the signatures of the images as they are and of `copies` copies of each under another
+    lab's camera and stain batch (`other_labs`; seeded): the colours the colour check must accept (numpy float32,
+    ((1 + copies) N, SIGNATURE_DIM))."""
+    import numpy as np
+
     g = torch.Generator().manual_seed(int(seed))
     parts = []
     for copy in range(copies + 1):
-        for i in range(0, len(images_nhwc), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
-            if copy:
-                x = colour_response(x, g).round().clamp(0, 255)
+        images = other_labs(images_nhwc, g, batch_size) if copy else images_nhwc
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float()
             parts.append(signature(x).numpy())
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, SIGNATURE_DIM), np.float32)

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from . import CLASSES, storage
 from .augment import POLICIES, augment_batch, augment_images, check_policy
-from .colour import signature_envelope
+from .colour import other_labs, signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
 from .model import LeukNet, ModelConfig, build_model, check_colour_norm
@@ -188,13 +188,18 @@ def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, bat
 def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ood: OODConfig,
                     augment: str, strength: float, zoom: float, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The out-of-distribution guard's reference features: the training images as they are, then
-    `ood.augmented_copies` copies of each under the training policy (`leukray.ood`: what the network was trained
-    on counts as in distribution), and how they were made, for the card."""
+    `ood.reference_colour_copies` copies of each in another lab's colours and `ood.augmented_copies` copies under
+    the training policy (`leukray.ood`: what the network was trained on counts as in distribution), and how they
+    were made, for the card."""
     copies = ood.augmented_copies if augment != "none" else 0
     parts = [features_of(images)]
+    g = torch.Generator().manual_seed(seed + 4000)
+    for _ in range(ood.reference_colour_copies):
+        parts.append(features_of(other_labs(images, g)))
     for c in range(copies):
         parts.append(features_of(augment_images(images, augment, seed=seed + 1000 + c, strength=strength, zoom=zoom)))
-    return np.concatenate(parts), {"n_images": int(len(images)), "augmented_copies": copies, "augment": augment,
+    return np.concatenate(parts), {"n_images": int(len(images)), "colour_copies": ood.reference_colour_copies,
+                                   "augmented_copies": copies, "augment": augment,
                                    "augment_strength": strength, "augment_zoom": zoom}
 
 

@@ -78,6 +78,8 @@ def test_config_names_bad_values():
         OODConfig(in_fraction=1.0)
     with pytest.raises(ValueError, match="ood.k"):
         OODConfig(k=0)
+    with pytest.raises(ValueError, match=r"ood.reference_colour_copies=9 must be in \[0, 8\]"):
+        OODConfig(reference_colour_copies=9)
 
 
 def test_split_outputs_and_review_reason():
@@ -245,3 +247,39 @@ def test_colour_check_round_trips_through_the_package(tmp_path):
     np.testing.assert_array_equal(back.colour_reference, guard.colour_reference)
     np.testing.assert_allclose(back.scores(np.zeros((10, 4)), val), guard.scores(np.zeros((10, 4)), val))
     assert back.card()["colour"] == guard.card()["colour"]
+
+
+def test_reference_colour_copies_accept_another_labs_camera():
+    """The knn reference with copies of the training images in other labs' colours: the copies are recorded,
+    seeded, and an image under another camera's white balance that a colour-sensitive feature puts outside the
+    plain reference lands inside the one with copies."""
+    import torch
+
+    from leukray import colour
+    from leukray.train import guard_reference
+
+    images = _smears(64)
+    train, val = images[:48], images[48:]
+
+    def features_of(batch: np.ndarray) -> np.ndarray:  # a feature that sees colour: mean OD per channel
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+        return (-torch.log((x / 255).clamp(1 / 255, 1))).mean((2, 3)).numpy()
+
+    plain, made0 = guard_reference(features_of, train, OODConfig(reference_colour_copies=0), "none", 1.0, 1.0, 0)
+    ref, made = guard_reference(features_of, train, OODConfig(reference_colour_copies=8), "none", 1.0, 1.0, 0)
+    assert made0["colour_copies"] == 0 and made["colour_copies"] == 8 and made["n_images"] == 48
+    assert len(plain) == 48 and len(ref) == 9 * 48
+    np.testing.assert_array_equal(ref[:48], plain)  # the images as they are come first
+    assert np.abs(ref[48:96] - plain).max() > 0.05  # the copies' colours differ
+    again, _ = guard_reference(features_of, train, OODConfig(reference_colour_copies=8), "none", 1.0, 1.0, 0)
+    np.testing.assert_array_equal(again, ref)  # seeded
+
+    warm = (colour.camera_gains(torch.from_numpy(val).permute(0, 3, 1, 2).float() / 255,
+                                torch.tensor([1.25, 1.0, 0.8])) * 255).round().permute(0, 2, 3, 1).numpy()
+    score, flagged = {}, {}
+    for name, reference in (("plain", plain), ("copies", ref)):
+        cfg = OODConfig(k=3, in_fraction=0.97, colour_check=False)
+        guard = fit_guard(reference, np.zeros((len(val), 4)), features_of(val), 1.0, cfg, pooled_dim=3)
+        s = guard.scores(np.zeros((len(val), 4)), features_of(warm.astype(np.uint8)))
+        score[name], flagged[name] = float(np.median(s)), float((~guard.in_distribution(s)).mean())
+    assert score["copies"] < 0.5 * score["plain"] and flagged["copies"] < flagged["plain"], (score, flagged)

@@ -93,6 +93,8 @@ def test_default_recipe_fits_the_adaptive_cascade_as_calibrate_does(recipe_packa
     assert ad["split"] == "val" and ad["full"] == "dihedral8" and card["temperature"] == ad["temperature_full"]
     assert ad["temperature_one_view"] != ad["temperature_full"]
     assert card["ood"]["reference_split"] == "train"
+    made = card["ood"]["reference_made"]  # the training images and one copy of each in another lab's colours
+    assert made["colour_copies"] == 1 and card["ood"]["reference"]["n"] == 2 * made["n_images"] > 0
     calibrate(str(recipe_package), str(synth_data), str(tmp_path / "cal"), tta="adaptive", backend="torch")
     again = json.loads((tmp_path / "cal" / "model_card.json").read_text())["adaptive"]
     assert again["n"] == ad["n"] == card["metrics"]["val"]["n"]
