@@ -97,31 +97,35 @@ def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     return torch.cat([unit(mean), unit(dark), chroma], 1)
 
 
-def other_labs(images_nhwc, g: torch.Generator, batch_size: int = 64):
-    """uint8 NHWC images → one copy of each as another lab's camera and stain batch would record it
-    (`leukray.augment.colour_response`: gains, exposure, dye amounts; drawn from `g`), uint8 NHWC."""
-    import numpy as np
-
+def other_lab(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """float NCHW [0, 255] → the same images as another lab's camera and stain batch would record them
+    (`leukray.augment.colour_response`: gains, exposure, dye amounts; drawn from `g`), rounded to whole levels."""
     from .augment import colour_response
+
+    return colour_response(x, g).round().clamp(0, 255)
+
+
+def other_labs(images_nhwc, g: torch.Generator, batch_size: int = 64):
+    """uint8 NHWC images → one copy of each under `other_lab`, uint8 NHWC."""
+    import numpy as np
 
     out = np.empty_like(images_nhwc)
     for i in range(0, len(images_nhwc), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
-        out[i:i + batch_size] = colour_response(x, g).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[i:i + batch_size] = other_lab(x, g).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
 
 
 def signature_envelope(images_nhwc, seed: int, copies: int = 3, batch_size: int = 64):
     """uint8 NHWC images → the signatures of the images as they are and of `copies` copies of each under another
-    lab's camera and stain batch (`other_labs`; seeded): the colours the colour check must accept (numpy float32,
+    lab's camera and stain batch (`other_lab`; seeded): the colours the colour check must accept (numpy float32,
     ((1 + copies) N, SIGNATURE_DIM))."""
     import numpy as np
 
     g = torch.Generator().manual_seed(int(seed))
     parts = []
     for copy in range(copies + 1):
-        images = other_labs(images_nhwc, g, batch_size) if copy else images_nhwc
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float()
-            parts.append(signature(x).numpy())
+        for i in range(0, len(images_nhwc), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
+            parts.append(signature(other_lab(x, g) if copy else x).numpy())
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, SIGNATURE_DIM), np.float32)

@@ -31,8 +31,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
 
     The guard (`leukray.ood`): its reference is the training split's features when the package's manifest covers
     the data (so a package trained before the guard gets one without retraining), else the package's own
-    reference (kept as it is when it was made in the same views and `ood` changes nothing); its thresholds are
-    fitted on the same images as T. The reference holds the features of the mode's
+    reference (kept as it is when it was made in the same views with the same colour copies and `ood` changes
+    nothing); its thresholds are fitted on the same images as T. The reference holds the features of the mode's
     (full) views; an adaptive package's thresholds are fitted on the features of the path each row took (one view
     or the eight-view mean), as scoring computes them. A graph exported without the features output
     is re-exported from the weights. `ood`: OODConfig keys (method, k, in_fraction) overriding the package's."""
@@ -58,12 +58,12 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     tta_mode = resolve_tta(tta, pkg.card)
     k = len(pkg.classes)
     old_guard = load_guard(pkg.uri, pkg.card, storage)
-    made = (pkg.card.get("ood") or {}).get("reference_made") or {}  # how the package's knn reference was made
+    old_made = (pkg.card.get("ood") or {}).get("reference_made") or {}  # how the package's knn reference was made
     ood_cfg = OODConfig.model_validate({**({kk: pkg.card["ood"][kk] for kk in ("method", "k", "in_fraction")}
                                            if pkg.card.get("ood") else {}),
-                                        **{kk: made[key] for kk, key in (("augmented_copies", "augmented_copies"),
-                                                                         ("reference_colour_copies", "colour_copies"))
-                                           if key in made},
+                                        **{kk: old_made[key] for kk, key in (("augmented_copies", "augmented_copies"),
+                                                                             ("reference_colour_copies", "colour_copies"))
+                                           if key in old_made},
                                         **({"colour_in_fraction": pkg.card["ood"]["colour"]["in_fraction"],
                                             "colour_copies": pkg.card["ood"]["colour"]["copies"]}
                                            if (pkg.card.get("ood") or {}).get("colour") else {}),
@@ -99,11 +99,10 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
         }
         train_images = None
-        old_made = (old_guard.fitted.get("reference_made") or {}) if old_guard is not None else {}
-        same_views = (old_guard is not None and not ood and data.manifest_uri is not None
-                      and view_ids(old_guard.fitted.get("tta") or "none") == view_ids(tta_mode)
-                      and old_made.get("colour_copies", 0) == ood_cfg.reference_colour_copies)
-        if same_views:  # the reference a rebuild would make: the training rows' features in the same views
+        reuse_reference = (old_guard is not None and not ood and data.manifest_uri is not None
+                           and view_ids(old_guard.fitted.get("tta") or "none") == view_ids(tta_mode)
+                           and old_made.get("colour_copies", 0) == ood_cfg.reference_colour_copies)
+        if reuse_reference:  # the reference a rebuild would make: the training rows' features in the same views
             reference, made = old_guard.reference, old_guard.fitted.get("reference_made")
             ref_source = f"the reference of {pkg.uri} (the training rows' features in the same views)"
         elif data.manifest_uri is not None and data.split != "train":
