@@ -61,9 +61,9 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     old_made = (pkg.card.get("ood") or {}).get("reference_made") or {}  # how the package's knn reference was made
     ood_cfg = OODConfig.model_validate({**({kk: pkg.card["ood"][kk] for kk in ("method", "k", "in_fraction")}
                                            if pkg.card.get("ood") else {}),
-                                        **{kk: old_made[key] for kk, key in (("augmented_copies", "augmented_copies"),
-                                                                             ("reference_colour_copies", "colour_copies"))
-                                           if key in old_made},
+                                        **{kk: old_made[key] for kk, key in
+                                           (("augmented_copies", "augmented_copies"),
+                                            ("reference_colour_copies", "colour_copies")) if key in old_made},
                                         **({"colour_in_fraction": pkg.card["ood"]["colour"]["in_fraction"],
                                             "colour_copies": pkg.card["ood"]["colour"]["copies"]}
                                            if (pkg.card.get("ood") or {}).get("colour") else {}),
