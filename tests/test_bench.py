@@ -1,5 +1,5 @@
-"""Smoke run of bench/score_throughput.py: the benchmark keeps working and prints the JSON its readers use.
-
+"""Smoke runs of bench/score_throughput.py and bench/package_views.py: the benchmarks keep working and print the JSON
+their readers use.
 Numbers are not asserted (they belong to the machine); keys, counts and the agreement with PyTorch are."""
 
 import json
@@ -60,3 +60,16 @@ def test_gpu_score_benchmark_runs_on_the_cpu(tmp_path):
     assert out["images"] == 12 and out["device"] in ("cpu", "cuda")
     assert out["execution_actor"]["decode"] == "actor" and out["execution_tasks"]["decode"] == "tasks"
     assert min(out["model_only_ips"], out["score_ips_actor"], out["score_ips_tasks"], out["decode_ips_per_core"]) > 0
+
+
+def test_package_views_benchmark_smoke(package):
+    """bench/package_views.py: training's 8-view pass with PyTorch and with the packaging model; same numbers."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "package_views.py"), "--model", str(package / "pkg"),
+                        "--data", str(package / "data"), "--n", "8"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["images"] == 8 and out["views"] == 8
+    assert out["packaging_backend"] == "OpenVINOModel"  # a CPU with OpenVINO installed
+    assert out["max_abs_diff"] < 1e-3
+    assert out["torch_ips"] > 0 and out["packaging_ips"] > 0
