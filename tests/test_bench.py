@@ -1,5 +1,6 @@
 """Smoke runs of bench/score_throughput.py and bench/package_views.py: the benchmarks keep working and print the JSON
 their readers use.
+
 Numbers are not asserted (they belong to the machine); keys, counts and the agreement with PyTorch are."""
 
 import json
