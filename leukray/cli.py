@@ -48,12 +48,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       storage=StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None,
                       robustness=args.robustness, seed=args.seed, batch_size=args.batch_size,
                       split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device,
-                      backend=args.backend, tta=args.tta, ood_dirs=args.ood)
+                      backend=args.backend, tta=args.tta, ood_dirs=args.ood,
+                      benign_malignant_threshold=args.benign_malignant_threshold)
     summary = {"out": args.out, "model": report["model"]["name"], "version": report["model"]["version"],
                "split": report["split"], "n": report["n"], "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"], "tta": report["tta"],
-               "review": {k: report["review"][k] for k in ("threshold", "flagged_fraction", "errors_caught_fraction",
-                                                           "with_guard")}}
+               "review": {k: report["review"][k] for k in ("threshold", "benign_malignant_threshold", "flagged_fraction",
+                                                           "errors_caught_fraction", "with_guard")}}
     if "robustness" in report:
         rob = report["robustness"]
         summary["robustness_worst"] = {k: rob["worst"][k] for k in ("perturbation", "severity", "accuracy", "macro_f1")}
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--robustness", action="store_true", help="also re-score under every perturbation x severity")
     e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) and the sample grid")
     e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
+    e.add_argument("--benign-malignant-threshold", type=float,
+                   help="also needs_review when the benign-vs-malignant probability is below this (default: card, else 0.9)")
     e.add_argument("--ood", nargs="+", metavar="DIR", help="folders of images that are not in-distribution smears: "
                    "AUROC and flagged fraction of the guard (knn) and of max-softmax per folder")
     e.set_defaults(func=cmd_evaluate)

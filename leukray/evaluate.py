@@ -33,7 +33,7 @@ from .config import StorageOptions
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
 from .inference import Predictor, ViewPolicy, package_backend
 from .tta import package_tta
-from .ood import review_reason
+from .ood import DEFAULT_BENIGN_MALIGNANT_THRESHOLD, review_reason
 from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, format_ood_table, format_robustness_table,
                          ood_folders, robustness_suite, silent_errors)
 
@@ -182,13 +182,15 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
              storage: StorageOptions | None = None, robustness: bool = False, seed: int = 0,
              batch_size: int = 64, split_manifest: str | None = None, review_threshold: float | None = None,
              device: str = "auto", plots: bool = True, backend: str = "auto", tta: str = "package",
-             ood_dirs: list[str] | None = None) -> dict[str, Any]:
+             ood_dirs: list[str] | None = None, benign_malignant_threshold: float | None = None) -> dict[str, Any]:
     """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
     (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
     robustness.csv to out_dir. `seed` fixes the random perturbations and the sample grid. `tta`: the package's
     test-time augmentation (`package`) or another mode (`leukray.tta`); the robustness suite runs with it too.
     `ood_dirs`: folders of images that are not in-distribution smears; each is scored against the evaluated
-    split (AUROC, flagged fraction; ood.csv, ood_scores.png).
+    split (AUROC, flagged fraction; ood.csv, ood_scores.png). `review_threshold` and
+    `benign_malignant_threshold` decide needs_review as scoring does (`leukray.ood.low_confidence`; default: the
+    card's, else 0.8 and 0.9).
 
     Returns the report written to `<out_dir>/evaluation.json`."""
     from . import storage as st
@@ -233,7 +235,12 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         threshold, threshold_source = DEFAULT_REVIEW_THRESHOLD, "default"
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"review threshold must be in [0, 1], got {threshold}")
-    flagger = Flagger(classes, threshold, guard)
+    if benign_malignant_threshold is None:
+        benign_malignant_threshold = float(pkg.card.get("benign_malignant_threshold",
+                                                        DEFAULT_BENIGN_MALIGNANT_THRESHOLD))
+    if not 0.0 <= benign_malignant_threshold <= 1.0:
+        raise ValueError(f"benign-malignant threshold must be in [0, 1], got {benign_malignant_threshold}")
+    flagger = Flagger(classes, threshold, guard, benign_malignant_threshold)
     flags = flagger(outputs)
     probs, pred = flags["probs"], flags["pred"]
     metrics = classification_metrics(data.labels, probs, classes)
@@ -257,6 +264,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
                                    if data.manifest_hash else None),
         "metrics": metrics,
         "review": {"threshold": threshold, "threshold_source": threshold_source, **at, "tradeoff": table,
+                   "benign_malignant_threshold": benign_malignant_threshold,
                    "with_guard": {"flagged_fraction": float(flags["needs_review"].mean()),
                                   "ood_fraction": float(flags["ood"].mean()),
                                   "errors_caught_fraction": (float(flags["needs_review"][wrong].mean())

@@ -31,20 +31,23 @@ def chunk_seed(seed: int, name: str, severity_index: int, chunk: int) -> int:
 
 @dataclass
 class Flagger:
-    """What scoring does with a model's outputs: calibrated confidence → needs_review below `threshold`, and the
-    package's out-of-distribution guard (None: confidence only). Each row is calibrated with the temperature of
-    the path it took (`leukray.inference.Outputs`)."""
+    """What scoring does with a model's outputs: needs_review when the calibrated confidence is below `threshold`
+    or the benign-vs-malignant probability below `benign_malignant_threshold` (`leukray.ood.low_confidence`), or
+    when the package's out-of-distribution guard (None: confidence only) flags the image. Each row is calibrated
+    with the temperature of the path it took (`leukray.inference.Outputs`)."""
     classes: list[str]
     threshold: float
     guard: Any = None
+    benign_malignant_threshold: float = 0.0
 
     def __call__(self, outputs: Outputs) -> dict[str, np.ndarray]:
-        from .ood import split_outputs
+        from .ood import low_confidence, split_outputs
 
         logits, features = split_outputs(outputs.values, len(self.classes))
         probs = outputs.probs(len(self.classes))
         conf = probs.max(1)
-        low = conf < self.threshold
+        benign = self.classes.index("Benign") if "Benign" in self.classes else None
+        low = low_confidence(probs, self.threshold, self.benign_malignant_threshold, benign)
         if self.guard is not None and features is not None:
             ood_score = self.guard.scores(logits, features)
             ood = ~self.guard.in_distribution(ood_score)
@@ -141,6 +144,7 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
                                  "silent_benign_malignant": sum(r["silent_benign_malignant"] for r in rs),
                                  "max_flagged_fraction": max(r["flagged_fraction"] for r in rs)}
     return {"seed": int(seed), "review_threshold": flagger.threshold,
+            "benign_malignant_threshold": flagger.benign_malignant_threshold,
             "guard": None if flagger.guard is None else flagger.guard.method,
             "clean": clean, "results": rows, "worst": dict(worst),
             "worst_silent": dict(max(rows, key=lambda r: (r["silent_error_rate"], r["silent_benign_malignant"]))),

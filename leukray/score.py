@@ -42,7 +42,7 @@ from .archive import list_inputs, read_decode, select_new
 from .config import ConfigError, StorageOptions, dump_config
 from .inference import (BF16Guard, Outputs, Predictor, ViewPolicy, default_threads, load_backend,
                         resolve_cpu_precision)
-from .ood import load_guard, review_reason, split_outputs
+from .ood import load_guard, low_confidence, review_reason, split_outputs
 from .results import FILE_SCHEMA, prob_column
 from .score_config import ScoreConfig, ScoreError
 from .tta import ADAPTIVE, TTA_VIEWS
@@ -84,7 +84,8 @@ class _Scorer:
     def __init__(self, package_uri: str, opts: StorageOptions | None, device: str, backend: str, threads: int,
                  review_threshold: float, run_id: str, scored_at: dt.datetime, precision: str = "f32",
                  num_actors: int = 1, max_file_bytes: int = 256 * 1024 * 1024, decode_batch_size: int = 16,
-                 decode_threads: int = 2, request_images: int = 2, tta: str = "none", model_batch_size: int = 128):
+                 decode_threads: int = 2, request_images: int = 2, tta: str = "none", model_batch_size: int = 128,
+                 benign_malignant_threshold: float = 0.0):
         threads = threads or default_threads(num_actors)  # CPUs of the node the actor runs on
         card = storage.read_json(storage.join(package_uri, CARD), opts)
         self.classes = list(card["classes"])
@@ -94,7 +95,7 @@ class _Scorer:
         self.policy = ViewPolicy.from_card(card, tta)
         self.model_name, self.model_version = card["name"], card["version"]
         self.image_size = int(card["preprocessing"]["image_size"])
-        self.threshold = review_threshold
+        self.threshold, self.benign_malignant_threshold = review_threshold, benign_malignant_threshold
         self.run_id, self.scored_at = run_id, scored_at
         self.opts, self.max_file_bytes, self.decode_batch_size = opts, max_file_bytes, decode_batch_size
         self.decode_pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
@@ -169,10 +170,11 @@ class _Scorer:
                 cols[prob_column(c)] = pa.array(probs[:, self.classes.index(c)], pa.float64(), mask=mask)
             else:
                 cols[prob_column(c)] = pa.nulls(n, pa.float64())
-        low = conf < self.threshold
+        benign = self.classes.index("Benign") if "Benign" in self.classes else None
+        low = ok & low_confidence(probs, self.threshold, self.benign_malignant_threshold, benign)
         guarded = ok & ~np.isnan(ood_score)
         ood = guarded & ~(ood_score <= (self.guard.threshold if self.guard is not None else np.inf))
-        reasons = review_reason(low & ok, ood)
+        reasons = review_reason(low, ood)
         cols["needs_review"] = pa.array(low | ood, pa.bool_(), mask=mask)
         cols["ood_score"] = pa.array(ood_score, pa.float64(), mask=~guarded)
         cols["in_distribution"] = pa.array(~ood, pa.bool_(), mask=~guarded)
@@ -245,7 +247,8 @@ def build_dataset(files: pa.Table, cfg: ScoreConfig, package_uri: str, run_id: s
     ds = ds.map_batches(_Scorer, fn_constructor_args=(package_uri, cfg.storage, device, backend, threads,
                                                      cfg.review_threshold, run_id, scored_at, precision,
                                                      cfg.num_actors, cfg.max_file_bytes, cfg.decode_batch_size,
-                                                     cfg.decode_threads, cfg.cpu_request_images, tta, batch_size),
+                                                     cfg.decode_threads, cfg.cpu_request_images, tta, batch_size,
+                                                     cfg.benign_malignant_threshold),
                         batch_size=batch_size, batch_format="pyarrow", compute=pool,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus or None, zero_copy_batch=True)
     if run_date is None:

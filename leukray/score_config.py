@@ -68,6 +68,9 @@ class ScoreConfig(StrictModel):
     packages use their temperature as it is for another mode (refit it with `leukray calibrate --tta MODE`)."""
     review_threshold: float = 0.8
     """needs_review = calibrated confidence < review_threshold (`leukray evaluate` reports what it catches)."""
+    benign_malignant_threshold: float = 0.9
+    """…or the calibrated probability of the row's side of benign vs malignant < this: doubt about the benign ↔
+    malignant call goes to review even when the predicted class itself clears review_threshold; 0 = off."""
     max_file_bytes: int = 256 * 1024 * 1024
     """Files larger than this are error rows without being read (decompression bombs are caught by pixel count)."""
     object_store_limit_mb: int = 256
@@ -102,8 +105,9 @@ class ScoreConfig(StrictModel):
                self.cpu_request_images) < 1:
             raise ValueError("batch_size, gpu_batch_size, decode_batch_size, files_per_block, num_actors, decode_threads and "
                              "cpu_request_images must be >= 1")
-        if not 0.0 <= self.review_threshold <= 1.0:
-            raise ValueError(f"review_threshold={self.review_threshold} must be in [0, 1]")
+        for key in ("review_threshold", "benign_malignant_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1]")
         if self.backend in ("onnx", "torch") and self.cpu_precision == "bf16":
             raise ValueError(f"cpu_precision=bf16 needs backend openvino (or auto on CPU); backend={self.backend} "
                              "runs f32 on CPU")

@@ -92,7 +92,7 @@ def make_dataset(out_dir: str | Path, per_class: int = 40, size: int = 96, seed:
     return out
 
 
-OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen")
+OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen", "tissue")
 """What `make_ood_folders` writes: inputs a nightly archive can hold that are not smears like the training ones."""
 
 
@@ -167,7 +167,10 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
     """Write one folder per kind in OOD_FOLDERS of images that are not in-distribution smears, to measure the
     out-of-distribution guard (`leukray evaluate --ood`). `source`: a folder of real smear images (any depth) for
     `defocus` and `other_stain`; without one, generated smears stand in. `natural` crops the photographs that
-    scikit-learn ships (`sklearn.datasets.load_sample_images`)."""
+    scikit-learn ships (`sklearn.datasets.load_sample_images`); `tissue` crops, at random sizes and turns, the real
+    micrograph scikit-image ships of a colon section under another stain (immunohistochemistry: DAB brown and
+    haematoxylin blue, `skimage.data.immunohistochemistry`) — real microscopy, real stain, not a blood smear."""
+    from skimage.data import immunohistochemistry
     from sklearn.datasets import load_sample_images
 
     out = Path(out_dir)
@@ -182,6 +185,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
     else:
         smears = [np.asarray(smear_image(CLASSES[i % len(CLASSES)], rng, size)) for i in range(per_folder)]
     photos = load_sample_images().images
+    section = immunohistochemistry()
     makers = {
         "texture": lambda i: _texture(rng, size),
         "blank": lambda i: _blank(rng, size),
@@ -190,6 +194,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
         "natural": lambda i: _crop_resize(photos[i % len(photos)], rng, size),
         "other_stain": lambda i: _other_stain(smears[i % len(smears)], rng),
         "screen": lambda i: _screen(rng, size),
+        "tissue": lambda i: _crop_resize(section, rng, size).rotate(90 * int(rng.integers(4))),
     }
     for name, make in makers.items():
         folder = out / name

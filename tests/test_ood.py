@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from leukray.ood import (METHODS, OODConfig, auroc, energy_scores, fit_guard, knn_scores, load_guard, msp_scores,
-                         review_reason, save_reference, split_outputs)
+                         low_confidence, review_reason, save_reference, split_outputs)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,6 +92,23 @@ def test_split_outputs_and_review_reason():
     assert review_reason(np.array([True, False]), None) == ["low_confidence", None]
 
 
+def test_low_confidence_also_holds_the_benign_malignant_call_to_its_own_threshold():
+    """A class that clears the review threshold still goes to review when the other side of benign vs malignant
+    holds more than 10 %; doubt between malignant subtypes does not."""
+    probs = np.array([[0.85, 0.15, 0.00, 0.00],   # Benign at 0.85, malignant 0.15: the call is in doubt
+                      [0.05, 0.85, 0.10, 0.00],   # Early Pre-B at 0.85, but malignant at 0.95: the call is sure
+                      [0.12, 0.88, 0.00, 0.00],   # malignant at 0.88
+                      [0.50, 0.30, 0.20, 0.00],   # below the plain threshold
+                      [0.97, 0.01, 0.01, 0.01]])
+    assert low_confidence(probs, 0.8, 0.9).tolist() == [True, False, True, True, False]
+    assert low_confidence(probs, 0.8, 0.0).tolist() == [False, False, False, True, False]
+    assert low_confidence(probs, 0.8, 0.9, benign_index=None).tolist() == [False, False, False, True, False]
+    from leukray.score_config import ScoreConfig
+
+    with pytest.raises(ValueError, match=r"benign_malignant_threshold=1.5 must be in \[0, 1\]"):
+        ScoreConfig(benign_malignant_threshold=1.5)
+
+
 @pytest.fixture(scope="module")
 def imagenet_package(synth_data, tmp_path_factory):
     """ImageNet backbone, one epoch on generated smears at 64 px: features that know a smear from a blank field."""
@@ -107,16 +124,21 @@ def imagenet_package(synth_data, tmp_path_factory):
 def test_evaluate_ood_flags_far_off_folders(imagenet_package, synth_data, tmp_path):
     """Generated folders of blank fields and photographs against the package's test split: the guard flags them
     all at its shipped threshold (AUROC 1), and the report has both methods side by side and the histogram."""
-    from leukray.synth import make_ood_folders
+    from PIL import Image
+
+    from leukray.synth import OOD_FOLDERS, make_ood_folders
 
     ood = make_ood_folders(tmp_path / "ood", per_folder=10, size=64, seed=1)
+    for name in OOD_FOLDERS:
+        files = sorted((ood / name).glob("*.png"))
+        assert len(files) == 10 and Image.open(files[0]).size == (64, 64), name
     r = subprocess.run([sys.executable, "-m", "leukray.cli", "evaluate", "--model", str(imagenet_package), "--data",
                         str(synth_data), "--out", str(tmp_path / "ev"), "--ood", str(ood / "blank"),
-                        str(ood / "natural")], capture_output=True, text=True, cwd=REPO)
+                        str(ood / "natural"), str(ood / "tissue")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     rows = {Path(x["folder"]).name: x for x in report["ood_folders"]["folders"]}
-    for name in ("blank", "natural"):
+    for name in ("blank", "natural", "tissue"):
         assert rows[name]["n"] == 10
         assert rows[name]["knn_auroc"] == 1.0 and rows[name]["knn_flagged_fraction"] == 1.0, rows[name]
         assert 0.0 <= rows[name]["msp_auroc"] <= 1.0 and "msp_flagged_fraction" in rows[name]

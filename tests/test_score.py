@@ -208,7 +208,8 @@ def test_first_run_one_row_per_file(cluster, loc):
     # needs_review: low confidence or out of distribution (the package's guard), and the reason says which
     assert ok["ood_score"].null_count == ok["in_distribution"].null_count == 0
     card = registry.load_package(loc["model"], loc["opts"], with_model=False).card
-    low = ok["confidence"].to_numpy() < THRESHOLD
+    p_benign = ok["prob_benign"].to_numpy()  # the default benign_malignant_threshold 0.9 joins THRESHOLD
+    low = (ok["confidence"].to_numpy() < THRESHOLD) | (np.maximum(p_benign, 1 - p_benign) < 0.9)
     ood = ok["ood_score"].to_numpy() > card["ood"]["threshold"]
     assert ok["in_distribution"].to_pylist() == (~ood).tolist()
     assert ok["needs_review"].to_pylist() == (low | ood).tolist()
