@@ -92,7 +92,7 @@ def make_dataset(out_dir: str | Path, per_class: int = 40, size: int = 96, seed:
     return out
 
 
-OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen", "tissue")
+OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen", "tissue", "magnified")
 """What `make_ood_folders` writes: inputs a nightly archive can hold that are not smears like the training ones."""
 
 
@@ -142,6 +142,14 @@ def _screen(rng: np.random.Generator, size: int) -> Image.Image:
     return img
 
 
+def _magnified(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+    """A field seen ×2.5–4 closer: a random square of 1/zoom of the side, scaled back up."""
+    h, w = arr.shape[:2]
+    side = max(8, int(min(h, w) / rng.uniform(2.5, 4.0)))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return Image.fromarray(arr[y:y + side, x:x + side]).resize((size, size), Image.Resampling.BICUBIC)
+
+
 def _other_stain(arr: np.ndarray, rng: np.random.Generator) -> Image.Image:
     """A smear under a colour response no lab's stain gives: channels swapped, inverted, grey, or hue-rotated."""
     kind = int(rng.integers(0, 4))
@@ -169,7 +177,9 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
     `defocus` and `other_stain`; without one, generated smears stand in. `natural` crops the photographs that
     scikit-learn ships (`sklearn.datasets.load_sample_images`); `tissue` crops, at random sizes and turns, the real
     micrograph scikit-image ships of a colon section under another stain (immunohistochemistry: DAB brown and
-    haematoxylin blue, `skimage.data.immunohistochemistry`) — real microscopy, real stain, not a blood smear."""
+    haematoxylin blue, `skimage.data.immunohistochemistry`) — real microscopy, real stain, not a blood smear;
+    `magnified` shows the smears through a ×2.5–4 stronger objective (one or two cells fill the field, as in
+    datasets of single-cell crops)."""
     from skimage.data import immunohistochemistry
     from sklearn.datasets import load_sample_images
 
@@ -195,6 +205,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
         "other_stain": lambda i: _other_stain(smears[i % len(smears)], rng),
         "screen": lambda i: _screen(rng, size),
         "tissue": lambda i: _crop_resize(section, rng, size).rotate(90 * int(rng.integers(4))),
+        "magnified": lambda i: _magnified(smears[i % len(smears)], rng, size),
     }
     for name, make in makers.items():
         folder = out / name
