@@ -275,18 +275,18 @@ DEFAULT_BENIGN_MALIGNANT_THRESHOLD = 0.9
 """A row is also low confidence when the calibrated probability of its side of benign vs malignant is below this."""
 
 
-def low_confidence(probs: np.ndarray, threshold: float, benign_malignant_threshold: float = 0.0,
-                   benign_index: int | None = 0) -> np.ndarray:
+def low_confidence(probs: np.ndarray, classes: list[str], threshold: float,
+                   benign_malignant_threshold: float = 0.0) -> np.ndarray:
     """Rows the classifier is unsure of: calibrated confidence below `threshold`, or the calibrated probability of
     the predicted side of benign vs malignant (P(benign), or 1 - P(benign) when a malignant class is predicted)
     below `benign_malignant_threshold`. Why the second rule: a benign cell called malignant or the reverse is the
     error a lab cannot take silently, while Pre-B vs Pro-B doubt matters less; on the validation split, stain
     batches turned one malignant cell into a "Benign" at confidence 0.86-0.90 with 10-14 % on the malignant
-    classes, above the plain threshold (docs/results.md). `benign_index` None: a package without a benign class."""
+    classes, above the plain threshold (docs/results.md). A package without a "Benign" class: the first rule alone."""
     probs = np.asarray(probs, dtype=np.float64)
     low = probs.max(axis=1) < threshold
-    if benign_index is not None and benign_malignant_threshold > 0:
-        pb = probs[:, benign_index]
+    if "Benign" in classes and benign_malignant_threshold > 0:
+        pb = probs[:, list(classes).index("Benign")]
         low |= np.maximum(pb, 1.0 - pb) < benign_malignant_threshold
     return low
 

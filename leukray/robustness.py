@@ -46,8 +46,7 @@ class Flagger:
         logits, features = split_outputs(outputs.values, len(self.classes))
         probs = outputs.probs(len(self.classes))
         conf = probs.max(1)
-        benign = self.classes.index("Benign") if "Benign" in self.classes else None
-        low = low_confidence(probs, self.threshold, self.benign_malignant_threshold, benign)
+        low = low_confidence(probs, self.classes, self.threshold, self.benign_malignant_threshold)
         if self.guard is not None and features is not None:
             ood_score = self.guard.scores(logits, features)
             ood = ~self.guard.in_distribution(ood_score)

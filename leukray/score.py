@@ -170,8 +170,7 @@ class _Scorer:
                 cols[prob_column(c)] = pa.array(probs[:, self.classes.index(c)], pa.float64(), mask=mask)
             else:
                 cols[prob_column(c)] = pa.nulls(n, pa.float64())
-        benign = self.classes.index("Benign") if "Benign" in self.classes else None
-        low = ok & low_confidence(probs, self.threshold, self.benign_malignant_threshold, benign)
+        low = ok & low_confidence(probs, self.classes, self.threshold, self.benign_malignant_threshold)
         guarded = ok & ~np.isnan(ood_score)
         ood = guarded & ~(ood_score <= (self.guard.threshold if self.guard is not None else np.inf))
         reasons = review_reason(low, ood)

@@ -100,9 +100,11 @@ def test_low_confidence_also_holds_the_benign_malignant_call_to_its_own_threshol
                       [0.12, 0.88, 0.00, 0.00],   # malignant at 0.88
                       [0.50, 0.30, 0.20, 0.00],   # below the plain threshold
                       [0.97, 0.01, 0.01, 0.01]])
-    assert low_confidence(probs, 0.8, 0.9).tolist() == [True, False, True, True, False]
-    assert low_confidence(probs, 0.8, 0.0).tolist() == [False, False, False, True, False]
-    assert low_confidence(probs, 0.8, 0.9, benign_index=None).tolist() == [False, False, False, True, False]
+    classes = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
+    assert low_confidence(probs, classes, 0.8, 0.9).tolist() == [True, False, True, True, False]
+    assert low_confidence(probs, classes, 0.8, 0.0).tolist() == [False, False, False, True, False]
+    no_benign = ["Other", "Early Pre-B", "Pre-B", "Pro-B"]
+    assert low_confidence(probs, no_benign, 0.8, 0.9).tolist() == [False, False, False, True, False]
     from leukray.score_config import ScoreConfig
 
     with pytest.raises(ValueError, match=r"benign_malignant_threshold=1.5 must be in \[0, 1\]"):
