@@ -69,8 +69,9 @@ class ScoreConfig(StrictModel):
     review_threshold: float = 0.8
     """needs_review = calibrated confidence < review_threshold (`leukray evaluate` reports what it catches)."""
     benign_malignant_threshold: float = 0.9
-    """…or the calibrated probability of the row's side of benign vs malignant < this: doubt about the benign ↔
-    malignant call goes to review even when the predicted class itself clears review_threshold; 0 = off."""
+    """needs_review also when the calibrated probability of the row's side of benign vs malignant is below this:
+    doubt about the benign ↔ malignant call goes to review even when the predicted class clears review_threshold;
+    0 = off."""
     max_file_bytes: int = 256 * 1024 * 1024
     """Files larger than this are error rows without being read (decompression bombs are caught by pixel count)."""
     object_store_limit_mb: int = 256
