@@ -384,19 +384,24 @@ class BF16Guard:
 PACKAGE_BACKENDS = ("auto", "torch", "openvino")
 
 
+def openvino_here(device: Any) -> bool:
+    """`auto`'s choice: OpenVINO on a CPU where it is installed (several times faster than PyTorch there)."""
+    import importlib.util
+
+    return getattr(device, "type", str(device)) == "cpu" and importlib.util.find_spec("openvino") is not None
+
+
 def package_backend(pkg: Any, device: Any, batch_size: int, backend: str = "auto", storage_options: Any = None,
                     onnx_bytes: bytes | None = None) -> tuple[Backend, str]:
     """A loaded package's backend for evaluate and calibrate, and its name. On a CPU `auto` runs the package's ONNX
     graph with OpenVINO in fp32 as scoring does (several times faster than PyTorch there, same numbers to ~1e-6:
     the robustness suite's 10 000+ forward passes take minutes instead of a quarter of an hour); elsewhere
     PyTorch."""
-    import importlib.util
-
     if backend not in PACKAGE_BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(PACKAGE_BACKENDS)}")
     dev_type = getattr(device, "type", str(device))
     if backend == "auto":
-        backend = "openvino" if dev_type == "cpu" and importlib.util.find_spec("openvino") else "torch"
+        backend = "openvino" if openvino_here(device) else "torch"
     if backend == "openvino":
         if dev_type != "cpu":
             raise ValueError(f"backend=openvino runs on the CPU; device={device} needs backend torch (or auto)")

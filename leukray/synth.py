@@ -96,11 +96,13 @@ OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen"
 """What `make_ood_folders` writes: inputs a nightly archive can hold that are not smears like the training ones."""
 
 
-def _crop_resize(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+def _crop_resize(arr: np.ndarray, rng: np.random.Generator, size: int, side: int | None = None,
+                 resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
+    """A random square of `side` pixels (default: a random quarter to all of the short side), resized to `size`."""
     h, w = arr.shape[:2]
-    side = int(rng.integers(min(h, w) // 4, min(h, w)))
+    side = int(rng.integers(min(h, w) // 4, min(h, w))) if side is None else side
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    return Image.fromarray(arr[y:y + side, x:x + side]).resize((size, size), Image.Resampling.BILINEAR)
+    return Image.fromarray(arr[y:y + side, x:x + side]).resize((size, size), resample)
 
 
 def _texture(rng: np.random.Generator, size: int) -> Image.Image:
@@ -144,10 +146,8 @@ def _screen(rng: np.random.Generator, size: int) -> Image.Image:
 
 def _magnified(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
     """A field seen ×2.5–4 closer: a random square of 1/zoom of the side, scaled back up."""
-    h, w = arr.shape[:2]
-    side = max(8, int(min(h, w) / rng.uniform(2.5, 4.0)))
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    return Image.fromarray(arr[y:y + side, x:x + side]).resize((size, size), Image.Resampling.BICUBIC)
+    side = max(8, int(min(arr.shape[:2]) / rng.uniform(2.5, 4.0)))
+    return _crop_resize(arr, rng, size, side, Image.Resampling.BICUBIC)
 
 
 def _other_stain(arr: np.ndarray, rng: np.random.Generator) -> Image.Image:

@@ -33,7 +33,8 @@ from .model import LeukNet, ModelConfig, build_model, check_colour_norm
 from .ood import OODConfig, fit_guard, save_reference, split_outputs
 from .registry import export_onnx, library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
-from .inference import OpenVINOModel, Predictor, TorchModel, ViewPolicy, default_threads, predict_outputs, softmax
+from .inference import (OpenVINOModel, Predictor, TorchModel, ViewPolicy, default_threads, openvino_here,
+                        predict_outputs, softmax)
 from .tta import check_tta, view_ids
 
 
@@ -219,10 +220,8 @@ def packaging_model(model: LeukNet, cfg: TrainConfig) -> Any:
     """What the trained network is calibrated, guarded and tested with. On a CPU: its ONNX graph under OpenVINO
     fp32, as `leukray calibrate` and scoring run it (outputs within ~3e-4 of PyTorch's, ~4.6x faster there: the
     guard's reference is 8 views of two copies of every training image; bench/package_views.py); elsewhere PyTorch."""
-    import importlib.util
-
     device = next(model.parameters()).device
-    if device.type != "cpu" or importlib.util.find_spec("openvino") is None:
+    if not openvino_here(device):
         return TorchModel(model, device, cfg.eval_batch_size, channels_last=cfg.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
