@@ -2,6 +2,11 @@
 
 An image becomes a square RGB uint8 array of `image_size` pixels (bilinear, antialiased). The model itself
 rescales to [0, 1] and normalises (see `leukray.model`), so what crosses process boundaries stays uint8.
+
+Files as microscope cameras and slide software write them: the EXIF orientation is applied; 16-bit and float
+grey images are scaled by their bit depth (the smallest of 8/10/12/14/16 bits that holds the brightest pixel, so a
+12-bit camera's file is not rendered dark, and never clipped to white); transparent pixels become white, the
+colour of an empty field.
 """
 
 from __future__ import annotations
@@ -10,9 +15,9 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused as decompression bombs (a smear field is a few megapixels)."""
@@ -26,8 +31,26 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB: high-depth grey by its bit depth, alpha over white, the rest by PIL's conversion."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        top = float(np.nanmax(a)) if a.size else 0.0
+        if img.mode == "F" and top <= 1.0:
+            full = 1.0  # float images in [0, 1]
+        else:
+            full = next((2.0 ** b - 1 for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1), max(top, 1.0))
+        grey = np.clip(np.nan_to_num(a) / full * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Bytes of a JPEG/PNG/TIFF/BMP → (image_size, image_size, 3) uint8 RGB. Raises ImageDecodeError."""
+    """Bytes of a JPEG/PNG/TIFF/BMP/WebP → (image_size, image_size, 3) uint8 RGB. Raises ImageDecodeError."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -41,7 +64,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             if img.format == "JPEG":
                 # Let libjpeg downscale while decoding: large fields decode several times faster.
                 img.draft("RGB", (image_size, image_size))
-            img = img.convert("RGB")
+            img = _to_rgb(ImageOps.exif_transpose(img))
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(img, dtype=np.uint8)

@@ -11,7 +11,7 @@ class ScoreConfig(StrictModel):
     """configs/score.yaml. Unknown keys are rejected by name."""
 
     input: str | None = None
-    """Archive prefix: local folder or s3://bucket/prefix; searched recursively for jpg/jpeg/png/tif/tiff/bmp
+    """Archive prefix: local folder or s3://bucket/prefix; searched recursively for jpg/jpeg/png/tif/tiff/bmp/webp
     (any case)."""
     output: str | None = None
     """The results Delta table (local folder or s3://bucket/prefix), created by the first run."""

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from . import CLASSES
+from .images import is_image_name
 
 FOLDERS = {"Benign": "Benign", "Early Pre-B": "Early", "Pre-B": "Pre", "Pro-B": "Pro"}
 """The public dataset's folder names, so generated data exercises the alias mapping."""
@@ -186,7 +187,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     if source is not None:
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"))
+        files = sorted(p for p in Path(source).rglob("*") if is_image_name(p.name))
         if not files:
             raise ValueError(f"--source {source}: no images found")
         picks = rng.choice(len(files), size=min(per_folder, len(files)), replace=False)

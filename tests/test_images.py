@@ -1,0 +1,70 @@
+"""Decoding files as microscope cameras and slide software write them: the one path training, evaluation and
+scoring share (leukray.images)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukray.images import ImageDecodeError, decode_image, is_image_name
+
+RAMP = np.linspace(0.0, 1.0, 64 * 64).reshape(64, 64)
+
+
+def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,array,fmt", [
+    ("16-bit grey PNG", (RAMP * 65535).astype(np.uint16), "PNG"),
+    ("12-bit grey in a 16-bit PNG", (RAMP * 4095).astype(np.uint16), "PNG"),
+    ("16-bit grey TIFF", (RAMP * 65535).astype(np.uint16), "TIFF"),
+    ("float grey TIFF in [0, 1]", RAMP.astype(np.float32), "TIFF"),
+    ("8-bit grey PNG", (RAMP * 255).astype(np.uint8), "PNG"),
+])
+def test_high_depth_grey_keeps_its_tones(name, array, fmt):
+    out = decode_image(_encode(array, fmt), 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    # a ramp from black to white stays one: not clipped to white, not crushed to black
+    assert out.min() <= 2 and out.max() >= 253, name
+    assert abs(float(out.mean()) - 127.5) < 3, name
+
+
+def test_transparent_pixels_become_white_background():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:16, :, :3] = (120, 40, 160)  # an opaque violet top half
+    rgba[:16, :, 3] = 255
+    out = decode_image(_encode(rgba, "PNG"), 32)
+    assert (out[20:] == 255).all()
+    assert np.abs(out[:12].astype(int) - (120, 40, 160)).max() <= 1
+
+
+def test_exif_orientation_is_applied():
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20, 0] = 255  # red on the left half as stored
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # displayed rotated 90° clockwise: the stored left half is on top
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    out = decode_image(buf.getvalue(), 32)
+    assert out[:10, :, 0].mean() > 200 and out[-10:, :, 0].mean() < 50
+
+
+def test_webp_is_listed_and_decoded():
+    assert is_image_name("field-01.WEBP") and is_image_name("a/b.tif") and not is_image_name("notes.txt")
+    rgb = (np.stack([RAMP, RAMP[::-1], RAMP.T], -1) * 255).astype(np.uint8)
+    out = decode_image(_encode(rgb, "WEBP", lossless=True), 64)
+    assert np.abs(out.astype(int) - rgb).max() <= 2
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "empty file"),
+    (b"plain text, not an image", "not an image"),
+])
+def test_bad_bytes_are_named(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data, 32)
