@@ -3,7 +3,8 @@
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
 response (white balance, colour temperature, a tinted lamp), exposure, illumination (brightness, contrast), focus
 (blur), sensor noise, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
-the same cell covers more or fewer pixels). The camera and stain families follow the colour model of
+the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
+differs in all of them at once. The camera and stain families follow the colour model of
 `leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator re-scores the test
 split under each perturbation at graded severities to show how accuracy degrades.
 
@@ -64,6 +65,10 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     "stain_intensity": (0.6, 0.8, 1.25, 1.5),
     # stain batch: basic (blue) dye ×(1 + s), eosin ×(1 - s) (a bluer or a pinker stain)
     "stain_balance": (-0.3, -0.15, 0.15, 0.3),
+    # another lab, all at once (`_other_lab`): s > 0 a warmer lamp, brighter exposure and a paler stain, s < 0 a
+    # cooler lamp, darker exposure and a stronger stain; at |s| = 1 each part is milder than its own family's
+    # strongest severity (colour temperature 0.15, exposure ×1.3, dyes ×0.75), together they are not
+    "other_lab": (-1.0, -0.5, 0.5, 1.0),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -83,6 +88,7 @@ IDENTITY: dict[str, float] = {
     "exposure": 1.0,
     "stain_intensity": 1.0,
     "stain_balance": 0.0,
+    "other_lab": 0.0,
 }
 """The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
 
@@ -206,6 +212,13 @@ def _gains(r: float, g: float, b: float) -> Callable[[torch.Tensor], torch.Tenso
     return lambda x: colour.camera_gains(x, torch.tensor([r, g, b], dtype=x.dtype).expand(x.shape[0], 3))
 
 
+def _other_lab(x: torch.Tensor, s: float) -> torch.Tensor:
+    """Stain batch, lamp and exposure of another lab together: dyes ×0.75^s, then red ×1.15^s and blue ×0.85^s
+    (colour temperature) and all three ×1.3^s (exposure, clipped) in linear light."""
+    stained = colour.stain_concentration(x, 0.75 ** s, 0.75 ** s)
+    return _gains(1.15 ** s * 1.3 ** s, 1.3 ** s, 0.85 ** s * 1.3 ** s)(stained)
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -224,6 +237,7 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "stain_intensity": _colour_op("stain_intensity", 0.0, 5.0, lambda x, s: colour.stain_concentration(x, s, s)),
     "stain_balance": _colour_op("stain_balance", -0.9, 0.9,
                                 lambda x, s: colour.stain_concentration(x, 1 + s, 1 - s)),
+    "other_lab": _colour_op("other_lab", -3.0, 3.0, _other_lab),
 }
 assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 

@@ -35,7 +35,7 @@ BATCH = _smear_like()
 def test_registry_contains_required_severities() -> None:
     assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale",
                                  "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
-                                 "stain_intensity", "stain_balance"}
+                                 "stain_intensity", "stain_balance", "other_lab"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
     assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
@@ -171,6 +171,16 @@ def test_colour_temperature_is_red_up_blue_down() -> None:
     assert warm[0, 0, 0, 0] > 128 and warm[0, 0, 0, 1] == 128 and warm[0, 0, 0, 2] < 128
     cool = apply_perturbation(image, "colour_temperature", -0.2)
     assert cool[0, 0, 0, 0] < 128 and cool[0, 0, 0, 2] > 128
+
+
+def test_other_lab_is_its_parts_together() -> None:
+    image = np.array([[[230, 225, 235], [110, 60, 150]]], dtype=np.uint8)
+    warm, cool = apply_perturbation(image, "other_lab", 1.0), apply_perturbation(image, "other_lab", -1.0)
+    paler = apply_perturbation(image, "stain_intensity", 0.75)
+    assert warm[0, 1].sum() > paler[0, 1].sum() > image[0, 1].sum()  # paler stain, then brighter exposure
+    assert warm[0, 1, 0] - warm[0, 1, 2] > image[0, 1, 0] - image[0, 1, 2]  # warmer: red up relative to blue
+    assert cool[0, 1].sum() < image[0, 1].sum() and cool[0, 1, 2] - cool[0, 1, 0] > image[0, 1, 2] - image[0, 1, 0]
+    assert warm[0, 0, :2].tolist() == [255, 255]  # the bright background clips at white
 
 
 def test_exposure_clips_highlights_and_cannot_be_undone() -> None:
