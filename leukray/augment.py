@@ -38,11 +38,12 @@ def check_policy(name: str) -> str:
 
 
 def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | None = None,
-                  strength: float = 1.0, zoom: float = 1.0, p: float = 1.0) -> torch.Tensor:
+                  strength: float = 1.0, zoom: float = 1.0, p: float = 1.0, geometry: bool = True) -> torch.Tensor:
     """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device.
 
     `p`: the fraction of images that get the colour (stain, robust) and camera (robust) part; flips, rotation and
-    zoom apply to every image. Below 1 the others keep their true colour and texture."""
+    zoom apply to every image. Below 1 the others keep their true colour and texture. `geometry=False`: the batch
+    is already flipped/rotated (`flips_and_rotation`), only the colour/camera part is drawn."""
     check_policy(policy)
     if zoom < 1.0:
         raise ValueError(f"zoom must be >= 1.0 (the largest magnification factor; 1.0 = off), got {zoom}")
@@ -50,7 +51,8 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
         raise ValueError(f"p must be in [0, 1] (the fraction of images that get colour/camera augmentation), got {p}")
     if policy == "none":
         return x
-    x = flips_and_rotation(x, generator, zoom=zoom)
+    if geometry:
+        x = flips_and_rotation(x, generator, zoom=zoom)
     if policy == "study" or p == 0.0:
         return x.clamp_(0, 255)
     y = colour_jitter(x, generator, strength)

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from . import CLASSES, storage
-from .augment import POLICIES, augment_batch, augment_images, check_policy
+from .augment import POLICIES, augment_batch, augment_images, check_policy, flips_and_rotation
 from .colour import other_labs, signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
-from .model import LeukNet, ModelConfig, build_model, check_colour_norm
+from .model import FEATURES_DIM, LeukNet, ModelConfig, build_model, check_colour_norm
 from .ood import OODConfig, fit_guard, save_reference, split_outputs
 from .registry import export_onnx, library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
@@ -57,6 +57,10 @@ class TrainConfig(StrictModel):
     """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
     augment_p: float = Field(1.0, ge=0.0, le=1.0)
     """Fraction of training images that get the policy's colour/camera part (flips, rotation, zoom: all); 1.0 = all."""
+    consistency: float = Field(0.0, ge=0.0, le=100.0)
+    """Weight of a feature-consistency term: each batch also goes through the policy's colour/camera part in full,
+    and its pooled features are pulled (cosine) toward those of the batch as trained, so another lab's image lands
+    where its own-lab twin does (for the classifier and the guard alike); doubles the cost of a step. 0 = off."""
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adam", "adamw"] = "adamw"
@@ -90,6 +94,9 @@ class TrainConfig(StrictModel):
     def model_post_init(self, _: Any) -> None:
         if self.augment not in POLICIES:
             raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
+        if self.consistency > 0 and self.augment in ("none", "study"):
+            raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
+                             f"augment={self.augment!r} has none (allowed with consistency: stain, robust, lab)")
         check_tta(self.tta)
         check_colour_norm(self.model.colour_norm)
 
@@ -319,13 +326,27 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x = train_images[idx.to(train_images.device)].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
             y = train_labels[idx.to(train_labels.device)]
-            x = augment_batch(x, cfg.augment, gen if device.type == "cpu" else None, cfg.augment_strength,
-                              cfg.augment_zoom, cfg.augment_p)
+            g = gen if device.type == "cpu" else None
+            if cfg.consistency > 0:  # one geometry, two colour/camera draws: as trained, and shifted in full
+                x = flips_and_rotation(x, g, zoom=cfg.augment_zoom)
+                shifted = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False)
+                x = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=cfg.augment_p, geometry=False)
+                x = torch.cat([x, shifted])
+            else:
+                x = augment_batch(x, cfg.augment, g, cfg.augment_strength, cfg.augment_zoom, cfg.augment_p)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
+                if cfg.consistency > 0:
+                    logits, feats = model.forward_with_features(x)
+                    pooled = feats[:, :FEATURES_DIM].float()
+                    logits = logits[:len(y)]
+                    pull = 1 - F.cosine_similarity(pooled[len(y):], pooled[:len(y)].detach(), dim=1)
+                else:
+                    logits, pull = model(x), None
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if pull is not None:
+                    loss = loss + cfg.consistency * pull.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -156,6 +156,32 @@ def test_ema_weights_are_what_is_selected_and_shipped(synth_data, tmp_path):
     assert loss == pytest.approx(with_ema.best["val_loss"], rel=1e-4)
 
 
+def test_consistency_makes_features_stable_under_another_labs_colours(synth_data, tmp_path):
+    """consistency > 0: the pooled features of an image in another lab's colours move toward its own, relative to
+    how far apart two different images are (what the guard's knn distance sees)."""
+    import torch
+    from leukray.colour import other_labs
+    kw = {"augment": "lab", "augment_p": 0.25, "early_stopping_patience": 0}
+    data = prepare_data(_cfg(synth_data, **kw), manifest_uri=str(tmp_path / "split.parquet"))
+    images = np.ascontiguousarray(data.images[data.indices("val")])
+    shifted = other_labs(images, torch.Generator().manual_seed(7))
+
+    def relative_shift(weight: float) -> float:
+        model = fit(_cfg(synth_data, consistency=weight, **kw), data, verbose=False).model.eval()
+        with torch.no_grad():
+            a, b = (model.forward_with_features(torch.from_numpy(x).permute(0, 3, 1, 2).float())[1][:, :1280]
+                    for x in (images, shifted))
+        cos = torch.nn.functional.cosine_similarity
+        return float((1 - cos(a, b)).mean() / (1 - cos(a, a.roll(1, 0))).mean())
+
+    assert relative_shift(5.0) < 0.8 * relative_shift(0.0)
+
+
+def test_consistency_needs_a_colour_policy(synth_data):
+    with pytest.raises(ValueError, match="consistency=1.0 needs a colour/camera policy.*augment='study'"):
+        _cfg(synth_data, consistency=1.0)
+
+
 def test_manifest_mismatch_is_explained(synth_data, tmp_path):
     cfg = _cfg(synth_data, **{"data.limit_per_class": 5, "model.weights": "none"})
     prepare_data(cfg, manifest_uri=str(tmp_path / "split.parquet"))
