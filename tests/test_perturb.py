@@ -175,8 +175,9 @@ def test_colour_temperature_is_red_up_blue_down() -> None:
 
 def test_other_lab_is_its_parts_together() -> None:
     image = np.array([[[230, 225, 235], [110, 60, 150]]], dtype=np.uint8)
-    warm, cool = apply_perturbation(image, "other_lab", 1.0), apply_perturbation(image, "other_lab", -1.0)
-    paler = apply_perturbation(image, "stain_intensity", 0.75)
+    warm, cool = (apply_perturbation(image, "other_lab", s).astype(int) for s in (1.0, -1.0))
+    paler = apply_perturbation(image, "stain_intensity", 0.75).astype(int)
+    image = image.astype(int)
     assert warm[0, 1].sum() > paler[0, 1].sum() > image[0, 1].sum()  # paler stain, then brighter exposure
     assert warm[0, 1, 0] - warm[0, 1, 2] > image[0, 1, 0] - image[0, 1, 2]  # warmer: red up relative to blue
     assert cool[0, 1].sum() < image[0, 1].sum() and cool[0, 1, 2] - cool[0, 1, 0] > image[0, 1, 2] - image[0, 1, 0]
