@@ -124,12 +124,20 @@ SPACE = "space:\n  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
     ("space:\n  lr: {type: loguniform, low: 1.0e-4, high: 2.0}\n", "lr: 2.0 is not a valid train.lr: Input should be "
      "less than or equal to 1"),
     ("space:\n  head_width: {type: int, low: 16, high: 9000}\n", "head_width: 9000 is not a valid train.model.head_width"),
+    ("space:\n  consistency: {type: uniform, low: -1, high: 2}\n", "consistency: -1.0 is not a valid train.consistency"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, expected):
     with pytest.raises(ConfigError) as err:
         load_search_config(_write(tmp_path, text))
     assert expected in str(err.value)
     assert str(tmp_path / "tune.yaml") in str(err.value)
+
+
+def test_consistency_is_searchable(tmp_path):
+    from leukray.search_config import trial_config
+    cfg = load_search_config(_write(tmp_path, "space:\n  consistency: {type: uniform, low: 0.0, high: 2.0}\n"
+                                    "train:\n  augment: lab\n"))
+    assert trial_config(cfg.trial_base(), {"consistency": 0.5}).consistency == 0.5
 
 
 def test_shipped_configs_validate():
