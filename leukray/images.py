@@ -64,7 +64,8 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             if img.format == "JPEG":
                 # Let libjpeg downscale while decoding: large fields decode several times faster.
                 img.draft("RGB", (image_size, image_size))
-            img = _to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+            img = _to_rgb(img)
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(img, dtype=np.uint8)
