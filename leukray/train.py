@@ -29,7 +29,7 @@ from .augment import POLICIES, augment_batch, augment_images, check_policy, flip
 from .colour import other_labs, signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
-from .model import FEATURES_DIM, LeukNet, ModelConfig, build_model, check_colour_norm
+from .model import LeukNet, ModelConfig, build_model, check_colour_norm
 from .ood import OODConfig, fit_guard, save_reference, split_outputs
 from .registry import export_onnx, library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
@@ -337,16 +337,12 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if cfg.consistency > 0:
-                    logits, feats = model.forward_with_features(x)
-                    pooled = feats[:, :FEATURES_DIM].float()
-                    logits = logits[:len(y)]
-                    pull = 1 - F.cosine_similarity(pooled[len(y):], pooled[:len(y)].detach(), dim=1)
-                else:
-                    logits, pull = model(x), None
+                pooled = model.pooled(x)
+                logits = model.head(pooled)[:len(y)]
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if pull is not None:
-                    loss = loss + cfg.consistency * pull.mean()
+                if cfg.consistency > 0:  # the shifted half pulled toward the batch as trained
+                    own, shifted = pooled[:len(y)].float().detach(), pooled[len(y):].float()
+                    loss = loss + cfg.consistency * (1 - F.cosine_similarity(shifted, own, dim=1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
