@@ -16,11 +16,18 @@ from .images import ImageDecodeError, decode_image, is_image_name
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("source_version", pa.string())])
 
 
-def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
-    """Image files under `uri` (recursive): path (full URI), size, source_version (ETag or mtime ns), sorted."""
+def _extension(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return os.path.splitext(base)[1].lower() or "(none)"
+
+
+def list_inputs(uri: str, opts: StorageOptions | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """Image files under `uri` (recursive): path (full URI), size, source_version (ETag or mtime ns), sorted; and
+    how many other files were passed over, by extension, so a run can say what it did not read."""
     fs, root = storage.filesystem(uri, opts)
     remote = storage.is_remote(uri)
     rows: list[tuple[str, int, str]] = []
+    other: dict[str, int] = {}
     if remote:
         storage.check_bucket(fs, root, uri)
         fs.invalidate_cache()
@@ -31,7 +38,10 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
         except PermissionError as err:
             raise storage.StorageError(f"access denied listing {uri}: {err}") from None
         for key, info in found.items():
-            if info.get("type", "file") != "file" or not is_image_name(key):
+            if info.get("type", "file") != "file":
+                continue
+            if not is_image_name(key):
+                other[_extension(key)] = other.get(_extension(key), 0) + 1
                 continue
             version = str(info.get("ETag") or info.get("VersionId") or info.get("LastModified") or "").strip('"')
             rows.append(("s3://" + key, int(info.get("size") or 0), version))
@@ -46,6 +56,7 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
             dirnames.sort()
             for name in filenames:
                 if not is_image_name(name):
+                    other[_extension(name)] = other.get(_extension(name), 0) + 1
                     continue
                 p = os.path.join(dirpath, name)
                 try:
@@ -54,8 +65,9 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> pa.Table:
                     continue
                 rows.append((p, int(st.st_size), str(st.st_mtime_ns)))
     rows.sort()
-    return pa.table({"path": [r[0] for r in rows], "size": [r[1] for r in rows],
-                     "source_version": [r[2] for r in rows]}, schema=LISTING_SCHEMA)
+    listing = pa.table({"path": [r[0] for r in rows], "size": [r[1] for r in rows],
+                        "source_version": [r[2] for r in rows]}, schema=LISTING_SCHEMA)
+    return listing, dict(sorted(other.items()))
 
 
 def select_new(listing: pa.Table, scored: pa.Table) -> pa.Table:

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused as decompression bombs (a smear field is a few megapixels)."""

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from . import CLASSES, results, storage
 from .archive import list_inputs, read_decode, select_new
+from .images import IMAGE_EXTENSIONS
 from .config import ConfigError, StorageOptions, dump_config
 from .inference import (BF16Guard, Outputs, Predictor, ViewPolicy, default_threads, load_backend,
                         resolve_cpu_precision)
@@ -308,8 +309,12 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     if not card.get("ood"):
         log(f"warning: {package_uri} has no out-of-distribution guard: ood_score and in_distribution stay empty "
             f"and only low confidence sets needs_review (add one without retraining: leukray calibrate)")
-    listing = list_inputs(cfg.input, opts)
+    listing, not_images = list_inputs(cfg.input, opts)
     log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
+    if not_images:
+        log(f"not read: {sum(not_images.values())} file(s) without an image extension ("
+            + ", ".join(f"{ext} {n}" for ext, n in not_images.items())
+            + f"); images are read from {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} files")
 
     try:
         table = results.ensure_table(cfg.output, opts, cfg.delta_options)
@@ -337,7 +342,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         return dict(record, status=status, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
                     files=counts["files"], rows=counts["rows"],
                     counts={"seen": listing.num_rows, "scored": counts["scored"], "skipped": skipped,
-                            "errors": counts["errors"], "deferred": listing.num_rows - skipped - todo.num_rows},
+                            "errors": counts["errors"], "deferred": listing.num_rows - skipped - todo.num_rows,
+                            "not_images": sum(not_images.values())},
                     throughput={"images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else 0.0,
                                 "pipeline_s": round(elapsed, 3), "wall_s": round(time.perf_counter() - t0, 3),
                                 "first_rows_s": counts["first_rows_s"]},

@@ -11,8 +11,8 @@ class ScoreConfig(StrictModel):
     """configs/score.yaml. Unknown keys are rejected by name."""
 
     input: str | None = None
-    """Archive prefix: local folder or s3://bucket/prefix; searched recursively for jpg/jpeg/png/tif/tiff/bmp/webp
-    (any case)."""
+    """Archive prefix: local folder or s3://bucket/prefix; searched recursively for jpg/jpeg/jpe/jfif/png/tif/tiff/bmp/
+    webp/gif (any case); other files are counted in the run's record (`not_images`), not read."""
     output: str | None = None
     """The results Delta table (local folder or s3://bucket/prefix), created by the first run."""
     model: str | None = None

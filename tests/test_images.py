@@ -61,6 +61,19 @@ def test_webp_is_listed_and_decoded():
     assert np.abs(out.astype(int) - rgb).max() <= 2
 
 
+def test_gif_with_transparency_is_listed_and_decoded_over_white():
+    assert is_image_name("scan.GIF") and is_image_name("field.jfif") and is_image_name("field.jpe")
+    index = np.zeros((32, 32), np.uint8)
+    index[:, :16] = 1  # violet left half; palette entry 0 (the right half) is transparent
+    img = Image.fromarray(index, "P")
+    img.putpalette([0, 0, 0, 120, 40, 160])
+    buf = io.BytesIO()
+    img.save(buf, "GIF", transparency=0)
+    out = decode_image(buf.getvalue(), 32)
+    assert (out[:, 20:] == 255).all()
+    assert np.abs(out[:, :12].astype(int) - (120, 40, 160)).max() <= 8
+
+
 @pytest.mark.parametrize("data,message", [
     (b"", "empty file"),
     (b"plain text, not an image", "not an image"),

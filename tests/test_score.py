@@ -184,6 +184,7 @@ def test_first_run_one_row_per_file(cluster, loc):
     assert sorted(t["path"].to_pylist()) == sorted(_uri(loc, p) for p in files)
     assert m["counts"]["errors"] == len(BAD) and m["counts"]["scored"] == len(files) - len(BAD)
     assert m["counts"]["skipped"] == 0 and m["throughput"]["images_per_s"] > 0
+    assert m["counts"]["not_images"] == 1  # README.txt: passed over, and counted
     assert m["execution"]["tta"] == "dihedral8"  # `tta: package` → the package's card
     assert m["status"] == "committed" and m["driver"]["result_rows"] == 0 and m["files"] == len(r.files) >= 1
     for f in r.files:
