@@ -1,7 +1,10 @@
 """Decoding and preprocessing: the single code path shared by training, evaluation and scoring.
 
-An image becomes a square RGB uint8 array of `image_size` pixels (bilinear, antialiased). The model itself
-rescales to [0, 1] and normalises (see `leukray.model`), so what crosses process boundaries stays uint8.
+An image becomes a square RGB uint8 array of `image_size` pixels (bilinear, antialiased). A non-square field is
+letterboxed, not squashed: scaled so its longer side fits, centred, and the rest filled with the field's own
+background colour (the median of its brightest tenth), so cells keep their shape and scale and the in-network colour
+constancy sees the same background. The model itself rescales to [0, 1] and normalises (see `leukray.model`), so
+what crosses process boundaries stays uint8.
 
 Files as microscope cameras and slide software write them: the EXIF orientation is applied; 16-bit and float
 grey images are scaled by their bit depth (the smallest of 8/10/12/14/16 bits that holds the brightest pixel, so a
@@ -49,6 +52,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _letterbox(img: Image.Image, size: int) -> Image.Image:
+    """Scale so the longer side is `size`; a non-square result is centred on its background colour."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+    if (nw, nh) == (size, size):
+        return img
+    pixels = np.asarray(img, dtype=np.uint8).reshape(-1, 3)
+    brightness = pixels.sum(1, dtype=np.int32)
+    background = np.median(pixels[brightness >= np.quantile(brightness, 0.9)], axis=0)
+    out = Image.new("RGB", (size, size), tuple(int(v) for v in background))
+    out.paste(img, ((size - nw) // 2, (size - nh) // 2))
+    return out
+
+
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
     """Bytes of a JPEG/PNG/TIFF/BMP/WebP → (image_size, image_size, 3) uint8 RGB. Raises ImageDecodeError."""
     if not data:
@@ -67,7 +86,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
             img = _to_rgb(img)
             if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+                img = _letterbox(img, image_size)
             return np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:
         raise

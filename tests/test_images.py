@@ -50,8 +50,26 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # displayed rotated 90° clockwise: the stored left half is on top
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif, quality=95)
-    out = decode_image(buf.getvalue(), 32)
-    assert out[:10, :, 0].mean() > 200 and out[-10:, :, 0].mean() < 50
+    out = decode_image(buf.getvalue(), 32)  # 20 wide x 40 tall once turned: the field is columns 8-23
+    assert out[:10, 10:22, 0].mean() > 200 and out[-10:, 10:22, 0].mean() < 50
+
+
+@pytest.mark.parametrize("width,height", [(120, 90), (90, 120), (160, 90)])
+def test_non_square_field_is_letterboxed_on_its_background(width, height):
+    yy, xx = np.mgrid[:height, :width]
+    field = np.full((height, width, 3), (236, 244, 250), np.uint8)  # a bluish empty background
+    cell = np.hypot(yy - height / 2, xx - width / 2) < 30
+    field[cell] = (110, 60, 150)  # one round violet cell in the middle
+    out = decode_image(_encode(field, "PNG"), 64)
+    scale = 64 / max(width, height)
+    violet = np.all(np.abs(out.astype(int) - (110, 60, 150)) < 30, -1)
+    rows, cols = np.nonzero(violet)
+    # the cell stays round (not squashed) and keeps its size relative to the field's longer side
+    assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 1
+    assert abs((cols.max() - cols.min() + 1) - 60 * scale) <= 2
+    # the bands the field does not cover take its background colour, not black or white
+    assert np.abs(out[0, 0].astype(int) - (236, 244, 250)).max() <= 2
+    assert np.abs(out[-1, -1].astype(int) - (236, 244, 250)).max() <= 2
 
 
 def test_webp_is_listed_and_decoded():
