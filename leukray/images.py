@@ -7,8 +7,8 @@ constancy sees the same background. The model itself rescales to [0, 1] and norm
 what crosses process boundaries stays uint8.
 
 Files as microscope cameras and slide software write them: the EXIF orientation is applied; 16-bit and float
-grey images are scaled by their bit depth (the smallest of 8/10/12/14/16 bits that holds the brightest pixel, so a
-12-bit camera's file is not rendered dark, and never clipped to white); transparent pixels become white, the
+grey images and 16-bit-per-channel colour PNG/TIFF are scaled by their bit depth (the smallest of 8/10/12/14/16 bits
+that holds the brightest value, so a 12-bit camera's file is not rendered dark, and never clipped to white); transparent pixels become white, the
 colour of an empty field.
 """
 
@@ -34,15 +34,49 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _full_scale(a: np.ndarray, unit_float: bool) -> float:
+    """The white level of a high-depth image: 1.0 for floats in [0, 1], else the smallest of 8/10/12/14/16 bits
+    holding its brightest value (a 12-bit camera's values in a 16-bit file are not rendered dark)."""
+    top = float(np.nanmax(a)) if a.size else 0.0
+    if unit_float and top <= 1.0:
+        return 1.0
+    return next((2.0 ** b - 1 for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1), max(top, 1.0))
+
+
+def _high_depth_colour(data: bytes) -> Image.Image:
+    """A 16-bit-per-channel colour PNG/TIFF, whose low byte Pillow drops, read in full (OpenCV) and scaled by its
+    bit depth; alpha over white."""
+    import cv2
+
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # as stored, but a TIFF comes upright
+    if a is None or a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ImageDecodeError("cannot decode the 16-bit colour image")
+    a = a.astype(np.float64)
+    full = _full_scale(a[..., :3], unit_float=False)
+    rgb = a[..., 2::-1] / full
+    if a.shape[2] == 4:
+        alpha = a[..., 3:] / full
+        rgb = rgb * alpha + (1.0 - alpha)
+    return Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def _is_high_depth_colour(img: Image.Image) -> bool:
+    rawmode = img.tile[0].args if img.tile else None
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+    return img.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode
+
+
+_TURN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_90}
+"""EXIF orientation → the turn that displays the image upright (as `ImageOps.exif_transpose`)."""
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode → RGB: high-depth grey by its bit depth, alpha over white, the rest by PIL's conversion."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         a = np.asarray(img, dtype=np.float64)
-        top = float(np.nanmax(a)) if a.size else 0.0
-        if img.mode == "F" and top <= 1.0:
-            full = 1.0  # float images in [0, 1]
-        else:
-            full = next((2.0 ** b - 1 for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1), max(top, 1.0))
+        full = _full_scale(a, unit_float=img.mode == "F")
         grey = np.clip(np.nan_to_num(a) / full * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -83,8 +117,15 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             if img.format == "JPEG":
                 # Let libjpeg downscale while decoding: large fields decode several times faster.
                 img.draft("RGB", (image_size, image_size))
-            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
-            img = _to_rgb(img)
+            if _is_high_depth_colour(img):
+                # OpenCV turns a TIFF upright itself (its orientation tag); a PNG's eXIf orientation is ours to apply
+                turn = None if img.format == "TIFF" else _TURN.get(img.getexif().get(0x0112))
+                img = _high_depth_colour(data)
+                if turn is not None:
+                    img = img.transpose(turn)
+            else:
+                ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+                img = _to_rgb(img)
             if img.size != (image_size, image_size):
                 img = _letterbox(img, image_size)
             return np.asarray(img, dtype=np.uint8)

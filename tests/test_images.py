@@ -2,9 +2,13 @@
 scoring share (leukray.images)."""
 
 import io
+import struct
+import zlib
 
+import cv2
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from leukray.images import ImageDecodeError, decode_image, is_image_name
@@ -31,6 +35,52 @@ def test_high_depth_grey_keeps_its_tones(name, array, fmt):
     # a ramp from black to white stays one: not clipped to white, not crushed to black
     assert out.min() <= 2 and out.max() >= 253, name
     assert abs(float(out.mean()) - 127.5) < 3, name
+
+
+def _colour_ramp(full: int) -> np.ndarray:
+    return np.round(np.stack([RAMP, RAMP[::-1], RAMP.T], -1) * full).astype(np.uint16)
+
+
+def _tiff(array: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, photometric="rgb", **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,data", [
+    ("16-bit RGB TIFF", lambda: _tiff(_colour_ramp(65535))),
+    ("12-bit RGB in a 16-bit TIFF", lambda: _tiff(_colour_ramp(4095))),
+    ("12-bit RGB in a 16-bit compressed TIFF", lambda: _tiff(_colour_ramp(4095), compression="zlib")),
+    ("10-bit RGB in a 16-bit PNG", lambda: cv2.imencode(".png", _colour_ramp(1023)[..., ::-1])[1].tobytes()),
+])
+def test_high_depth_colour_keeps_its_tones(name, data):
+    out = decode_image(data(), 64)
+    expected = np.stack([RAMP, RAMP[::-1], RAMP.T], -1) * 255
+    assert np.abs(out - expected).max() <= 1.5, name
+
+
+def _png_with_orientation(png: bytes, orientation: int) -> bytes:
+    """Insert an eXIf chunk after IHDR (OpenCV writes none)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif") else exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    return png[:33] + chunk + png[33:]
+
+
+def test_high_depth_colour_alpha_and_orientation():
+    rgba = np.zeros((20, 40, 4), np.uint16)
+    rgba[:, :20] = (4095, 0, 0, 4095)  # opaque red on the left half as stored, transparent right half
+    png = cv2.imencode(".png", rgba[..., [2, 1, 0, 3]])[1].tobytes()
+    out = decode_image(png, 40)
+    assert (out[10:30, :20] == (255, 0, 0)).all() and (out[10:30, 20:] == 255).all()
+    # displayed rotated 90° clockwise: the stored left half is on top, in a TIFF and in a PNG
+    red_on_top = np.zeros((20, 40, 3), np.uint16)
+    red_on_top[:, :20] = (4095, 0, 0)
+    for data in (_tiff(red_on_top, extratags=[(274, "H", 1, 6, False)]),
+                 _png_with_orientation(cv2.imencode(".png", red_on_top[..., ::-1])[1].tobytes(), 6)):
+        turned = decode_image(data, 40)
+        assert turned[:20, 12:28, 0].mean() > 250 and turned[20:, 12:28, 0].mean() < 5
 
 
 def test_transparent_pixels_become_white_background():
