@@ -4,6 +4,7 @@ changed ones, and read + decode a batch of them with one error message per bad f
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> tuple[pa.Table,
     fs, root = storage.filesystem(uri, opts)
     remote = storage.is_remote(uri)
     rows: list[tuple[str, int, str]] = []
-    other: dict[str, int] = {}
+    other: Counter[str] = Counter()
     if remote:
         storage.check_bucket(fs, root, uri)
         fs.invalidate_cache()
@@ -41,7 +42,7 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> tuple[pa.Table,
             if info.get("type", "file") != "file":
                 continue
             if not is_image_name(key):
-                other[_extension(key)] = other.get(_extension(key), 0) + 1
+                other[_extension(key)] += 1
                 continue
             version = str(info.get("ETag") or info.get("VersionId") or info.get("LastModified") or "").strip('"')
             rows.append(("s3://" + key, int(info.get("size") or 0), version))
@@ -56,7 +57,7 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> tuple[pa.Table,
             dirnames.sort()
             for name in filenames:
                 if not is_image_name(name):
-                    other[_extension(name)] = other.get(_extension(name), 0) + 1
+                    other[_extension(name)] += 1
                     continue
                 p = os.path.join(dirpath, name)
                 try:

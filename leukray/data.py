@@ -18,7 +18,7 @@ import numpy as np
 
 from . import CLASSES, storage
 from .config import StorageOptions
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, is_image_name
+from .images import IMAGE_TYPES, ImageDecodeError, decode_image, is_image_name
 
 
 class DataError(ValueError):
@@ -82,7 +82,7 @@ def list_labelled_folder(root: str, storage_options: StorageOptions | None = Non
         print(f"[leukray] warning: {len(skipped)} non-image file(s) ignored in {root}: {skipped[:10]}", file=sys.stderr)
     if not paths:
         raise DataError(f"{root}: no images found (expected class folders containing "
-                        f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} files)")
+                        f"{IMAGE_TYPES} files)")
     counts = {c: labels.count(c) for c in CLASSES}
     empty = [c for c, n in counts.items() if n == 0]
     if empty:

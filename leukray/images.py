@@ -8,8 +8,8 @@ what crosses process boundaries stays uint8.
 
 Files as microscope cameras and slide software write them: the EXIF orientation is applied; 16-bit and float
 grey images and 16-bit-per-channel colour PNG/TIFF are scaled by their bit depth (the smallest of 8/10/12/14/16 bits
-that holds the brightest value, so a 12-bit camera's file is not rendered dark, and never clipped to white); transparent pixels become white, the
-colour of an empty field.
+that holds the brightest value, so a 12-bit camera's file is not rendered dark, and never clipped to white);
+transparent pixels become white, the colour of an empty field.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+IMAGE_TYPES = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+"""The extensions as messages name them: jpg/jpeg/…/gif."""
 
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused as decompression bombs (a smear field is a few megapixels)."""
@@ -66,12 +68,6 @@ def _is_high_depth_colour(img: Image.Image) -> bool:
     return img.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode
 
 
-_TURN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-         8: Image.Transpose.ROTATE_90}
-"""EXIF orientation → the turn that displays the image upright (as `ImageOps.exif_transpose`)."""
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode → RGB: high-depth grey by its bit depth, alpha over white, the rest by PIL's conversion."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -103,7 +99,7 @@ def _letterbox(img: Image.Image, size: int) -> Image.Image:
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Bytes of a JPEG/PNG/TIFF/BMP/WebP → (image_size, image_size, 3) uint8 RGB. Raises ImageDecodeError."""
+    """Bytes of a JPEG/PNG/TIFF/BMP/WebP/GIF → (image_size, image_size, 3) uint8 RGB. Raises ImageDecodeError."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -118,14 +114,13 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
                 # Let libjpeg downscale while decoding: large fields decode several times faster.
                 img.draft("RGB", (image_size, image_size))
             if _is_high_depth_colour(img):
+                full = _high_depth_colour(data)
                 # OpenCV turns a TIFF upright itself (its orientation tag); a PNG's eXIf orientation is ours to apply
-                turn = None if img.format == "TIFF" else _TURN.get(img.getexif().get(0x0112))
-                img = _high_depth_colour(data)
-                if turn is not None:
-                    img = img.transpose(turn)
-            else:
-                ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
-                img = _to_rgb(img)
+                if img.format != "TIFF" and "exif" in img.info:
+                    full.info["exif"] = img.info["exif"]
+                img = full
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+            img = _to_rgb(img)
             if img.size != (image_size, image_size):
                 img = _letterbox(img, image_size)
             return np.asarray(img, dtype=np.uint8)

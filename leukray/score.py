@@ -39,8 +39,8 @@ import pyarrow.compute as pc
 
 from . import CLASSES, results, storage
 from .archive import list_inputs, read_decode, select_new
-from .images import IMAGE_EXTENSIONS
 from .config import ConfigError, StorageOptions, dump_config
+from .images import IMAGE_TYPES
 from .inference import (BF16Guard, Outputs, Predictor, ViewPolicy, default_threads, load_backend,
                         resolve_cpu_precision)
 from .ood import load_guard, low_confidence, review_reason, split_outputs
@@ -314,7 +314,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     if not_images:
         log(f"not read: {sum(not_images.values())} file(s) without an image extension ("
             + ", ".join(f"{ext} {n}" for ext, n in not_images.items())
-            + f"); images are read from {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} files")
+            + f"); images are read from {IMAGE_TYPES} files")
 
     try:
         table = results.ensure_table(cfg.output, opts, cfg.delta_options)
