@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .ood import SIGNATURE_DIM, STATS_DIM  # noqa: F401  (the lengths of `signature` and `image_stats`)
+
 GAMMA = 2.2
 """Display value = linear ** (1 / GAMMA)."""
 
@@ -61,8 +63,6 @@ def stain_concentration(x: torch.Tensor, blue: torch.Tensor | float, eosin: torc
     return torch.exp(-od).clamp(0, 1)
 
 
-SIGNATURE_DIM = 7
-"""Length of `signature`: the stain's mean OD direction (3), the darkest pixels' OD direction (3), their chroma (1)."""
 _STAINED_OD = 0.3
 """Pixels whose summed OD is below this are background (unstained)."""
 _DARK_FRACTION = 0.05
@@ -97,6 +97,48 @@ def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     return torch.cat([unit(mean), unit(dark), chroma], 1)
 
 
+_STRUCTURE_GRID = 56
+"""`structure` looks at the field on a grid of about this many cells a side (4 × 4 pixels at 224): cells and
+nuclei are blobs of several grid cells, a sensor's pixel noise averages out."""
+_STRUCTURE_TOP = 0.02
+"""`structure` reads the strongest this fraction of the band-pass response: a few cells are enough."""
+
+
+def _gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of an (N, 1, H, W) map, edges replicated."""
+    r = int(3 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=m.dtype, device=m.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    m = torch.nn.functional.conv2d(torch.nn.functional.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
+    """How much stained structure the field holds: float [0, 255] NCHW → (N, 1). The optical density (each channel
+    scaled so its brightest `white_fraction` is white, summed over channels) on a ~56-cell grid, band-passed at the
+    size of nuclei and cells (difference of Gaussians, σ 1 and 4 grid cells: a lamp's vignetting and a sensor's
+    noise fall outside the band), then the mean of its strongest 2 % less its median. A smear's nuclei give 0.25 or
+    more, about 0.1 under the palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0
+    (its amplified noise aside, which the knn guard sees). Part of the exported graph (`leukray.ood`'s structure check)."""
+    x = x.float()
+    n, c, h, w = x.shape
+    k = max(1, int(h * w * white_fraction))
+    level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
+    od = -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0)).sum(1, keepdim=True)
+    cell = max(1, min(h, w) // _STRUCTURE_GRID)
+    od = torch.nn.functional.avg_pool2d(od, cell)
+    band = (_gaussian_blur(od, 1.0) - _gaussian_blur(od, 4.0)).reshape(n, -1)
+    top = torch.topk(band, max(1, int(band.shape[1] * _STRUCTURE_TOP)), dim=1).values.mean(1)
+    median = torch.topk(band, band.shape[1] // 2 + 1, dim=1).values[:, -1]  # topk: exports to every backend
+    return (top - median)[:, None]
+
+
+def image_stats(x: torch.Tensor) -> torch.Tensor:
+    """The guard's image-level inputs, float [0, 255] NCHW → (N, STATS_DIM): `signature` then `structure`."""
+    return torch.cat([signature(x), structure(x)], 1)
+
+
 def other_lab(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """float NCHW [0, 255] → the same images as another lab's camera and stain batch would record them
     (`leukray.augment.colour_response`: gains, exposure, dye amounts; drawn from `g`), rounded to whole levels."""
@@ -117,9 +159,9 @@ def other_labs(images_nhwc, g: torch.Generator, batch_size: int = 64):
 
 
 def signature_envelope(images_nhwc, seed: int, copies: int = 3, batch_size: int = 64):
-    """uint8 NHWC images → the signatures of the images as they are and of `copies` copies of each under another
-    lab's camera and stain batch (`other_lab`; seeded): the colours the colour check must accept (numpy float32,
-    ((1 + copies) N, SIGNATURE_DIM))."""
+    """uint8 NHWC images → the `image_stats` of the images as they are and of `copies` copies of each under another
+    lab's camera and stain batch (`other_lab`; seeded): the colours the colour check must accept and the structure
+    the structure check must accept (numpy float32, ((1 + copies) N, STATS_DIM))."""
     import numpy as np
 
     g = torch.Generator().manual_seed(int(seed))
@@ -127,5 +169,5 @@ def signature_envelope(images_nhwc, seed: int, copies: int = 3, batch_size: int 
     for copy in range(copies + 1):
         for i in range(0, len(images_nhwc), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
-            parts.append(signature(other_lab(x, g) if copy else x).numpy())
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, SIGNATURE_DIM), np.float32)
+            parts.append(image_stats(other_lab(x, g) if copy else x).numpy())
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, STATS_DIM), np.float32)

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from . import storage
-from .colour import signature as colour_signature
+from .colour import image_stats
 from .config import StorageOptions, StrictModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,14 +112,15 @@ class LeukNet(nn.Module):
         return torch.flatten(self.pool(self.features(self.preprocess(x))), 1)
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits, and the pooled features they come from followed by the input's colour signature
-        (`leukray.colour.signature`): the out-of-distribution guard's inputs, from one pass."""
+        """Logits, and the pooled features they come from followed by the input's colour signature and structure
+        (`leukray.colour.image_stats`): the out-of-distribution guard's inputs, from one pass."""
         pooled = self.pooled(x)
-        return self.head(pooled), torch.cat([pooled, colour_signature(x)], 1)
+        return self.head(pooled), torch.cat([pooled, image_stats(x)], 1)
 
 
 class WithFeatures(nn.Module):
-    """The exported graph: image → (logits, features, colour), three outputs of one forward pass."""
+    """The exported graph: image → (logits, features, colour: the colour signature and structure), three outputs of
+    one forward pass."""
 
     def __init__(self, model: LeukNet) -> None:
         super().__init__()

@@ -35,9 +35,18 @@ signature is further than that from its k-th nearest reference signature is out 
 `ood_score` is the larger of the knn distance and the colour distance rescaled to the knn threshold, so one score
 and one threshold still decide.
 
+Structure check (joins `knn`): a blank, dark or washed-out field holds no cells, and features made to ignore a
+lab's colour and exposure can put such a field near the training images. The graph also returns the field's
+structure (`leukray.colour.structure`: the optical density band-passed at the size of nuclei and cells, its
+strongest 2 % less its median; smears ≈ 0.25 and more, an empty field ≈ 0). Its threshold is `structure_margin`
+(default 0.5) times the weakest (`1 - colour_in_fraction` quantile) structure among the validation images under
+other cameras' and stain batches' colours; below it the image is out of distribution, and the row's `ood_score` is
+at least knn's threshold × structure threshold / structure.
+
 Model outputs: inference backends return one float32 array per batch, (N, K + D): K logits, then D features —
-1280 pooled features and 7 colour-signature values (D = 1280 for packages exported before the colour check, 0
-before the guard existed). `split_outputs` cuts it; test-time views average both parts at once.
+1280 pooled features, 7 colour-signature values and the structure (D = 1287 for packages exported before the
+structure check, 1280 before the colour check, 0 before the guard existed). `split_outputs` cuts it; test-time
+views average both parts at once.
 """
 
 from __future__ import annotations
@@ -53,6 +62,11 @@ from . import storage
 from .config import StorageOptions, StrictModel
 
 METHODS = ("knn", "energy", "msp")
+SIGNATURE_DIM = 7
+"""Length of `leukray.colour.signature`: the stain's mean OD direction (3), the darkest pixels' OD direction (3),
+their chroma (1). Defined here, where the guard reads it, so scoring needs no torch."""
+STATS_DIM = SIGNATURE_DIM + 1
+"""Length of the exported graph's third output (`leukray.colour.image_stats`): the signature, then `structure`."""
 REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 FEATURE_DESCRIPTION = ("pooled MobileNetV2 features (global average pool of features[-1], 1280-d), mean over the "
@@ -82,6 +96,11 @@ class OODConfig(StrictModel):
     colour_copies: int = 3
     """Copies of each training and validation image under another camera's and stain batch's colours in the colour
     check's reference and threshold fit."""
+    structure_check: bool = True
+    """Flag fields without stained structure (empty, blank, washed out): joins knn."""
+    structure_margin: float = 0.5
+    """The structure check's threshold: this fraction of the weakest structure (the `1 - colour_in_fraction`
+    quantile) among validation images under other cameras' and stain batches' colours."""
 
     def model_post_init(self, _: Any) -> None:
         check_method(self.method)
@@ -97,6 +116,8 @@ class OODConfig(StrictModel):
             raise ValueError(f"ood.colour_in_fraction={self.colour_in_fraction} must be in [0.5, 1]")
         if not 0 <= self.colour_copies <= 16:
             raise ValueError(f"ood.colour_copies={self.colour_copies} must be in [0, 16]")
+        if not 0 < self.structure_margin <= 1.0:
+            raise ValueError(f"ood.structure_margin={self.structure_margin} must be in (0, 1]")
 
 
 def check_method(name: str) -> str:
@@ -166,6 +187,8 @@ class Guard:
     colour_reference: np.ndarray | None = field(default=None, repr=False)
     """(M, 7) float16 colour signatures the colour check accepts; None = no colour check (older packages)."""
     colour_threshold: float | None = None
+    structure_threshold: float | None = None
+    """An image whose `leukray.colour.structure` is below this is an empty field; None = no structure check."""
     _reference32: np.ndarray | None = field(default=None, init=False, repr=False)
     """The reference in float32, converted once for the knn search (not per batch)."""
 
@@ -186,6 +209,10 @@ class Guard:
             if self.colour_threshold is not None and features.shape[1] > pooled_dim:
                 colour = self.colour_scores(features)
                 scores = np.maximum(scores, colour * (self.thresholds["knn"] / self.colour_threshold))
+            if self.structure_threshold is not None and features.shape[1] > pooled_dim + SIGNATURE_DIM:
+                # below the threshold → above knn's; capped at 10 × knn's threshold for a field with none at all
+                structure = np.maximum(features[:, pooled_dim + SIGNATURE_DIM], self.structure_threshold / 10)
+                scores = np.maximum(scores, self.thresholds["knn"] * self.structure_threshold / structure)
             return scores
         if method == "energy":
             return energy_scores(logits, self.temperature)
@@ -194,7 +221,8 @@ class Guard:
     def colour_scores(self, features: np.ndarray) -> np.ndarray:
         """Distance of each image's colour signature (the features after the pooled ones) to its k-th nearest
         accepted signature."""
-        return kth_distance(features[:, self.reference.shape[1]:], self.colour_reference, self.k)
+        p = self.reference.shape[1]
+        return kth_distance(features[:, p:p + SIGNATURE_DIM], self.colour_reference[:, :SIGNATURE_DIM], self.k)
 
     def in_distribution(self, scores: np.ndarray, method: str | None = None) -> np.ndarray:
         return np.asarray(scores) <= self.thresholds[check_method(method or self.method)]
@@ -210,6 +238,8 @@ class Guard:
             card["colour"] = {**card.get("colour", {}), "threshold": self.colour_threshold, "k": self.k,
                               "reference": {"file": COLOUR_REFERENCE_FILE, "n": int(len(self.colour_reference)),
                                             "dim": int(self.colour_reference.shape[1]), "dtype": "float16"}}
+        if self.structure_threshold is not None:
+            card["structure"] = {**card.get("structure", {}), "threshold": self.structure_threshold}
         return card
 
 
@@ -231,13 +261,20 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
         s = guard.scores(val_logits, val_features, method)
         guard.thresholds[method] = float(np.quantile(s, cfg.in_fraction, method="higher"))
     if cfg.colour_check and colour_reference is not None and colour_val is not None and len(colour_val):
-        guard.colour_reference = np.asarray(colour_reference, dtype=np.float16)
-        d = kth_distance(colour_val, guard.colour_reference, guard.k)
+        guard.colour_reference = np.asarray(colour_reference, dtype=np.float16)[:, :SIGNATURE_DIM]
+        d = kth_distance(np.asarray(colour_val)[:, :SIGNATURE_DIM], guard.colour_reference, guard.k)
         guard.colour_threshold = float(np.quantile(d, cfg.colour_in_fraction, method="higher"))
         guard.fitted["colour"] = {"in_fraction": cfg.colour_in_fraction, "copies": cfg.colour_copies,
                                   "n_val": int(len(colour_val)),
                                   "envelope": "leukray.colour.signature_envelope (colour_response: channel gains, "
                                               "exposure, dye amounts)"}
+    if cfg.structure_check and colour_val is not None and np.asarray(colour_val).shape[1] > SIGNATURE_DIM:
+        weakest = np.quantile(np.asarray(colour_val)[:, SIGNATURE_DIM], 1.0 - cfg.colour_in_fraction, method="lower")
+        guard.structure_threshold = float(cfg.structure_margin * weakest)
+        guard.fitted["structure"] = {"margin": cfg.structure_margin, "quantile": 1.0 - cfg.colour_in_fraction,
+                                     "weakest": float(weakest), "n_val": int(len(colour_val)),
+                                     "statistic": "leukray.colour.structure (band-passed optical density: strongest "
+                                                  "2 % less the median), validation images under other labs' colours"}
     guard.fitted.setdefault("n_val", int(len(val_logits)))
     guard.fitted["val_flagged_fraction"] = float((~guard.in_distribution(guard.scores(val_logits, val_features))).mean())
     return guard
@@ -268,6 +305,9 @@ def load_guard(package_uri: str, card: dict[str, Any], opts: StorageOptions | No
         guard.colour_reference = np.load(io.BytesIO(storage.read_bytes(colour_uri, opts)), allow_pickle=False)
         guard.colour_threshold = float(colour["threshold"])
         guard.fitted["colour"] = {k: v for k, v in colour.items() if k not in ("reference", "threshold", "k")}
+    if (spec.get("structure") or {}).get("threshold") is not None:
+        guard.structure_threshold = float(spec["structure"]["threshold"])
+        guard.fitted["structure"] = {k: v for k, v in spec["structure"].items() if k != "threshold"}
     return guard
 
 

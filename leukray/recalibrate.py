@@ -42,8 +42,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     from .calibration import FIT_DESCRIPTION, fit_mode
     from .inference import softmax
     from .metrics import expected_calibration_error
-    from .ood import OODConfig, fit_guard, load_guard, save_reference, split_outputs
-    from .registry import CARD, ONNX, export_onnx, load_package, read_onnx
+    from .ood import STATS_DIM, OODConfig, fit_guard, load_guard, save_reference, split_outputs
+    from .registry import CARD, ONNX, export_onnx, image_stats_width, load_package, read_onnx
     from .train import select_device
     from .tta import view_ids
 
@@ -70,11 +70,9 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                         **(ood or {})})
     data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     with tempfile.TemporaryDirectory() as tmp:
-        import onnx
-
         onnx_bytes = read_onnx(pkg, storage)
-        reexported = len(onnx.load_from_string(onnx_bytes).graph.output) < 3
-        if reexported:  # exported before the graph returned its features and colour signature
+        reexported = image_stats_width(onnx_bytes, pkg.image_size) < STATS_DIM
+        if reexported:  # exported before the graph returned its features, colour signature and structure
             export_onnx(pkg.model, pkg.image_size, os.path.join(tmp, ONNX))
             with open(os.path.join(tmp, ONNX), "rb") as fh:
                 onnx_bytes = fh.read()
@@ -126,7 +124,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                 "no guard yet: no out-of-distribution guard (calibrate on the training data to add one)")
         colour_ref = colour_val = None
         old_colour = old_guard.colour_reference if old_guard is not None else None
-        if reference is not None and ood_cfg.colour_check:  # the colour check's reference and threshold set
+        if reference is not None and (ood_cfg.colour_check or ood_cfg.structure_check):  # colour/structure checks' fit
             from .train import colour_envelopes
 
             if old_colour is None and train_images is None and data.manifest_uri is not None and data.split != "train":

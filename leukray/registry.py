@@ -81,8 +81,8 @@ def library_versions() -> dict[str, str]:
 
 
 def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
-    """Three outputs of one pass: `logits` (N, K), `features` (N, 1280) and `colour` (N, 7; the input's colour
-    signature): the guard's inputs."""
+    """Three outputs of one pass: `logits` (N, K), `features` (N, 1280) and `colour` (N, 8; the input's colour
+    signature and structure, `leukray.colour.image_stats`): the guard's inputs."""
     import torch
 
     from .model import WithFeatures
@@ -96,6 +96,17 @@ def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"},
                                         "colour": {0: "batch"}},
                           opset_version=17, dynamo=False)
+
+
+def image_stats_width(onnx_bytes: bytes, image_size: int) -> int:
+    """How many image-level values (`colour` output) a package's graph returns: 0 before the guard, 7 before the
+    structure check, 8 now. Run once on a blank image (the graph's declared shapes are symbolic)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, image_size, image_size), np.float32)})
+    return int(outputs[2].shape[1]) if len(outputs) >= 3 else 0
 
 
 def write_package(local_dir: str, model: LeukNet, card: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from leukray.colour import signature
+from leukray.colour import signature, structure
 
 FIXED_VIEWS = {"none": 1, "flips4": 4, "dihedral8": 8}
 
@@ -20,8 +20,8 @@ def package_logits(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.n
 
 
 def package_outputs(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.ndarray:
-    """float64 (N, K + 1280 + 7): logits, pooled features (global average pool of the backbone's last block, taken
-    here from the modules, not from LeukNet.forward_with_features) and the colour signature of the input, averaged
+    """float64 (N, K + 1280 + 8): logits, pooled features (global average pool of the backbone's last block, taken
+    here from the modules, not from LeukNet.forward_with_features), the colour signature and structure of the input, averaged
     over the views of a fixed `tta` (none | flips4 | dihedral8; default: the card's)."""
     tta = tta or pkg.card.get("tta") or "none"
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).float()
@@ -37,7 +37,7 @@ def package_outputs(pkg, images_nhwc: np.ndarray, tta: str | None = None) -> np.
 
     def both(v: torch.Tensor) -> torch.Tensor:
         feats = model.features(model.preprocess(v)).mean(dim=(2, 3))
-        return torch.cat([model.head(feats), feats, signature(v)], 1).double()
+        return torch.cat([model.head(feats), feats, signature(v), structure(v)], 1).double()
 
     with torch.inference_mode():
         return torch.stack([both(v) for v in views]).mean(0).numpy()
@@ -53,7 +53,7 @@ def calibrated(logits: np.ndarray, temperature: float | np.ndarray) -> np.ndarra
 class Predictions:
     """What a package's rows hold for N images, computed independently."""
     outputs: np.ndarray
-    """(N, K + 1280 + 7) float64: the outputs averaged over the views the row took."""
+    """(N, K + 1280 + 8) float64: the outputs averaged over the views the row took."""
     views: np.ndarray
     """(N,) int: views the row took."""
     temperature: np.ndarray

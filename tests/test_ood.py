@@ -271,6 +271,79 @@ def test_colour_check_round_trips_through_the_package(tmp_path):
     np.testing.assert_array_equal(back.colour_reference, guard.colour_reference)
     np.testing.assert_allclose(back.scores(np.zeros((10, 4)), val), guard.scores(np.zeros((10, 4)), val))
     assert back.card()["colour"] == guard.card()["colour"]
+    assert back.structure_threshold == pytest.approx(guard.structure_threshold)
+    assert back.card()["structure"] == guard.card()["structure"]
+
+
+def _empty_fields(n: int, size: int = 224) -> np.ndarray:
+    """Fields without cells: a uniform lamp colour, bright or dim, with vignetting and sensor noise."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    out = []
+    for i in range(n):
+        level = (235.0, 130.0)[i % 2] + rng.normal(0, 10, 3)
+        vignette = 1 - rng.uniform(0, 0.8) * (xx ** 2 + yy ** 2)
+        arr = level * vignette[..., None] + rng.normal(0, rng.uniform(1, 4), (size, size, 3))
+        out.append(np.clip(arr, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _nchw(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()
+
+
+def test_structure_tells_empty_fields_from_smears_under_other_labs():
+    """A field's structure (band-passed optical density) stays high for smears under another camera, a dimmer lamp
+    or a weaker stain batch and is near zero for empty fields, bright or dim."""
+    import torch
+
+    from leukray import colour
+
+    x = _nchw(_smears(12, 224))
+    smears = {"as they are": x,
+              "warm camera": colour.camera_gains(x / 255, torch.tensor([1.2, 1.0, 0.8])) * 255,
+              "exposure 0.6": colour.exposure(x / 255, 0.6) * 255,
+              "less dye": colour.stain_concentration(x / 255, 0.6, 0.6) * 255}
+    weakest = min(colour.structure(v).min().item() for v in smears.values())
+    empty = colour.structure(_nchw(_empty_fields(12)))
+    assert empty.max().item() < 0.5 * weakest, (empty.squeeze(1).tolist(), weakest)  # 0.5: ood.structure_margin
+    assert colour.image_stats(x).shape == (12, colour.STATS_DIM)
+    np.testing.assert_allclose(colour.image_stats(x)[:, colour.SIGNATURE_DIM:].numpy(), colour.structure(x).numpy())
+
+
+def test_structure_check_flags_empty_fields_on_the_knn_scale():
+    """Fitted on the validation smears under other labs' colours: the same smears under another camera pass,
+    empty fields that the features put inside the training cloud are flagged with a score above knn's threshold,
+    and a graph without the structure value (exported before the check) leaves the decision to knn and colour."""
+    from leukray import colour
+
+    images = _smears(24, 224)
+    train, val = images[:16], images[16:]
+    rng = np.random.default_rng(0)
+    train_feats, val_feats = rng.normal(size=(16, 16)) + 5.0, rng.normal(size=(8, 16)) + 5.0
+    feats = lambda n: val_feats[:n]  # noqa: E731  the validation features: knn passes them all
+    stats = lambda a: colour.image_stats(_nchw(a)).numpy()  # noqa: E731
+    cfg = OODConfig(k=3, colour_check=False)
+    guard = fit_guard(train_feats, rng.normal(size=(8, 4)), np.c_[feats(8), stats(val)], 1.0, cfg,
+                      colour_reference=colour.signature_envelope(train, 0, 3),
+                      colour_val=colour.signature_envelope(val, 1, 3), pooled_dim=16)
+    assert guard.colour_threshold is None and guard.structure_threshold is not None
+    assert guard.fitted["structure"]["margin"] == 0.5
+    logits = np.zeros((8, 4))
+    warm = (colour.camera_gains(_nchw(val) / 255, np.array([1.15, 1.0, 0.85])) * 255).round().permute(0, 2, 3, 1)
+    assert guard.in_distribution(guard.scores(logits, np.c_[feats(8), stats(warm.numpy().astype(np.uint8))])).all()
+    scores = guard.scores(logits, np.c_[feats(8), stats(_empty_fields(8))])
+    assert not guard.in_distribution(scores).any()
+    assert (scores > guard.thresholds["knn"]).all() and (scores <= 10 * guard.thresholds["knn"] + 1e-9).all()
+    with_colour_only = np.c_[feats(8), stats(_empty_fields(8))[:, :colour.SIGNATURE_DIM]]
+    assert guard.in_distribution(guard.scores(logits, with_colour_only)).all()
+    off = fit_guard(train_feats, rng.normal(size=(8, 4)), np.c_[feats(8), stats(val)], 1.0,
+                    OODConfig(k=3, colour_check=False, structure_check=False),
+                    colour_reference=colour.signature_envelope(train, 0, 3),
+                    colour_val=colour.signature_envelope(val, 1, 3), pooled_dim=16)
+    assert off.structure_threshold is None and "structure" not in off.card()
 
 
 def test_reference_colour_copies_accept_another_labs_camera():
