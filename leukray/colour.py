@@ -69,6 +69,16 @@ _DARK_FRACTION = 0.05
 """The darkest fraction of pixels (by summed OD): the nuclei, the most strongly stained part of the field."""
 
 
+def _optical_density(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
+    """float [0, 255] NCHW → per-channel optical density (N, C, H, W), each channel scaled so its brightest
+    `white_fraction` (the background) is white: what `signature` and `structure` both read."""
+    x = x.float()
+    n, c, h, w = x.shape
+    k = max(1, int(h * w * white_fraction))
+    level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
+    return -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0))
+
+
 def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     """What colour the stain is, independent of how much of it there is and of the camera's white balance:
     float [0, 255] NCHW → (N, SIGNATURE_DIM). Each channel is scaled so its brightest `white_fraction` (the
@@ -76,11 +86,12 @@ def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     the darkest 5 % (the nuclei), and how far from grey the latter are (0 = grey). Exposure, dye amount and channel
     gains move it little; swapped or inverted channels, a grey image or another dye's hue move it far. Part of the
     exported graph, so every backend computes it (`leukray.ood`'s colour check reads it)."""
-    x = x.float()
-    n, c, h, w = x.shape
-    k = max(1, int(h * w * white_fraction))
-    level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
-    od = -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0)).reshape(n, c, h * w)
+    return _signature(_optical_density(x, white_fraction))
+
+
+def _signature(od: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = od.shape
+    od = od.reshape(n, c, h * w)
     total = od.sum(1)
     stained = total * (total > _STAINED_OD).float()
     mean = (od * stained[:, None]).sum(2) / stained.sum(1, keepdim=True).clamp_min(1e-6)
@@ -121,13 +132,13 @@ def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     noise fall outside the band), then the mean of its strongest 2 % less its median. A smear's nuclei give 0.25 or
     more, about 0.1 under the palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0
     (its amplified noise aside, which the knn guard sees). Part of the exported graph (`leukray.ood`'s structure check)."""
-    x = x.float()
-    n, c, h, w = x.shape
-    k = max(1, int(h * w * white_fraction))
-    level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
-    od = -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0)).sum(1, keepdim=True)
+    return _structure(_optical_density(x, white_fraction))
+
+
+def _structure(od: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = od.shape
     cell = max(1, min(h, w) // _STRUCTURE_GRID)
-    od = torch.nn.functional.avg_pool2d(od, cell)
+    od = torch.nn.functional.avg_pool2d(od.sum(1, keepdim=True), cell)
     band = (_gaussian_blur(od, 1.0) - _gaussian_blur(od, 4.0)).reshape(n, -1)
     top = torch.topk(band, max(1, int(band.shape[1] * _STRUCTURE_TOP)), dim=1).values.mean(1)
     median = torch.topk(band, band.shape[1] // 2 + 1, dim=1).values[:, -1]  # topk: exports to every backend
@@ -135,8 +146,10 @@ def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
 
 
 def image_stats(x: torch.Tensor) -> torch.Tensor:
-    """The guard's image-level inputs, float [0, 255] NCHW → (N, STATS_DIM): `signature` then `structure`."""
-    return torch.cat([signature(x), structure(x)], 1)
+    """The guard's image-level inputs, float [0, 255] NCHW → (N, STATS_DIM): `signature` then `structure`, from one
+    optical-density map."""
+    od = _optical_density(x)
+    return torch.cat([_signature(od), _structure(od)], 1)
 
 
 def other_lab(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -222,7 +222,7 @@ class Guard:
         """Distance of each image's colour signature (the features after the pooled ones) to its k-th nearest
         accepted signature."""
         p = self.reference.shape[1]
-        return kth_distance(features[:, p:p + SIGNATURE_DIM], self.colour_reference[:, :SIGNATURE_DIM], self.k)
+        return kth_distance(features[:, p:p + SIGNATURE_DIM], self.colour_reference, self.k)
 
     def in_distribution(self, scores: np.ndarray, method: str | None = None) -> np.ndarray:
         return np.asarray(scores) <= self.thresholds[check_method(method or self.method)]
@@ -256,20 +256,21 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
     if len(train_features) == 0 or len(val_logits) == 0:
         raise ValueError("the out-of-distribution guard needs training features and validation images")
     reference = l2_normalise(np.asarray(train_features)[:, :pooled_dim]).astype(np.float16)
+    colour_val = None if colour_val is None else np.asarray(colour_val)
     guard = Guard(cfg.method, cfg.k, cfg.in_fraction, float(temperature), {}, reference, dict(fitted or {}))
     for method in METHODS:
         s = guard.scores(val_logits, val_features, method)
         guard.thresholds[method] = float(np.quantile(s, cfg.in_fraction, method="higher"))
     if cfg.colour_check and colour_reference is not None and colour_val is not None and len(colour_val):
         guard.colour_reference = np.asarray(colour_reference, dtype=np.float16)[:, :SIGNATURE_DIM]
-        d = kth_distance(np.asarray(colour_val)[:, :SIGNATURE_DIM], guard.colour_reference, guard.k)
+        d = kth_distance(colour_val[:, :SIGNATURE_DIM], guard.colour_reference, guard.k)
         guard.colour_threshold = float(np.quantile(d, cfg.colour_in_fraction, method="higher"))
         guard.fitted["colour"] = {"in_fraction": cfg.colour_in_fraction, "copies": cfg.colour_copies,
                                   "n_val": int(len(colour_val)),
                                   "envelope": "leukray.colour.signature_envelope (colour_response: channel gains, "
                                               "exposure, dye amounts)"}
-    if cfg.structure_check and colour_val is not None and np.asarray(colour_val).shape[1] > SIGNATURE_DIM:
-        weakest = np.quantile(np.asarray(colour_val)[:, SIGNATURE_DIM], 1.0 - cfg.colour_in_fraction, method="lower")
+    if cfg.structure_check and colour_val is not None and colour_val.shape[1] > SIGNATURE_DIM:
+        weakest = np.quantile(colour_val[:, SIGNATURE_DIM], 1.0 - cfg.colour_in_fraction, method="lower")
         guard.structure_threshold = float(cfg.structure_margin * weakest)
         guard.fitted["structure"] = {"margin": cfg.structure_margin, "quantile": 1.0 - cfg.colour_in_fraction,
                                      "weakest": float(weakest), "n_val": int(len(colour_val)),

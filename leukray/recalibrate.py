@@ -71,7 +71,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_bytes = read_onnx(pkg, storage)
-        reexported = image_stats_width(onnx_bytes, pkg.image_size) < STATS_DIM
+        reexported = image_stats_width(onnx_bytes) < STATS_DIM
         if reexported:  # exported before the graph returned its features, colour signature and structure
             export_onnx(pkg.model, pkg.image_size, os.path.join(tmp, ONNX))
             with open(os.path.join(tmp, ONNX), "rb") as fh:

@@ -98,15 +98,13 @@ def export_onnx(model: LeukNet, image_size: int, path: str) -> None:
                           opset_version=17, dynamo=False)
 
 
-def image_stats_width(onnx_bytes: bytes, image_size: int) -> int:
+def image_stats_width(onnx_bytes: bytes) -> int:
     """How many image-level values (`colour` output) a package's graph returns: 0 before the guard, 7 before the
-    structure check, 8 now. Run once on a blank image (the graph's declared shapes are symbolic)."""
-    import numpy as np
-    import onnxruntime as ort
+    structure check, 8 now. The exported shapes are symbolic; ONNX shape inference resolves them."""
+    import onnx
 
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, image_size, image_size), np.float32)})
-    return int(outputs[2].shape[1]) if len(outputs) >= 3 else 0
+    outputs = onnx.shape_inference.infer_shapes(onnx.load_from_string(onnx_bytes), data_prop=True).graph.output
+    return outputs[2].type.tensor_type.shape.dim[1].dim_value if len(outputs) >= 3 else 0
 
 
 def write_package(local_dir: str, model: LeukNet, card: dict[str, Any]) -> None:
