@@ -9,7 +9,10 @@ what crosses process boundaries stays uint8.
 Files as microscope cameras and slide software write them: the EXIF orientation is applied; 16-bit and float
 grey images and 16-bit-per-channel colour PNG/TIFF are scaled by their bit depth (the smallest of 8/10/12/14/16 bits
 that holds the brightest value, so a 12-bit camera's file is not rendered dark, and never clipped to white);
-transparent pixels become white, the colour of an empty field.
+transparent pixels become white, the colour of an empty field. An embedded RGB ICC colour profile (a camera's wide-gamut
+RGB such as Adobe RGB or Display P3) is honoured: pixels are converted to sRGB, the colours the
+network was trained on, instead of being read as sRGB and coming out duller or shifted. A profile that cannot be
+read is ignored and the pixels are taken as sRGB.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageCms, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 IMAGE_TYPES = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -82,6 +85,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _srgb_transform(img: Image.Image) -> ImageCms.ImageCmsTransform | None:
+    """The conversion from the image's embedded RGB profile to sRGB (perceptual intent), or None: no profile, one
+    Little CMS cannot read, or one that is not an RGB profile of RGB pixels."""
+    icc = img.info.get("icc_profile")
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else None
+        if src is None or src.profile.xcolor_space != "RGB " or img.mode not in ("RGB", "RGBA"):
+            return None
+        return ImageCms.buildTransform(src, _SRGB, "RGB", "RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return None
+
+
 def _letterbox(img: Image.Image, size: int) -> Image.Image:
     """Scale so the longer side is `size`; a non-square result is centred on its background colour."""
     w, h = img.size
@@ -120,9 +139,12 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
                     full.info["exif"] = img.info["exif"]
                 img = full
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+            to_srgb = _srgb_transform(img)
             img = _to_rgb(img)
             if img.size != (image_size, image_size):
                 img = _letterbox(img, image_size)
+            if to_srgb is not None:  # converted at the final size, where it costs least
+                img = to_srgb.apply(img)
             return np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:
         raise

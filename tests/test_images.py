@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageCms
 
 from leukray.images import ImageDecodeError, decode_image, is_image_name
 
@@ -102,6 +102,51 @@ def test_exif_orientation_is_applied():
     img.save(buf, "JPEG", exif=exif, quality=95)
     out = decode_image(buf.getvalue(), 32)  # 20 wide x 40 tall once turned: the field is columns 8-23
     assert out[:10, 10:22, 0].mean() > 200 and out[-10:, 10:22, 0].mean() < 50
+
+
+def _wide_gamut_profile() -> bytes:
+    """An ICC profile with ProPhoto RGB (ROMM)'s primaries, a camera raw converter's wide gamut, and sRGB's tone curve:
+    Little CMS's built-in sRGB profile with its three colorant tags rewritten, renamed so nothing mistakes it for sRGB."""
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    colorants = {b"rXYZ": (0.7977, 0.2880, 0.0), b"gXYZ": (0.1352, 0.7119, 0.0), b"bXYZ": (0.0313, 0.0001, 0.8249)}
+    for i in range(struct.unpack(">I", icc[128:132])[0]):
+        sig, offset, _ = struct.unpack(">4sII", icc[132 + 12 * i:144 + 12 * i])
+        if sig in colorants:
+            icc[offset + 8:offset + 20] = struct.pack(">3i", *(round(v * 65536) for v in colorants[sig]))
+        if sig == b"desc":  # 'mluc': one record, UTF-16BE text at the record's offset
+            length, start = struct.unpack(">II", icc[offset + 20:offset + 28])
+            name = "wide gamut"[:length // 2].ljust(length // 2).encode("utf-16-be")
+            icc[offset + start:offset + start + length] = name
+    icc[84:100] = bytes(16)  # no profile ID (an MD5 of the rest)
+    return bytes(icc)
+
+
+def _smear_colours() -> np.ndarray:
+    """A 32 × 32 patchwork of a smear's colours: background, pink red cells, violet nuclei, blue cytoplasm."""
+    colours = np.array([(238, 232, 226), (214, 150, 170), (110, 60, 150), (150, 170, 215)], np.uint8)
+    return np.kron(colours[np.arange(16).reshape(4, 4) % 4], np.ones((8, 8, 1), np.uint8)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt,tolerance", [("PNG", 2), ("JPEG", 6), ("TIFF", 2), ("WEBP", 8)])
+def test_embedded_colour_profile_is_converted_to_srgb(fmt, tolerance):
+    srgb = _smear_colours()
+    wide = _wide_gamut_profile()
+    to_wide = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(wide)),
+                                      "RGB", "RGB")
+    stored = np.asarray(to_wide.apply(Image.fromarray(srgb)))
+    # the file's numbers are not sRGB: read as sRGB, the red cells and nuclei would come out duller
+    assert np.abs(stored.astype(int) - srgb).max() >= 20
+    kw = {"lossless": True} if fmt == "WEBP" else {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}
+    out = decode_image(_encode(stored, fmt, icc_profile=wide, **kw), 32)
+    assert np.abs(out.astype(int) - srgb)[2:-2, 2:-2].max() <= tolerance
+
+
+def test_srgb_and_unreadable_profiles_keep_the_pixels():
+    srgb = _smear_colours()
+    tagged = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert np.abs(decode_image(_encode(srgb, "PNG", icc_profile=tagged), 32).astype(int) - srgb).max() <= 1
+    # a broken profile is ignored: the pixels are read as sRGB, the image is not lost
+    assert (decode_image(_encode(srgb, "PNG", icc_profile=b"not a profile" * 20), 32) == srgb).all()
 
 
 @pytest.mark.parametrize("width,height", [(120, 90), (90, 120), (160, 90)])
