@@ -17,6 +17,7 @@ read is ignored and the pixels are taken as sRGB.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -89,12 +90,19 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def _srgb_transform(img: Image.Image) -> ImageCms.ImageCmsTransform | None:
-    """The conversion from the image's embedded RGB profile to sRGB (perceptual intent), or None: no profile, one
-    Little CMS cannot read, or one that is not an RGB profile of RGB pixels."""
+    """The conversion from the image's embedded RGB profile to sRGB, or None: no profile, one Little CMS cannot read,
+    or one that is not an RGB profile of RGB pixels."""
     icc = img.info.get("icc_profile")
+    return _transform_to_srgb(bytes(icc)) if icc and img.mode in ("RGB", "RGBA") else None
+
+
+@functools.lru_cache(maxsize=16)
+def _transform_to_srgb(icc: bytes) -> ImageCms.ImageCmsTransform | None:
+    """Built once per distinct profile (a camera writes the same one into every file): building costs more than
+    applying it to a 224-pixel image."""
     try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else None
-        if src is None or src.profile.xcolor_space != "RGB " or img.mode not in ("RGB", "RGBA"):
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if src.profile.xcolor_space != "RGB ":
             return None
         return ImageCms.buildTransform(src, _SRGB, "RGB", "RGB")
     except (OSError, ValueError, ImageCms.PyCMSError):
