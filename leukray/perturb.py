@@ -1,7 +1,8 @@
 """Robustness perturbations for the evaluation suite: stain, focus, sensor and compression shifts.
 
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
-response (white balance, colour temperature, a tinted lamp), exposure, illumination (brightness, contrast), focus
+response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
+(brightness, contrast, light falling off toward the corners), focus
 (blur), sensor noise, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
 the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
 differs in all of them at once. The camera and stain families follow the colour model of
@@ -69,6 +70,11 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     # cooler lamp, darker exposure and a stronger stain; at |s| = 1 each part is milder than its own family's
     # strongest severity (colour temperature 0.15, exposure ×1.3, dyes ×0.75), together they are not
     "other_lab": (-1.0, -0.5, 0.5, 1.0),
+    # the camera's tone curve: display value ** gamma (< 1 lifts the mid-tones, > 1 darkens them; black and white stay)
+    "gamma": (0.7, 0.85, 1.2, 1.4),
+    # uneven illumination: the light lost at the field's corners, falling off with the squared distance from the
+    # centre in linear light (an unaligned condenser, a camera adapter's vignette); 0.5 = the corners get half
+    "vignetting": (0.2, 0.35, 0.5),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -89,6 +95,8 @@ IDENTITY: dict[str, float] = {
     "stain_intensity": 1.0,
     "stain_balance": 0.0,
     "other_lab": 0.0,
+    "gamma": 1.0,
+    "vignetting": 0.0,
 }
 """The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
 
@@ -219,6 +227,19 @@ def _other_lab(x: torch.Tensor, s: float) -> torch.Tensor:
     return _gains(1.15 ** s * 1.3 ** s, 1.3 ** s, 0.85 ** s * 1.3 ** s)(stained)
 
 
+def _gamma(x: torch.Tensor, g: float) -> torch.Tensor:
+    return x.clamp(0, 1) ** g
+
+
+def _vignetting(x: torch.Tensor, loss: float) -> torch.Tensor:
+    """Multiply the light by 1 - loss × r² (r = distance from the centre, 1 at the corners), in linear light."""
+    h, w = x.shape[-2:]
+    yy = torch.linspace(-1.0, 1.0, h, dtype=x.dtype).view(h, 1)
+    xx = torch.linspace(-1.0, 1.0, w, dtype=x.dtype).view(1, w)
+    light = 1.0 - loss * (yy ** 2 + xx ** 2) / 2.0
+    return ((x.clamp(0, 1) ** colour.GAMMA) * light).clamp(0, 1) ** (1.0 / colour.GAMMA)
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -238,6 +259,8 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "stain_balance": _colour_op("stain_balance", -0.9, 0.9,
                                 lambda x, s: colour.stain_concentration(x, 1 + s, 1 - s)),
     "other_lab": _colour_op("other_lab", -3.0, 3.0, _other_lab),
+    "gamma": _colour_op("gamma", 0.25, 4.0, _gamma),
+    "vignetting": _colour_op("vignetting", 0.0, 0.9, _vignetting),
 }
 assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 

@@ -35,7 +35,7 @@ BATCH = _smear_like()
 def test_registry_contains_required_severities() -> None:
     assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale",
                                  "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
-                                 "stain_intensity", "stain_balance", "other_lab"}
+                                 "stain_intensity", "stain_balance", "other_lab", "gamma", "vignetting"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
     assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
@@ -128,7 +128,7 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
 @pytest.mark.parametrize(
     ("name", "severity"),
     [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1),
-     ("magnification", 0.4), ("magnification", 2.5)],
+     ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
@@ -206,3 +206,22 @@ def test_stain_leaves_white_background_and_scales_stained_pixels() -> None:
     pinker = apply_perturbation(image, "stain_balance", -0.3)[0, 1].astype(int)
     # the basic dye absorbs red most: a bluer stain is darker in red and bluer relative to red
     assert bluer[0] < pinker[0] and bluer[2] - bluer[0] > pinker[2] - pinker[0]
+
+
+def test_gamma_keeps_black_and_white_and_moves_mid_tones() -> None:
+    ramp = np.repeat(np.linspace(0, 255, 16).round().astype(np.uint8)[None, :, None], 3, axis=2)[None]
+    lifted, darkened = (apply_perturbation(ramp, "gamma", g)[0, 0, :, 0].astype(int) for g in (0.7, 1.4))
+    assert lifted[0] == darkened[0] == 0 and lifted[-1] == darkened[-1] == 255
+    mid = ramp[0, 0, 1:-1, 0].astype(int)
+    assert (lifted[1:-1] > mid).all() and (darkened[1:-1] < mid).all()
+    assert abs(lifted[8] - round(255 * (136 / 255) ** 0.7)) <= 1
+
+
+def test_vignetting_darkens_the_corners_not_the_centre() -> None:
+    grey = np.full((1, 65, 65, 3), 200, np.uint8)
+    out = apply_perturbation(grey, "vignetting", 0.5)[0, ..., 0].astype(int)
+    assert out[32, 32] == 200
+    # the corners get half the light (linear): 200 → 255 × (0.5 × (200/255)^2.2)^(1/2.2)
+    expected = round(255 * (0.5 * (200 / 255) ** 2.2) ** (1 / 2.2))
+    assert all(abs(out[y, x] - expected) <= 1 for y, x in [(0, 0), (0, 64), (64, 0), (64, 64)])
+    assert out[32, 0] > expected and out[32, 0] < 200  # the edges' midpoints lose half as much
