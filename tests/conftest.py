@@ -45,7 +45,7 @@ def tiny_package(tmp_path_factory):
 @pytest.fixture(scope="session")
 def recipe_package(synth_data, tmp_path_factory):
     """A small package trained with the default recipe (`leukray train --config configs/train.yaml`, shrunk to
-    seconds: 32 px, 3 epochs, no weight average, a faster rate) on synth_data: its card is what the recipe ships
+    seconds: 32 px, 5 epochs, no weight average, a faster rate) on synth_data: its card is what the recipe ships
     (tta adaptive, the cascade and both temperatures fitted on val), and it is sure enough of some images that
     they stay on the one-view path. Read-only for the tests that share it."""
     import subprocess
@@ -53,7 +53,7 @@ def recipe_package(synth_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("recipe-model") / "pkg"
     r = subprocess.run([sys.executable, "-m", "leukray.cli", "train", "--data", str(synth_data), "--out", str(out),
-                        "--config", str(REPO / "configs" / "train.yaml"), "--epochs", "3", "--set", "image_size=32",
+                        "--config", str(REPO / "configs" / "train.yaml"), "--epochs", "5", "--set", "image_size=32",
                         "--set", "batch_size=16", "--set", "ema_decay=0", "--set", "lr=0.001",
                         "--set", "ood.colour_copies=1"],
                        env=dict(os.environ, LEUKRAY_OFFLINE="1"), capture_output=True, text=True)
