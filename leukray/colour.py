@@ -41,16 +41,21 @@ def _factor(values: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return v.expand(x.shape[0], 1, 1, 1)
 
 
+def scale_light(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Multiply the light reaching the sensor by `gain` (broadcast against NCHW: per image, channel or pixel), in
+    linear light, clipped at the sensor's white: what every camera, lamp and illumination change here is."""
+    return ((x.clamp(0, 1) ** GAMMA) * gain).clamp(0, 1) ** (1.0 / GAMMA)
+
+
 def camera_gains(x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """Per-channel gains (N, 3) in linear light, clipped at the sensor's white: white balance, colour temperature,
     a tinted lamp (a colour cast), and exposure (the same gain on all three channels)."""
-    g = torch.as_tensor(gains, dtype=x.dtype, device=x.device).reshape(-1, 3, 1, 1)
-    return ((x.clamp(0, 1) ** GAMMA) * g).clamp(0, 1) ** (1.0 / GAMMA)
+    return scale_light(x, torch.as_tensor(gains, dtype=x.dtype, device=x.device).reshape(-1, 3, 1, 1))
 
 
 def exposure(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
     """Exposure ×factor in linear light (one gain per image, or one for the batch); highlights clip."""
-    return ((x.clamp(0, 1) ** GAMMA) * _factor(factor, x)).clamp(0, 1) ** (1.0 / GAMMA)
+    return scale_light(x, _factor(factor, x))
 
 
 def stain_concentration(x: torch.Tensor, blue: torch.Tensor | float, eosin: torch.Tensor | float) -> torch.Tensor:

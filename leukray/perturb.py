@@ -237,7 +237,7 @@ def _vignetting(x: torch.Tensor, loss: float) -> torch.Tensor:
     yy = torch.linspace(-1.0, 1.0, h, dtype=x.dtype).view(h, 1)
     xx = torch.linspace(-1.0, 1.0, w, dtype=x.dtype).view(1, w)
     light = 1.0 - loss * (yy ** 2 + xx ** 2) / 2.0
-    return ((x.clamp(0, 1) ** colour.GAMMA) * light).clamp(0, 1) ** (1.0 / colour.GAMMA)
+    return colour.scale_light(x, light)
 
 
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {

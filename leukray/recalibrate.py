@@ -127,10 +127,11 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         if reference is not None and (ood_cfg.colour_check or ood_cfg.structure_check):  # colour/structure checks' fit
             from .train import colour_envelopes
 
-            if old_colour is None and train_images is None and data.manifest_uri is not None and data.split != "train":
+            needs_train = ood_cfg.colour_check and old_colour is None  # the colour check's reference: training images
+            if needs_train and train_images is None and data.manifest_uri is not None and data.split != "train":
                 train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                               data.manifest_uri, storage).images
-            if old_colour is not None or train_images is not None:
+            if not needs_train or train_images is not None:
                 colour_ref, colour_val = colour_envelopes(train_images, data.images, ood_cfg,
                                                           int((pkg.card.get("config") or {}).get("seed", 0)),
                                                           reference=old_colour)

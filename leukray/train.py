@@ -213,12 +213,12 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
 
 def colour_envelopes(train_images: np.ndarray | None, val_images: np.ndarray, ood: OODConfig, seed: int,
                      reference: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The colour check's reference (training images, or an existing `reference`) and the colour and structure
-    checks' threshold set (validation images), each under other cameras' and stain batches' colours
-    (`leukray.colour.signature_envelope`); (None, None) when both checks are off."""
+    """The colour check's reference (training images, or an existing `reference`; None when the colour check is
+    off) and the colour and structure checks' threshold set (validation images), each under other cameras' and
+    stain batches' colours (`leukray.colour.signature_envelope`); (None, None) when both checks are off."""
     if not (ood.colour_check or ood.structure_check):
         return None, None
-    if reference is None:
+    if reference is None and ood.colour_check:
         reference = signature_envelope(train_images, seed + 2000, ood.colour_copies)
     return reference, signature_envelope(val_images, seed + 3000, ood.colour_copies)
 
