@@ -3,7 +3,7 @@
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
 (brightness, contrast, light falling off toward the corners), focus
-(blur), sensor noise, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
+(blur), motion, sharpening, colour planes out of register, sensor noise and defective pixels, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
 the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
 differs in all of them at once. The camera and stain families follow the colour model of
 `leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator re-scores the test
@@ -13,8 +13,8 @@ Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray
 returns when stacked (a single HWC image is accepted too). The result has the same dtype and shape, so it
 goes through `leukray.images.to_chw` and into the model like any decoded batch.
 
-Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise` is random;
-it draws from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses the global torch RNG,
+Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise` and
+`impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses the global torch RNG,
 which cannot be seeded per call without side effects on other code). Noise for an image depends on its
 position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
 """
@@ -75,6 +75,15 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     # uneven illumination: the light lost at the field's corners, falling off with the squared distance from the
     # centre in linear light (an unaligned condenser, a camera adapter's vignette); 0.5 = the corners get half
     "vignetting": (0.2, 0.35, 0.5),
+    # the slide or stage moving during the exposure: a horizontal streak of this many pixels (at the scored size)
+    "motion_blur": (3, 5, 9),
+    # the camera's in-body sharpening: unsharp mask of this amount (σ 1 px): image + amount × (image − blurred)
+    "sharpen": (0.5, 1.0, 2.0),
+    # colour planes out of register (lateral chromatic aberration, a misaligned camera adapter): red moved this many
+    # pixels right, blue as many left
+    "channel_shift": (0.5, 1.0, 2.0),
+    # a sensor's defective pixels: this fraction of pixels stuck black or white (dead and hot pixels)
+    "impulse_noise": (0.001, 0.003, 0.01),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -97,6 +106,10 @@ IDENTITY: dict[str, float] = {
     "other_lab": 0.0,
     "gamma": 1.0,
     "vignetting": 0.0,
+    "motion_blur": 1.0,
+    "sharpen": 0.0,
+    "channel_shift": 0.0,
+    "impulse_noise": 0.0,
 }
 """The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
 
@@ -240,6 +253,57 @@ def _vignetting(x: torch.Tensor, loss: float) -> torch.Tensor:
     return colour.scale_light(x, light)
 
 
+def _motion_blur(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    length = int(severity)
+    if length != severity or not 1 <= length <= 63:
+        raise ValueError(f"motion_blur length must be a whole number of pixels in [1, 63], got {severity}")
+    if length == 1:
+        return batch.copy()
+    x = _to_tensor(batch).float()
+    kernel = torch.full((3, 1, 1, length), 1.0 / length)
+    left = (length - 1) // 2  # an even length leans left by half a pixel
+    x = torch.nn.functional.pad(x, (left, length - 1 - left, 0, 0), mode="replicate")
+    return _to_numpy(torch.nn.functional.conv2d(x, kernel, groups=3).round().clamp(0, 255).to(torch.uint8))
+
+
+def _sharpen(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("sharpen", severity, 0.0, 10.0)
+    if severity == 0:
+        return batch.copy()
+    x = _to_tensor(batch).float()
+    blurred = F.gaussian_blur(x, kernel_size=[7, 7], sigma=[1.0, 1.0])
+    return _to_numpy((x + severity * (x - blurred)).round().clamp(0, 255).to(torch.uint8))
+
+
+def _channel_shift(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("channel_shift", severity, 0.0, 8.0)
+    if severity == 0:
+        return batch.copy()
+    x = _to_tensor(batch).float()
+    out = x.clone()
+    for channel, shift in ((0, severity), (2, -severity)):
+        # sample the plane `shift` pixels to the left of each output pixel (linear interpolation, edges replicated)
+        n, _, h, w = x.shape
+        source = (torch.arange(w, dtype=torch.float32) - shift).clamp(0, w - 1)
+        lo = source.floor().long()
+        hi = (lo + 1).clamp(max=w - 1)
+        frac = source - lo
+        plane = x[:, channel]
+        out[:, channel] = plane[..., lo] * (1 - frac) + plane[..., hi] * frac
+    return _to_numpy(out.round().clamp(0, 255).to(torch.uint8))
+
+
+def _impulse_noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("impulse_noise", severity, 0.0, 0.5)
+    out = batch.copy()
+    if severity == 0:
+        return out
+    u = np.random.default_rng(seed).random(batch.shape[:3])
+    out[u < severity / 2] = 0
+    out[u > 1 - severity / 2] = 255
+    return out
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -261,6 +325,10 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "other_lab": _colour_op("other_lab", -3.0, 3.0, _other_lab),
     "gamma": _colour_op("gamma", 0.25, 4.0, _gamma),
     "vignetting": _colour_op("vignetting", 0.0, 0.9, _vignetting),
+    "motion_blur": _motion_blur,
+    "sharpen": _sharpen,
+    "channel_shift": _channel_shift,
+    "impulse_noise": _impulse_noise,
 }
 assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 
@@ -269,7 +337,7 @@ def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int 
     """Apply perturbation `name` at `severity` to a uint8 RGB NHWC batch (or one HWC image).
 
     Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a
-    given seed (only `noise` uses it). Raises ValueError for an unknown name (listing the allowed ones),
+    given seed (only `noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the allowed ones),
     an out-of-range severity, or an input that is not uint8 RGB.
     """
     if name not in _OPS:

@@ -35,7 +35,8 @@ BATCH = _smear_like()
 def test_registry_contains_required_severities() -> None:
     assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale",
                                  "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
-                                 "stain_intensity", "stain_balance", "other_lab", "gamma", "vignetting"}
+                                 "stain_intensity", "stain_balance", "other_lab", "gamma", "vignetting",
+                                 "motion_blur", "sharpen", "channel_shift", "impulse_noise"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
     assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
@@ -128,7 +129,8 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
 @pytest.mark.parametrize(
     ("name", "severity"),
     [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1),
-     ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2)],
+     ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2),
+     ("motion_blur", 2.5), ("motion_blur", 0), ("sharpen", -1.0), ("channel_shift", 9.0), ("impulse_noise", 0.6)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
@@ -225,3 +227,45 @@ def test_vignetting_darkens_the_corners_not_the_centre() -> None:
     expected = round(255 * (0.5 * (200 / 255) ** 2.2) ** (1 / 2.2))
     assert all(abs(out[y, x] - expected) <= 1 for y, x in [(0, 0), (0, 64), (64, 0), (64, 64)])
     assert out[32, 0] > expected and out[32, 0] < 200  # the edges' midpoints lose half as much
+
+
+def _edge(size: int = 16) -> np.ndarray:
+    """A grey field, its right half white: one vertical edge."""
+    image = np.full((1, size, size, 3), 100, np.uint8)
+    image[:, :, size // 2:] = 255
+    return image
+
+
+def test_motion_blur_streaks_along_rows_only() -> None:
+    image = np.full((1, 15, 15, 3), 200, np.uint8)
+    image[0, 7, 7] = 20  # one dark dot
+    out = apply_perturbation(image, "motion_blur", 5)
+    np.testing.assert_array_equal(out[0, 7, 5:10, 0], [164] * 5)  # 200 - 180 / 5 over the 5 pixels of its row
+    np.testing.assert_array_equal(out[0, 6], image[0, 6])  # rows above and below untouched
+    np.testing.assert_array_equal(out[0, 7, :5], image[0, 7, :5])
+
+
+def test_sharpen_overshoots_at_an_edge_and_keeps_flat_areas() -> None:
+    out = apply_perturbation(_edge(), "sharpen", 1.0).astype(int)
+    assert out[0, 8, 7, 0] < 100 and out[0, 8, 8, 0] == 255  # dark side darker; the bright side clips at white
+    assert out[0, 8, 2, 0] == 100 and out[0, 8, 14, 0] == 255  # away from the edge: unchanged
+
+
+def test_channel_shift_moves_red_right_blue_left_green_stays() -> None:
+    image = _edge()
+    out = apply_perturbation(image, "channel_shift", 1.0)
+    np.testing.assert_array_equal(out[..., 1], image[..., 1])
+    assert out[0, 0, 8, 0] == 100 and out[0, 0, 9, 0] == 255  # red's edge one pixel to the right
+    assert out[0, 0, 7, 2] == 255 and out[0, 0, 6, 2] == 100  # blue's one pixel to the left
+    half = apply_perturbation(image, "channel_shift", 0.5)
+    assert half[0, 0, 8, 0] == 178  # half a pixel: halfway between 100 and 255
+
+
+def test_impulse_noise_sticks_that_fraction_of_pixels_black_or_white() -> None:
+    image = np.full((4, 100, 100, 3), 128, np.uint8)
+    out = apply_perturbation(image, "impulse_noise", 0.01, seed=5)
+    stuck_black = (out == 0).all(-1).mean()
+    stuck_white = (out == 255).all(-1).mean()
+    assert 0.004 < stuck_black < 0.006 and 0.004 < stuck_white < 0.006
+    assert ((out == 128).all(-1) | (out == 0).all(-1) | (out == 255).all(-1)).all()  # whole pixels, the rest kept
+    assert not np.array_equal(out, apply_perturbation(image, "impulse_noise", 0.01, seed=6))
