@@ -9,6 +9,8 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
 - `lab`: robust + another lab's colour response (`leukray.colour`): white balance and colour cast as per-channel
   gains and exposure in linear light with clipped highlights, and the amount and balance of the two dyes in
   optical density. Hue/saturation/brightness jitter alone never shows the network a per-channel gain.
+- `lab_defects`: lab + the optics and sensor defects of everyday microscope cameras (`optics_defects`): motion
+  blur, shot and impulse noise, pixelation, colour planes out of register, veiling glare, a brighter display gain.
 
 `p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-POLICIES = ("none", "study", "stain", "robust", "lab")
+POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects")
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -56,10 +58,12 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     if policy == "study" or p == 0.0:
         return x.clamp_(0, 255)
     y = colour_jitter(x, generator, strength)
-    if policy == "lab":
+    if policy in ("lab", "lab_defects"):
         y = colour_response(y, generator, strength)
-    if policy in ("robust", "lab"):
+    if policy in ("robust", "lab", "lab_defects"):
         y = camera_artefacts(y, generator, strength)
+    if policy == "lab_defects":
+        y = optics_defects(y, generator, strength)
     if p < 1.0:
         y = torch.where((_rand(x.shape[0], x, generator, 0, 1) < p).view(-1, 1, 1, 1), y, x)
     return y.clamp_(0, 255)
@@ -159,6 +163,58 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
         x = x.clone()
         x[idx] = torch.stack([o.to(x.device) for o in out]).to(x.dtype)
     return x
+
+
+def _shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """(N, H, W) moved by (dx, dy) pixels, linear interpolation, edges replicated."""
+    n, h, w = plane.shape
+    ys = torch.arange(h, dtype=plane.dtype, device=plane.device).view(h, 1).expand(h, w) - dy
+    xs = torch.arange(w, dtype=plane.dtype, device=plane.device).view(1, w).expand(h, w) - dx
+    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], -1).expand(n, h, w, 2)
+    return F.grid_sample(plane[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+
+
+def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.2) -> torch.Tensor:
+    """Defects of everyday microscope cameras beyond `camera_artefacts`, each on a random fifth of the batch: motion
+    blur (a 3-9 px streak: the stage moving during the exposure), shot noise (a dim lamp: noise that grows with the
+    signal, 20-200 photons at white), impulse noise (up to 1 % dead or hot pixels), pixelation (block averages of
+    2-3 px: a low-resolution sensor upscaled without interpolation), red and blue planes 0.5-2 px out of register
+    (lateral chromatic aberration), veiling glare (up to 40 % of white light over the field) and a display gain up
+    to ×1.5 with clipping (a software brightness setting)."""
+    n, c, h, w = x.shape
+    s = strength
+    pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
+    # motion blur along rows or columns (the batch is already rotated at random)
+    length = 2 * int(_rand(1, x, g, 1, 1 + 3 * s)[0]) + 1
+    along_rows = bool(_rand(1, x, g, 0, 1)[0] < 0.5)
+    kernel = torch.full((c, 1, 1, length) if along_rows else (c, 1, length, 1), 1.0 / length, dtype=x.dtype,
+                        device=x.device)
+    pad = (length // 2, length // 2, 0, 0) if along_rows else (0, 0, length // 2, length // 2)
+    x = torch.where(pick(), F.conv2d(F.pad(x, pad, mode="replicate"), kernel, groups=c), x)
+    # shot noise: Poisson photon counts, as a Gaussian of variance value × 255 / photons-at-white
+    photons = torch.exp(_rand(n, x, g, math.log(20), math.log(200))).view(-1, 1, 1, 1) / max(s, 1e-6)
+    noise = torch.randn(x.shape, generator=g, device="cpu").to(x) if g is not None else torch.randn_like(x)
+    x = torch.where(pick(), x + noise * (x.clamp(0, 255) * 255.0 / photons).sqrt(), x)
+    # impulse noise: pixels stuck black or white
+    u = torch.rand((n, 1, h, w), generator=g, device="cpu").to(x) if g is not None else torch.rand_like(x[:, :1])
+    frac = _rand(n, x, g, 0, 0.01 * s).view(-1, 1, 1, 1)
+    stuck = torch.where(u < frac / 2, 0.0, torch.where(u > 1 - frac / 2, 255.0, -1.0))
+    x = torch.where(pick() & (stuck >= 0), stuck.expand_as(x), x)
+    # pixelation
+    block = int(_rand(1, x, g, 2, 4)[0])
+    pixelated = F.interpolate(F.avg_pool2d(x, block, ceil_mode=True), scale_factor=block, mode="nearest")[..., :h, :w]
+    x = torch.where(pick(), pixelated, x)
+    # red and blue planes out of register, in opposite directions
+    shift = float(_rand(1, x, g, 0.5, 0.5 + 1.5 * s)[0])
+    angle = float(_rand(1, x, g, 0, 2 * math.pi)[0])
+    dx, dy = shift * math.cos(angle), shift * math.sin(angle)
+    shifted = torch.stack([_shift_plane(x[:, 0], dx, dy), x[:, 1], _shift_plane(x[:, 2], -dx, -dy)], 1)
+    x = torch.where(pick(), shifted, x)
+    # veiling glare, then a display gain
+    glare = _rand(n, x, g, 0, 0.4 * s).view(-1, 1, 1, 1)
+    x = torch.where(pick(), x * (1 - glare) + 255.0 * glare, x)
+    gain = _rand(n, x, g, 1.0, 1.0 + 0.5 * s).view(-1, 1, 1, 1)
+    return torch.where(pick(), (x * gain).clamp(0, 255), x)
 
 
 def augment_images(images_nhwc, policy: str, seed: int, strength: float = 1.0, zoom: float = 1.0,

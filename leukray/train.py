@@ -52,6 +52,7 @@ class TrainConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     image_size: int = Field(224, ge=32, le=1024)
     augment: str = "stain"
+    """Training augmentation policy (`leukray.augment`): none | study | stain | robust | lab | lab_defects."""
     augment_strength: float = Field(1.0, ge=0.0, le=4.0)
     augment_zoom: float = Field(1.0, ge=1.0, le=4.0)
     """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
@@ -96,7 +97,7 @@ class TrainConfig(StrictModel):
             raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
         if self.consistency > 0 and self.augment in ("none", "study"):
             raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
-                             f"augment={self.augment!r} has none (allowed with consistency: stain, robust, lab)")
+                             f"augment={self.augment!r} has none (allowed with consistency: stain, robust, lab, lab_defects)")
         check_tta(self.tta)
         check_colour_norm(self.model.colour_norm)
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ def test_stain_changes_colour_not_only_geometry():
 
 
 def test_unknown_policy_lists_allowed():
-    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab"):
+    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab, lab_defects"):
         augment_batch(torch.zeros(1, 3, 8, 8), "heavy")
 
 
@@ -93,3 +94,57 @@ def test_augment_images_is_seeded_uint8_and_keeps_geometry_per_image():
     np.testing.assert_array_equal(a, augment_images(images, "lab", seed=7))
     assert not np.array_equal(a, augment_images(images, "lab", seed=8))
     np.testing.assert_array_equal(augment_images(images, "none", seed=7), images)
+
+
+def test_lab_defects_is_lab_then_the_optics_defects():
+    """The policy adds to `lab` without changing it: the same draws, then the defects."""
+    from leukray.augment import optics_defects
+
+    x = torch.rand(16, 3, 32, 32) * 255
+    g_lab, g_defects = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    lab = augment_batch(x.clone(), "lab", g_lab)
+    expected = optics_defects(lab, g_lab).clamp(0, 255)
+    assert torch.equal(augment_batch(x.clone(), "lab_defects", g_defects), expected)
+    assert not torch.equal(expected, lab)
+
+
+def test_optics_defects_each_hit_a_fifth_of_the_images():
+    from leukray.augment import optics_defects
+
+    field = torch.full((400, 3, 32, 32), 64.0)
+    y = optics_defects(field, torch.Generator().manual_seed(0))
+    changed = (y != field).flatten(1).any(1).float().mean()
+    # a flat field: blur, pixelation and shifted planes leave it, shot noise, glare and gain change every image they
+    # hit (1 - 0.8**3 = 0.49), impulse noise those whose drawn fraction sticks a pixel
+    assert 0.49 < float(changed) < 0.7
+    assert torch.equal(optics_defects(field, torch.Generator().manual_seed(0), p=0.0), field)
+    stuck = ((y == 0) | (y == 255)).all(1).flatten(1).float().mean(1)  # dead and hot pixels: black or white
+    hit = stuck[stuck > 0]
+    assert 0.1 < len(hit) / len(stuck) < 0.3
+    assert 0.003 < float(hit.mean()) < 0.008 and float(hit.max()) < 0.03  # a fraction drawn from [0, 1 %]
+
+
+def test_shot_noise_grows_with_the_signal():
+    """Photon noise: its spread grows with the light (a dark field keeps a smaller one than a bright one)."""
+    from leukray.augment import optics_defects
+
+    def spread(level: float) -> float:
+        field = torch.full((400, 3, 16, 16), level)
+        y = optics_defects(field, torch.Generator().manual_seed(1))
+        # per image the median absolute deviation (a few stuck pixels do not move it); flat or uniformly moved
+        # images (glare, gain) have none, the noisy fifth the most
+        flat = y.flatten(1)
+        mad = (flat - flat.median(1, keepdim=True).values).abs().median(1).values
+        return float(mad.quantile(0.9))
+
+    assert spread(200.0) > 1.8 * spread(30.0)
+
+
+def test_shifted_plane_moves_by_sub_pixels():
+    from leukray.augment import _shift_plane
+
+    plane = torch.zeros(1, 4, 8)
+    plane[..., 4:] = 100.0
+    np.testing.assert_allclose(_shift_plane(plane, 1.0, 0.0)[0, 0].numpy(), [0, 0, 0, 0, 0, 100, 100, 100], atol=1e-4)
+    np.testing.assert_allclose(_shift_plane(plane, -0.5, 0.0)[0, 0].numpy(), [0, 0, 0, 50, 100, 100, 100, 100],
+                               atol=1e-4)
