@@ -49,7 +49,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       robustness=args.robustness, seed=args.seed, batch_size=args.batch_size,
                       split_manifest=args.split_manifest, review_threshold=args.review_threshold, device=args.device,
                       backend=args.backend, tta=args.tta, ood_dirs=args.ood,
-                      benign_malignant_threshold=args.benign_malignant_threshold)
+                      benign_malignant_threshold=args.benign_malignant_threshold, perturbations=args.perturbations)
     summary = {"out": args.out, "model": report["model"]["name"], "version": report["model"]["version"],
                "split": report["split"], "n": report["n"], "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "ece": report["metrics"]["ece"], "tta": report["tta"],
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model package on a labelled folder (metrics, plots, robustness)")
     _package_on_data_arguments(e, "output folder or s3:// URI (evaluation.json, plots, robustness.csv)", "test")
     e.add_argument("--robustness", action="store_true", help="also re-score under every perturbation x severity")
+    e.add_argument("--perturbations", nargs="+", metavar="FAMILY",
+                   help="re-score under these perturbation families only (implies --robustness; the same images and "
+                        "numbers as in the full suite), e.g. --perturbations channel_shift impulse_noise")
     e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) and the sample grid")
     e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
     e.add_argument("--benign-malignant-threshold", type=float,

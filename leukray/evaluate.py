@@ -34,7 +34,7 @@ from .data import DataError, cached_decode, content_hash, list_labelled_folder, 
 from .inference import Predictor, ViewPolicy, package_backend
 from .tta import package_tta
 from .ood import DEFAULT_BENIGN_MALIGNANT_THRESHOLD, review_reason
-from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, format_ood_table, format_robustness_table,
+from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, check_families, format_ood_table, format_robustness_table,
                          ood_folders, robustness_suite, silent_errors)
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -182,10 +182,11 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
              storage: StorageOptions | None = None, robustness: bool = False, seed: int = 0,
              batch_size: int = 64, split_manifest: str | None = None, review_threshold: float | None = None,
              device: str = "auto", plots: bool = True, backend: str = "auto", tta: str = "package",
-             ood_dirs: list[str] | None = None, benign_malignant_threshold: float | None = None) -> dict[str, Any]:
+             ood_dirs: list[str] | None = None, benign_malignant_threshold: float | None = None,
+             perturbations: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
     (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
-    robustness.csv to out_dir. `seed` fixes the random perturbations and the sample grid. `tta`: the package's
+    robustness.csv to out_dir (`perturbations`: only these families). `seed` fixes the random perturbations and the sample grid. `tta`: the package's
     test-time augmentation (`package`) or another mode (`leukray.tta`); the robustness suite runs with it too.
     `ood_dirs`: folders of images that are not in-distribution smears; each is scored against the evaluated
     split (AUROC, flagged fraction; ood.csv, ood_scores.png). `review_threshold` and
@@ -203,6 +204,8 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     t0 = time.time()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if perturbations is not None:  # a subset of the suite: checked before anything is loaded
+        perturbations, robustness = check_families(perturbations), True
     pkg = load_package(model_ref, storage)
     classes = pkg.classes
     policy, tta_package = ViewPolicy.from_card(pkg.card, tta), package_tta(pkg.card)
@@ -285,7 +288,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     rob = None
     if robustness:
         rob = robustness_suite(predict, data.images, data.labels, classes, batch_size, seed, flagger=flagger,
-                               clean_outputs=outputs)
+                               clean_outputs=outputs, families=perturbations)
         report["robustness"] = rob
         log(format_robustness_table(rob))
 

@@ -67,10 +67,22 @@ def silent_errors(labels: np.ndarray, pred: np.ndarray, flagged: np.ndarray) -> 
             "silent_benign_malignant": int(crossing.sum())}
 
 
+def check_families(families: list[str]) -> list[str]:
+    """The named perturbation families in the suite's order; an unknown name is an error naming the allowed ones."""
+    from .perturb import PERTURBATIONS
+
+    unknown = [f for f in families if f not in PERTURBATIONS]
+    if unknown or not families:
+        raise ValueError(f"unknown perturbation famil{'y' if len(unknown) == 1 else 'ies'} "
+                         f"{', '.join(map(repr, unknown)) or '(none given)'}; allowed: {', '.join(PERTURBATIONS)}")
+    return [name for name in PERTURBATIONS if name in families]
+
+
 def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarray, labels: np.ndarray,
                      classes: list[str], batch_size: int, seed: int = 0, flagger: Flagger | None = None,
-                     clean_outputs: Outputs | None = None) -> dict[str, Any]:
-    """Per perturbation × severity: accuracy, macro-F1 and — what a lab lives with — the fraction flagged for review
+                     clean_outputs: Outputs | None = None, families: list[str] | None = None) -> dict[str, Any]:
+    """Per perturbation × severity (every family of `leukray.perturb.PERTURBATIONS`, or only `families`: each
+    setting's images are the same either way): accuracy, macro-F1 and — what a lab lives with — the fraction flagged for review
     (low confidence or out of distribution), the fraction out of distribution, and the silent error rate (wrong
     and not flagged) with the silent benign ↔ malignant count; `silent_error_rate_confidence_only` is the same
     without the guard; `mean_views` the forward passes per image (adaptive test-time views spend more on
@@ -97,7 +109,8 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
         clean_outputs = predict(images)
     clean_f = flagger(clean_outputs)
     clean = summary(clean_f)
-    settings = [(name, k, severity) for name, severities in PERTURBATIONS.items() for k, severity in enumerate(severities)]
+    chosen = list(PERTURBATIONS) if families is None else check_families(families)
+    settings = [(name, k, severity) for name in chosen for k, severity in enumerate(PERTURBATIONS[name])]
     n = len(images)
     keys = ("pred", "low_confidence", "ood", "needs_review", "views")
     flags = {key: np.empty((len(settings), n), dtype=np.int64 if key in ("pred", "views") else bool) for key in keys}
@@ -133,7 +146,7 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
                      "changed_fraction": float((flags["pred"][s_i] != clean_f["pred"]).mean()), "n": int(n)})
     worst = min(rows, key=lambda r: (r["accuracy"], r["macro_f1"]))
     by_perturbation = {}
-    for name in PERTURBATIONS:
+    for name in chosen:
         rs = [r for r in rows if r["perturbation"] == name]
         w = min(rs, key=lambda r: (r["accuracy"], r["macro_f1"]))
         by_perturbation[name] = {"mean_accuracy": float(np.mean([r["accuracy"] for r in rs])),

@@ -126,6 +126,22 @@ def test_deterministic_for_a_seed(report, package, synth_data, tmp_path):
     assert again["metrics"] == first["metrics"]
 
 
+def test_a_subset_of_families_gives_the_full_suites_numbers(report, package, synth_data, tmp_path):
+    """`--perturbations`: only the named families, in the suite's order, each setting with the same images (seeded
+    per setting and chunk) and so the same numbers as in the full suite; an unknown family is named before any work."""
+    _, full = report
+    some = evaluate(str(package), str(synth_data), str(tmp_path / "some"), seed=3, batch_size=32, plots=False,
+                    backend="torch", perturbations=["impulse_noise", "hue"])
+    rows = some["robustness"]["results"]
+    assert [r["perturbation"] for r in rows] == ["hue"] * len(PERTURBATIONS["hue"]) + \
+        ["impulse_noise"] * len(PERTURBATIONS["impulse_noise"])
+    assert rows == [r for r in full["robustness"]["results"] if r["perturbation"] in ("hue", "impulse_noise")]
+    assert set(some["robustness"]["by_perturbation"]) == {"hue", "impulse_noise"}
+    with pytest.raises(ValueError, match=r"unknown perturbation family 'fog'; allowed: hue, saturation"):
+        evaluate(str(package), str(synth_data), str(tmp_path / "bad"), perturbations=["hue", "fog"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_openvino_backend_matches_torch(report, package, synth_data, tmp_path):
     """The CPU default runs the package's ONNX graph under OpenVINO: the same probabilities to ~1e-6, hence the
     same class wherever PyTorch's top two are not tied, and a robustness suite with the same grid."""
