@@ -34,8 +34,8 @@ from .data import DataError, cached_decode, content_hash, list_labelled_folder, 
 from .inference import Predictor, ViewPolicy, package_backend
 from .tta import package_tta
 from .ood import DEFAULT_BENIGN_MALIGNANT_THRESHOLD, review_reason
-from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, check_families, format_ood_table, format_robustness_table,
-                         ood_folders, robustness_suite, silent_errors)
+from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, check_families, format_ood_table,
+                         format_robustness_table, ood_folders, robustness_suite, silent_errors)
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
 REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
@@ -186,8 +186,8 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
              perturbations: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
     (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
-    robustness.csv to out_dir (`perturbations`: only these families). `seed` fixes the random perturbations and the sample grid. `tta`: the package's
-    test-time augmentation (`package`) or another mode (`leukray.tta`); the robustness suite runs with it too.
+    robustness.csv to out_dir (`perturbations`: only these families). `seed` fixes the random perturbations and
+    the sample grid. `tta`: the package's test-time augmentation (`package`) or another mode (`leukray.tta`); the robustness suite runs with it too.
     `ood_dirs`: folders of images that are not in-distribution smears; each is scored against the evaluated
     split (AUROC, flagged fraction; ood.csv, ood_scores.png). `review_threshold` and
     `benign_malignant_threshold` decide needs_review as scoring does (`leukray.ood.low_confidence`; default: the
