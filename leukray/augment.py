@@ -175,12 +175,12 @@ def _shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
 
 
 def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.2) -> torch.Tensor:
-    """Defects of everyday microscope cameras beyond `camera_artefacts`, each on a random fifth of the batch: motion
-    blur (a 3-9 px streak: the stage moving during the exposure), shot noise (a dim lamp: noise that grows with the
-    signal, 20-200 photons at white), impulse noise (up to 1 % dead or hot pixels), pixelation (block averages of
-    2-3 px: a low-resolution sensor upscaled without interpolation), red and blue planes 0.5-2 px out of register
-    (lateral chromatic aberration), veiling glare (up to 40 % of white light over the field) and a display gain up
-    to ×1.5 with clipping (a software brightness setting)."""
+    """Defects of everyday microscope cameras beyond `camera_artefacts`, each on a random fifth of the batch:
+    motion blur (a 3, 5 or 7 px streak: the stage moving during the exposure), shot noise (a dim lamp: noise that
+    grows with the signal, 20-200 photons at white), impulse noise (up to 1 % dead or hot pixels), pixelation
+    (block averages of 2-3 px: a low-resolution sensor upscaled without interpolation), red and blue planes 0.5-2 px
+    out of register (lateral chromatic aberration), veiling glare (up to 40 % of white light over the field) and a
+    display gain up to ×1.5 with clipping (a software brightness setting)."""
     n, c, h, w = x.shape
     s = strength
     pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
