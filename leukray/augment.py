@@ -165,7 +165,7 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
     return x
 
 
-def _shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+def shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     """(N, H, W) moved by (dx, dy) pixels, linear interpolation, edges replicated."""
     n, h, w = plane.shape
     ys = torch.arange(h, dtype=plane.dtype, device=plane.device).view(h, 1).expand(h, w) - dy
@@ -208,7 +208,7 @@ def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float =
     shift = float(_rand(1, x, g, 0.5, 0.5 + 1.5 * s)[0])
     angle = float(_rand(1, x, g, 0, 2 * math.pi)[0])
     dx, dy = shift * math.cos(angle), shift * math.sin(angle)
-    shifted = torch.stack([_shift_plane(x[:, 0], dx, dy), x[:, 1], _shift_plane(x[:, 2], -dx, -dy)], 1)
+    shifted = torch.stack([shift_plane(x[:, 0], dx, dy), x[:, 1], shift_plane(x[:, 2], -dx, -dy)], 1)
     x = torch.where(pick(), shifted, x)
     # veiling glare, then a display gain
     glare = _rand(n, x, g, 0, 0.4 * s).view(-1, 1, 1, 1)

@@ -3,8 +3,8 @@
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
 (brightness, contrast, light falling off toward the corners), focus
-(blur), motion, sharpening, colour planes out of register, sensor noise and defective pixels, JPEG compression, acquisition resolution (scale) and magnification (objective and camera:
-the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
+(blur), motion, sharpening, colour planes out of register, sensor noise and defective pixels, JPEG compression,
+acquisition resolution (scale) and magnification (objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
 differs in all of them at once. The camera and stain families follow the colour model of
 `leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator re-scores the test
 split under each perturbation at graded severities to show how accuracy degrades.
@@ -14,8 +14,8 @@ returns when stacked (a single HWC image is accepted too). The result has the sa
 goes through `leukray.images.to_chw` and into the model like any decoded batch.
 
 Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise` and
-`impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses the global torch RNG,
-which cannot be seeded per call without side effects on other code). Noise for an image depends on its
+`impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise`
+uses the global torch RNG, which cannot be seeded per call without side effects on other code). Noise for an image depends on its
 position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
 """
 
@@ -276,20 +276,13 @@ def _sharpen(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
 
 
 def _channel_shift(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    from .augment import shift_plane
+
     _check_range("channel_shift", severity, 0.0, 8.0)
     if severity == 0:
         return batch.copy()
     x = _to_tensor(batch).float()
-    out = x.clone()
-    for channel, shift in ((0, severity), (2, -severity)):
-        # sample the plane `shift` pixels to the left of each output pixel (linear interpolation, edges replicated)
-        n, _, h, w = x.shape
-        source = (torch.arange(w, dtype=torch.float32) - shift).clamp(0, w - 1)
-        lo = source.floor().long()
-        hi = (lo + 1).clamp(max=w - 1)
-        frac = source - lo
-        plane = x[:, channel]
-        out[:, channel] = plane[..., lo] * (1 - frac) + plane[..., hi] * frac
+    out = torch.stack([shift_plane(x[:, 0], severity, 0.0), x[:, 1], shift_plane(x[:, 2], -severity, 0.0)], 1)
     return _to_numpy(out.round().clamp(0, 255).to(torch.uint8))
 
 
@@ -337,8 +330,8 @@ def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int 
     """Apply perturbation `name` at `severity` to a uint8 RGB NHWC batch (or one HWC image).
 
     Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a
-    given seed (only `noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the allowed ones),
-    an out-of-range severity, or an input that is not uint8 RGB.
+    given seed (only `noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the
+    allowed ones), an out-of-range severity, or an input that is not uint8 RGB.
     """
     if name not in _OPS:
         raise ValueError(f"unknown perturbation {name!r}; allowed: {', '.join(sorted(_OPS))}")

@@ -141,10 +141,10 @@ def test_shot_noise_grows_with_the_signal():
 
 
 def test_shifted_plane_moves_by_sub_pixels():
-    from leukray.augment import _shift_plane
+    from leukray.augment import shift_plane
 
     plane = torch.zeros(1, 4, 8)
     plane[..., 4:] = 100.0
-    np.testing.assert_allclose(_shift_plane(plane, 1.0, 0.0)[0, 0].numpy(), [0, 0, 0, 0, 0, 100, 100, 100], atol=1e-4)
-    np.testing.assert_allclose(_shift_plane(plane, -0.5, 0.0)[0, 0].numpy(), [0, 0, 0, 50, 100, 100, 100, 100],
+    np.testing.assert_allclose(shift_plane(plane, 1.0, 0.0)[0, 0].numpy(), [0, 0, 0, 0, 0, 100, 100, 100], atol=1e-4)
+    np.testing.assert_allclose(shift_plane(plane, -0.5, 0.0)[0, 0].numpy(), [0, 0, 0, 50, 100, 100, 100, 100],
                                atol=1e-4)
