@@ -73,6 +73,14 @@ def _rand(n: int, x: torch.Tensor, g: torch.Generator | None, lo: float, hi: flo
     return torch.rand(n, generator=g, device="cpu").to(x.device, x.dtype) * (hi - lo) + lo
 
 
+def _noise(shape: tuple[int, ...], x: torch.Tensor, g: torch.Generator | None, uniform: bool = False) -> torch.Tensor:
+    """Standard normal (or uniform [0, 1)) noise of `shape` on x's device: drawn on the CPU from `g`, so a seeded
+    run repeats exactly; without `g` (a GPU), drawn there, seeded by torch.manual_seed."""
+    if g is not None:
+        return (torch.rand if uniform else torch.randn)(shape, generator=g, device="cpu").to(x)
+    return (torch.rand if uniform else torch.randn)(shape, device=x.device, dtype=x.dtype)
+
+
 def flips_and_rotation(x: torch.Tensor, g: torch.Generator | None, max_degrees: float = 180.0,
                        zoom: float = 1.0) -> torch.Tensor:
     """Random flips and any rotation: a cell in a smear has no up (reflection padding keeps the field natural).
@@ -147,8 +155,7 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
     x = torch.where(pick(), F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False), x)
     # sensor noise, sigma up to 0.08 of the range
     noise_sigma = _rand(n, x, g, 0, 0.08 * strength).view(-1, 1, 1, 1) * 255
-    # CPU: the seeded generator repeats a run exactly; GPU (g is None): drawn there, seeded by torch.manual_seed
-    noise = (torch.randn(x.shape, generator=g, device="cpu").to(x) if g is not None else torch.randn_like(x)) * noise_sigma
+    noise = _noise(x.shape, x, g) * noise_sigma
     x = torch.where(pick(), x + noise, x)
     # JPEG re-encoding at quality 5-60
     jpeg_mask = pick().view(-1)
@@ -163,6 +170,17 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
         x = x.clone()
         x[idx] = torch.stack([o.to(x.device) for o in out]).to(x.dtype)
     return x
+
+
+def motion_streak(x: torch.Tensor, length: int, along_rows: bool = True) -> torch.Tensor:
+    """NCHW averaged over a streak of `length` pixels along rows (or columns), edges replicated; an even length
+    leans left (up) by half a pixel."""
+    before = (length - 1) // 2
+    kernel = torch.full((x.shape[1], 1, 1, length), 1.0 / length, dtype=x.dtype, device=x.device)
+    pad = (before, length - 1 - before, 0, 0)
+    if not along_rows:
+        kernel, pad = kernel.transpose(2, 3), (0, 0) + pad[:2]
+    return F.conv2d(F.pad(x, pad, mode="replicate"), kernel, groups=x.shape[1])
 
 
 def shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
@@ -181,22 +199,19 @@ def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float =
     (block averages of 2-3 px: a low-resolution sensor upscaled without interpolation), red and blue planes 0.5-2 px
     out of register (lateral chromatic aberration), veiling glare (up to 40 % of white light over the field) and a
     display gain up to ×1.5 with clipping (a software brightness setting)."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     s = strength
     pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
     # motion blur along rows or columns (the batch is already rotated at random)
     length = 2 * int(_rand(1, x, g, 1, 1 + 3 * s)[0]) + 1
     along_rows = bool(_rand(1, x, g, 0, 1)[0] < 0.5)
-    kernel = torch.full((c, 1, 1, length) if along_rows else (c, 1, length, 1), 1.0 / length, dtype=x.dtype,
-                        device=x.device)
-    pad = (length // 2, length // 2, 0, 0) if along_rows else (0, 0, length // 2, length // 2)
-    x = torch.where(pick(), F.conv2d(F.pad(x, pad, mode="replicate"), kernel, groups=c), x)
+    x = torch.where(pick(), motion_streak(x, length, along_rows), x)
     # shot noise: Poisson photon counts, as a Gaussian of variance value × 255 / photons-at-white
     photons = torch.exp(_rand(n, x, g, math.log(20), math.log(200))).view(-1, 1, 1, 1) / max(s, 1e-6)
-    noise = torch.randn(x.shape, generator=g, device="cpu").to(x) if g is not None else torch.randn_like(x)
+    noise = _noise(x.shape, x, g)
     x = torch.where(pick(), x + noise * (x.clamp(0, 255) * 255.0 / photons).sqrt(), x)
     # impulse noise: pixels stuck black or white
-    u = torch.rand((n, 1, h, w), generator=g, device="cpu").to(x) if g is not None else torch.rand_like(x[:, :1])
+    u = _noise((n, 1, h, w), x, g, uniform=True)
     frac = _rand(n, x, g, 0, 0.01 * s).view(-1, 1, 1, 1)
     stuck = torch.where(u < frac / 2, 0.0, torch.where(u > 1 - frac / 2, 255.0, -1.0))
     x = torch.where(pick() & (stuck >= 0), stuck.expand_as(x), x)

@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from . import colour
+from .augment import motion_streak, shift_plane
 
 __all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
 
@@ -259,11 +260,8 @@ def _motion_blur(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
         raise ValueError(f"motion_blur length must be a whole number of pixels in [1, 63], got {severity}")
     if length == 1:
         return batch.copy()
-    x = _to_tensor(batch).float()
-    kernel = torch.full((3, 1, 1, length), 1.0 / length)
-    left = (length - 1) // 2  # an even length leans left by half a pixel
-    x = torch.nn.functional.pad(x, (left, length - 1 - left, 0, 0), mode="replicate")
-    return _to_numpy(torch.nn.functional.conv2d(x, kernel, groups=3).round().clamp(0, 255).to(torch.uint8))
+    streak = motion_streak(_to_tensor(batch).float(), length)
+    return _to_numpy(streak.round().clamp(0, 255).to(torch.uint8))
 
 
 def _sharpen(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
@@ -276,8 +274,6 @@ def _sharpen(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
 
 
 def _channel_shift(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
-    from .augment import shift_plane
-
     _check_range("channel_shift", severity, 0.0, 8.0)
     if severity == 0:
         return batch.copy()

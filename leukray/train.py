@@ -97,7 +97,8 @@ class TrainConfig(StrictModel):
             raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
         if self.consistency > 0 and self.augment in ("none", "study"):
             raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
-                             f"augment={self.augment!r} has none (allowed with consistency: stain, robust, lab, lab_defects)")
+                             f"augment={self.augment!r} has none (allowed with consistency: "
+                             f"{', '.join(p for p in POLICIES if p not in ('none', 'study'))})")
         check_tta(self.tta)
         check_colour_norm(self.model.colour_norm)
 
