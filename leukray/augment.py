@@ -183,6 +183,13 @@ def motion_streak(x: torch.Tensor, length: int, along_rows: bool = True) -> torc
     return F.conv2d(F.pad(x, pad, mode="replicate"), kernel, groups=x.shape[1])
 
 
+def pixelate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """NCHW replaced by the means of `block` × `block` tiles, each mean repeated over its tile (a low-resolution
+    sensor upscaled without interpolation); partial tiles at the right and bottom edges average what they hold."""
+    h, w = x.shape[-2:]
+    return F.interpolate(F.avg_pool2d(x, block, ceil_mode=True), scale_factor=block, mode="nearest")[..., :h, :w]
+
+
 def shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     """(N, H, W) moved by (dx, dy) pixels, linear interpolation, edges replicated."""
     n, h, w = plane.shape
@@ -217,8 +224,7 @@ def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float =
     x = torch.where(pick() & (stuck >= 0), stuck.expand_as(x), x)
     # pixelation
     block = int(_rand(1, x, g, 2, 4)[0])
-    pixelated = F.interpolate(F.avg_pool2d(x, block, ceil_mode=True), scale_factor=block, mode="nearest")[..., :h, :w]
-    x = torch.where(pick(), pixelated, x)
+    x = torch.where(pick(), pixelate(x, block), x)
     # red and blue planes out of register, in opposite directions
     shift = float(_rand(1, x, g, 0.5, 0.5 + 1.5 * s)[0])
     angle = float(_rand(1, x, g, 0, 2 * math.pi)[0])

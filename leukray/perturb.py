@@ -3,8 +3,8 @@
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
 (brightness, contrast, light falling off toward the corners), focus
-(blur), motion, sharpening, colour planes out of register, sensor noise and defective pixels, JPEG compression,
-acquisition resolution (scale) and magnification (objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
+(blur), motion, sharpening, colour planes out of register, sensor noise (read noise; shot noise of a dim lamp) and
+defective pixels, JPEG compression, acquisition resolution (scale; pixelation) and magnification (objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
 differs in all of them at once. The camera and stain families follow the colour model of
 `leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator re-scores the test
 split under each perturbation at graded severities to show how accuracy degrades.
@@ -13,8 +13,8 @@ Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray
 returns when stacked (a single HWC image is accepted too). The result has the same dtype and shape, so it
 goes through `leukray.images.to_chw` and into the model like any decoded batch.
 
-Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise` and
-`impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise`
+Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise`,
+`shot_noise` and `impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise`
 uses the global torch RNG, which cannot be seeded per call without side effects on other code). Noise for an image depends on its
 position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
 """
@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from . import colour
-from .augment import motion_streak, shift_plane
+from .augment import motion_streak, pixelate, shift_plane
 
 __all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
 
@@ -85,6 +85,12 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     "channel_shift": (0.5, 1.0, 2.0),
     # a sensor's defective pixels: this fraction of pixels stuck black or white (dead and hot pixels)
     "impulse_noise": (0.001, 0.003, 0.01),
+    # a dim lamp or a short exposure: photon (Poisson) noise with this many photons per pixel at white, so the noise
+    # grows with the light (its spread is √(value × 255 / photons) grey levels); fewer photons = noisier
+    "shot_noise": (200, 60, 20),
+    # a low-resolution sensor shown without interpolation: means of this many × this many pixel tiles (at the
+    # scored size), each repeated over its tile
+    "pixelate": (2, 3, 4),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -111,6 +117,8 @@ IDENTITY: dict[str, float] = {
     "sharpen": 0.0,
     "channel_shift": 0.0,
     "impulse_noise": 0.0,
+    "shot_noise": math.inf,
+    "pixelate": 1.0,
 }
 """The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
 
@@ -293,6 +301,23 @@ def _impulse_noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     return out
 
 
+def _shot_noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("shot_noise", severity, 1.0, math.inf)
+    if severity == math.inf:
+        return batch.copy()
+    photons = np.random.default_rng(seed).poisson(batch.astype(np.float64) * (severity / 255.0))
+    return np.clip(np.rint(photons * (255.0 / severity)), 0, 255).astype(np.uint8)
+
+
+def _pixelate(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    block = int(severity)
+    if block != severity or not 1 <= block <= 32:
+        raise ValueError(f"pixelate tile must be a whole number of pixels in [1, 32], got {severity}")
+    if block == 1:
+        return batch.copy()
+    return _to_numpy(pixelate(_to_tensor(batch).float(), block).round().clamp(0, 255).to(torch.uint8))
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -318,6 +343,8 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "sharpen": _sharpen,
     "channel_shift": _channel_shift,
     "impulse_noise": _impulse_noise,
+    "shot_noise": _shot_noise,
+    "pixelate": _pixelate,
 }
 assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 
@@ -326,7 +353,7 @@ def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int 
     """Apply perturbation `name` at `severity` to a uint8 RGB NHWC batch (or one HWC image).
 
     Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a
-    given seed (only `noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the
+    given seed (only `noise`, `shot_noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the
     allowed ones), an out-of-range severity, or an input that is not uint8 RGB.
     """
     if name not in _OPS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,8 @@ def test_registry_contains_required_severities() -> None:
     assert set(PERTURBATIONS) == {"hue", "saturation", "brightness", "contrast", "blur", "noise", "jpeg", "scale",
                                  "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
                                  "stain_intensity", "stain_balance", "other_lab", "gamma", "vignetting",
-                                 "motion_blur", "sharpen", "channel_shift", "impulse_noise"}
+                                 "motion_blur", "sharpen", "channel_shift", "impulse_noise", "shot_noise",
+                                 "pixelate"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
     assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
@@ -130,7 +133,8 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
     ("name", "severity"),
     [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1),
      ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2),
-     ("motion_blur", 2.5), ("motion_blur", 0), ("sharpen", -1.0), ("channel_shift", 9.0), ("impulse_noise", 0.6)],
+     ("motion_blur", 2.5), ("motion_blur", 0), ("sharpen", -1.0), ("channel_shift", 9.0), ("impulse_noise", 0.6),
+     ("shot_noise", 0.5), ("shot_noise", math.nan), ("pixelate", 2.5), ("pixelate", 0)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
@@ -269,3 +273,25 @@ def test_impulse_noise_sticks_that_fraction_of_pixels_black_or_white() -> None:
     assert 0.004 < stuck_black < 0.006 and 0.004 < stuck_white < 0.006
     assert ((out == 128).all(-1) | (out == 0).all(-1) | (out == 255).all(-1)).all()  # whole pixels, the rest kept
     assert not np.array_equal(out, apply_perturbation(image, "impulse_noise", 0.01, seed=6))
+
+
+def test_shot_noise_grows_with_the_light_and_keeps_black() -> None:
+    image = np.zeros((2, 100, 100, 3), np.uint8)
+    image[:, :, :50] = 64
+    image[:, :, 50:] = 144
+    out = apply_perturbation(image, "shot_noise", 20, seed=1).astype(float)
+    dark, bright = out[:, :, 10:40], out[:, :, 60:90]
+    # Poisson: mean kept, spread sqrt(value x 255 / photons) grey levels: 28.6 at 64, 42.8 at 144 (x 1.5 = sqrt 2.25)
+    assert abs(dark.mean() - 64) < 1.5 and 27 < dark.std() < 30.5
+    assert abs(bright.mean() - 144) < 2 and 40 < bright.std() < 45
+    np.testing.assert_array_equal(apply_perturbation(np.zeros_like(image), "shot_noise", 20), 0)  # no light, no noise
+    assert not np.array_equal(out, apply_perturbation(image, "shot_noise", 20, seed=2))
+
+
+def test_pixelate_averages_tiles_and_repeats_them() -> None:
+    image = np.zeros((1, 5, 5, 3), np.uint8)
+    image[0, 0, 0] = 200  # one bright pixel in the first 2 x 2 tile
+    image[0, 4, 4] = 100  # the last, partial tile holds only this pixel
+    out = apply_perturbation(image, "pixelate", 2)
+    np.testing.assert_array_equal(out[0, :2, :2, 0], [[50, 50], [50, 50]])
+    assert out[0, 4, 4, 0] == 100 and (out[0, 2:4, 2:4] == 0).all()
