@@ -2,21 +2,22 @@
 
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
-(brightness, contrast, light falling off toward the corners), focus
-(blur), motion, sharpening, colour planes out of register, sensor noise (read noise; shot noise of a dim lamp) and
-defective pixels, JPEG compression, acquisition resolution (scale; pixelation) and magnification (objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain together, as another lab
-differs in all of them at once. The camera and stain families follow the colour model of
-`leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator re-scores the test
-split under each perturbation at graded severities to show how accuracy degrades.
+(brightness, contrast, light falling off toward the corners), focus (blur), motion, sharpening, colour planes out of
+register, sensor noise (read noise; shot noise of a dim lamp) and defective pixels, JPEG compression, acquisition
+resolution (scale; pixelation) and magnification (objective and camera: the same cell covers more or fewer pixels);
+`other_lab` shifts lamp, exposure and stain together, as another lab differs in all of them at once. The camera and
+stain families follow the colour model of `leukray.colour` (gains in linear light with clipping; dye concentrations
+in optical density). The evaluator re-scores the test split under each perturbation at graded severities to show
+how accuracy degrades.
 
 Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray.images.decode_image`
 returns when stacked (a single HWC image is accepted too). The result has the same dtype and shape, so it
 goes through `leukray.images.to_chw` and into the model like any decoded batch.
 
-Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise`,
-`shot_noise` and `impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise`
-uses the global torch RNG, which cannot be seeded per call without side effects on other code). Noise for an image depends on its
-position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
+Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise`, `shot_noise` and
+`impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses
+the global torch RNG, which cannot be seeded per call without side effects on other code). Noise for an image depends
+on its position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
 """
 
 from __future__ import annotations
@@ -138,6 +139,11 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return np.array(tensor.permute(0, 2, 3, 1).numpy(), order="C", copy=True)
 
 
+def _rounded(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [0, 255] (or beyond) → uint8 NHWC numpy, rounded to the nearest level and clipped."""
+    return _to_numpy(x.round().clamp(0, 255).to(torch.uint8))
+
+
 def _check_range(name: str, severity: float, low: float, high: float) -> None:
     if not (low <= severity <= high):
         raise ValueError(f"{name} severity must be in [{low}, {high}], got {severity}")
@@ -233,7 +239,7 @@ def _colour_op(name: str, low: float, high: float,
     def apply(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
         _check_range(name, severity, low, high)
         x = _to_tensor(batch).to(torch.float32) / 255.0
-        return _to_numpy((op(x, severity) * 255.0).round().clamp(0, 255).to(torch.uint8))
+        return _rounded(op(x, severity) * 255.0)
 
     return apply
 
@@ -262,14 +268,19 @@ def _vignetting(x: torch.Tensor, loss: float) -> torch.Tensor:
     return colour.scale_light(x, light)
 
 
+def _whole_pixels(name: str, what: str, severity: float, high: int) -> int:
+    pixels = int(severity)
+    if pixels != severity or not 1 <= pixels <= high:
+        raise ValueError(f"{name} {what} must be a whole number of pixels in [1, {high}], got {severity}")
+    return pixels
+
+
+
 def _motion_blur(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
-    length = int(severity)
-    if length != severity or not 1 <= length <= 63:
-        raise ValueError(f"motion_blur length must be a whole number of pixels in [1, 63], got {severity}")
+    length = _whole_pixels("motion_blur", "length", severity, 63)
     if length == 1:
         return batch.copy()
-    streak = motion_streak(_to_tensor(batch).float(), length)
-    return _to_numpy(streak.round().clamp(0, 255).to(torch.uint8))
+    return _rounded(motion_streak(_to_tensor(batch).float(), length))
 
 
 def _sharpen(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
@@ -278,7 +289,7 @@ def _sharpen(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
         return batch.copy()
     x = _to_tensor(batch).float()
     blurred = F.gaussian_blur(x, kernel_size=[7, 7], sigma=[1.0, 1.0])
-    return _to_numpy((x + severity * (x - blurred)).round().clamp(0, 255).to(torch.uint8))
+    return _rounded(x + severity * (x - blurred))
 
 
 def _channel_shift(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
@@ -286,8 +297,8 @@ def _channel_shift(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     if severity == 0:
         return batch.copy()
     x = _to_tensor(batch).float()
-    out = torch.stack([shift_plane(x[:, 0], severity, 0.0), x[:, 1], shift_plane(x[:, 2], -severity, 0.0)], 1)
-    return _to_numpy(out.round().clamp(0, 255).to(torch.uint8))
+    red, blue = shift_plane(x[:, 0], severity, 0.0), shift_plane(x[:, 2], -severity, 0.0)
+    return _rounded(torch.stack([red, x[:, 1], blue], 1))
 
 
 def _impulse_noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
@@ -310,12 +321,10 @@ def _shot_noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
 
 
 def _pixelate(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
-    block = int(severity)
-    if block != severity or not 1 <= block <= 32:
-        raise ValueError(f"pixelate tile must be a whole number of pixels in [1, 32], got {severity}")
+    block = _whole_pixels("pixelate", "tile", severity, 32)
     if block == 1:
         return batch.copy()
-    return _to_numpy(pixelate(_to_tensor(batch).float(), block).round().clamp(0, 255).to(torch.uint8))
+    return _rounded(pixelate(_to_tensor(batch).float(), block))
 
 
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
@@ -352,8 +361,8 @@ assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
 def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int = 0) -> np.ndarray:
     """Apply perturbation `name` at `severity` to a uint8 RGB NHWC batch (or one HWC image).
 
-    Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a
-    given seed (only `noise`, `shot_noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the
+    Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a given seed
+    (only `noise`, `shot_noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the
     allowed ones), an out-of-range severity, or an input that is not uint8 RGB.
     """
     if name not in _OPS:
