@@ -275,7 +275,6 @@ def _whole_pixels(name: str, what: str, severity: float, high: int) -> int:
     return pixels
 
 
-
 def _motion_blur(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     length = _whole_pixels("motion_blur", "length", severity, 63)
     if length == 1:

@@ -93,8 +93,7 @@ class TrainConfig(StrictModel):
     storage: StorageOptions = Field(default_factory=StorageOptions)
 
     def model_post_init(self, _: Any) -> None:
-        if self.augment not in POLICIES:
-            raise ValueError(f"augment={self.augment!r} is not a policy; allowed: {', '.join(POLICIES)}")
+        check_policy(self.augment)
         if self.consistency > 0 and self.augment in ("none", "study"):
             raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
                              f"augment={self.augment!r} has none (allowed with consistency: "
