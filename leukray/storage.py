@@ -6,12 +6,16 @@ differ only in the URI.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
+import uuid
 from typing import Any
 
 import fsspec
+from pyarrow import PythonFile
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from .config import StorageOptions
 
@@ -90,6 +94,47 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[A
     if "secret" in kw:
         args["secret_key"] = kw["secret"]
     return pafs.S3FileSystem(**args), uri.split("://", 1)[1].rstrip("/")
+
+
+class _RenamedOnClose(io.FileIO):
+    """A file written under a hidden name beside its target and renamed onto it when closed (dropped if a write
+    failed), so readers see the old content or the new, never a part."""
+
+    def __init__(self, path: str):
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        self._target, self._failed = path, False
+        super().__init__(os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part"), "xb")
+
+    def write(self, b) -> int:
+        try:
+            return super().write(b)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        if self._failed:
+            os.unlink(self.name)
+        else:
+            os.replace(self.name, self._target)
+
+
+class _WholeFileHandler(FSSpecHandler):
+    def open_output_stream(self, path, metadata):
+        return PythonFile(_RenamedOnClose(path), mode="w")
+
+
+def whole_file_local_filesystem() -> PyFileSystem:
+    """A pyarrow filesystem over local folders whose new files appear whole or not at all.
+
+    Ray Tune copies its experiment and searcher state into the storage folder after every checkpoint; with plain
+    local writes a driver killed during the copy leaves a truncated state file, and the search can then never be
+    resumed. Object stores write whole objects already."""
+    return PyFileSystem(_WholeFileHandler(fsspec.filesystem("file")))
 
 
 def join(uri: str, *parts: str) -> str:

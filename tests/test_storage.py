@@ -1,12 +1,20 @@
-"""storage.arrow_filesystem reaches the same objects as storage.filesystem, on a moto server and locally."""
+"""storage.arrow_filesystem reaches the same objects as storage.filesystem, on a moto server and locally; local
+files written for Tune appear whole."""
+
+import signal
+import subprocess
+import sys
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
 from leukray import storage
 from leukray.config import StorageOptions
+
+from conftest import REPO
 
 
 def test_local_paths_match(tmp_path):
@@ -45,3 +53,32 @@ def test_endpoint_credentials_region(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://minio.lab:9000")  # the environment's endpoint, as s3fs takes it
     a = _args(storage.arrow_filesystem("s3://b/k", StorageOptions(anon=True))[0])
     assert (a["endpoint_override"], a["scheme"], a["anonymous"]) == ("minio.lab:9000", "https", True)
+
+
+def test_whole_file_filesystem_never_shows_a_part(tmp_path):
+    fs = storage.whole_file_local_filesystem()
+    target = tmp_path / "state" / "experiment_state.json"
+    with fs.open_output_stream(str(target)) as f:
+        f.write(b"old")
+    assert target.read_bytes() == b"old"
+
+    # a writer killed between opening and closing: the old content stays, whole
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from leukray import storage\n"
+        "f = storage.whole_file_local_filesystem().open_output_stream(sys.argv[1])\n"
+        "f.write(b'new, half written'); f.flush(); print('open', flush=True); time.sleep(60)"),
+        str(target)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert child.stdout.readline().strip() == "open"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert target.read_bytes() == b"old"
+
+    # directories copied through it (what Tune does after each checkpoint) arrive whole; no part files remain
+    src = tmp_path / "staging"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.json").write_bytes(b"a" * 100_000)
+    (src / "sub" / "b.pkl").write_bytes(b"b")
+    pafs.copy_files(str(src), str(tmp_path / "copy"), destination_filesystem=fs)
+    got = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*"))
+    assert got == ["a.json", "sub", "sub/b.pkl"]
+    assert (tmp_path / "copy" / "a.json").read_bytes() == b"a" * 100_000
