@@ -116,14 +116,8 @@ def _optuna_distributions(space: dict[str, ParamSpec]) -> dict[str, Any]:
 
 def _tune_storage(cfg: SearchConfig):
     """(storage_path for Tune, pyarrow filesystem, experiment path inside it)."""
-    if storage.is_remote(cfg.storage_path):
-        import s3fs
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        fs = PyFileSystem(FSSpecHandler(s3fs.S3FileSystem(**storage.s3_kwargs(cfg.storage))))
-        path = cfg.storage_path.split("://", 1)[1].rstrip("/")
-        return path, fs, f"{path}/{cfg.name}"
-    return cfg.storage_path, storage.whole_file_local_filesystem(), os.path.join(cfg.storage_path, cfg.name)
+    fs, path = storage.tune_filesystem(cfg.storage_path, cfg.storage)
+    return path, fs, f"{path}/{cfg.name}"
 
 
 def init_ray(num_cpus: int | None = None) -> None:

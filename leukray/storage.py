@@ -128,13 +128,15 @@ class _WholeFileHandler(FSSpecHandler):
         return PythonFile(_RenamedOnClose(path), mode="w")
 
 
-def whole_file_local_filesystem() -> PyFileSystem:
-    """A pyarrow filesystem over local folders whose new files appear whole or not at all.
+def tune_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[PyFileSystem, str]:
+    """(pyarrow filesystem, path inside it) for Ray Tune's storage: s3:// through s3fs (the credentials and
+    endpoint everything else uses), local folders with new files that appear whole or not at all.
 
-    Ray Tune copies its experiment and searcher state into the storage folder after every checkpoint; with plain
-    local writes a driver killed during the copy leaves a truncated state file, and the search can then never be
-    resumed. Object stores write whole objects already."""
-    return PyFileSystem(_WholeFileHandler(fsspec.filesystem("file")))
+    Why whole files: Tune copies its experiment and searcher state into the storage folder after every
+    checkpoint; with plain local writes a driver killed during the copy leaves a truncated state file, and the
+    search can then never be resumed. Object stores write whole objects already."""
+    fs, path = filesystem(uri, options)
+    return PyFileSystem(FSSpecHandler(fs) if is_remote(uri) else _WholeFileHandler(fs)), path
 
 
 def join(uri: str, *parts: str) -> str:

@@ -55,8 +55,8 @@ def test_endpoint_credentials_region(monkeypatch):
     assert (a["endpoint_override"], a["scheme"], a["anonymous"]) == ("minio.lab:9000", "https", True)
 
 
-def test_whole_file_filesystem_never_shows_a_part(tmp_path):
-    fs = storage.whole_file_local_filesystem()
+def test_tune_filesystem_writes_whole_files(tmp_path):
+    fs = storage.tune_filesystem(str(tmp_path))[0]
     target = tmp_path / "state" / "experiment_state.json"
     with fs.open_output_stream(str(target)) as f:
         f.write(b"old")
@@ -65,7 +65,7 @@ def test_whole_file_filesystem_never_shows_a_part(tmp_path):
     # a writer killed between opening and closing: the old content stays, whole
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from leukray import storage\n"
-        "f = storage.whole_file_local_filesystem().open_output_stream(sys.argv[1])\n"
+        "f = storage.tune_filesystem('.')[0].open_output_stream(sys.argv[1])\n"
         "f.write(b'new, half written'); f.flush(); print('open', flush=True); time.sleep(60)"),
         str(target)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert child.stdout.readline().strip() == "open"
