@@ -25,7 +25,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
+from torchcodec.decoders import decode_jpeg
+from torchcodec.encoders import JpegEncoder
 from torchvision.transforms.v2 import functional as TF
 
 POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects")
@@ -163,13 +164,20 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
         quality = int(_rand(1, x, g, 5, 60)[0])
         idx = torch.nonzero(jpeg_mask).view(-1)
         u8 = x[idx].clamp(0, 255).round().to(torch.uint8)
-        try:  # on a GPU: nvJPEG both ways; decode_jpeg takes its bytes from host memory
-            out = decode_jpeg([e.cpu() for e in encode_jpeg(list(u8), quality=quality)], device=x.device)
+        try:
+            out = jpeg_round_trip(u8, quality)
         except RuntimeError:  # no GPU codec: go through the CPU
-            out = decode_jpeg(encode_jpeg(list(u8.cpu()), quality=quality))
+            out = jpeg_round_trip(u8.cpu(), quality)
         x = x.clone()
         x[idx] = torch.stack([o.to(x.device) for o in out]).to(x.dtype)
     return x
+
+
+def jpeg_round_trip(u8: torch.Tensor, quality: int) -> list[torch.Tensor]:
+    """uint8 NCHW images → each after JPEG at `quality`, on their device: on a GPU nvJPEG both ways (the decoder
+    takes its bytes from host memory), on the CPU libjpeg-turbo."""
+    encoded = [JpegEncoder(im).to_tensor(quality=quality).cpu() for im in u8]
+    return decode_jpeg(encoded, device=u8.device)
 
 
 def motion_streak(x: torch.Tensor, length: int, along_rows: bool = True) -> torch.Tensor:
