@@ -22,18 +22,16 @@ on its position in the batch, so evaluate with a fixed batching to reproduce num
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from . import colour
-from .augment import motion_streak, pixelate, shift_plane
+from .augment import jpeg_round_trip, motion_streak, pixelate, shift_plane
 
 __all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
 
@@ -190,14 +188,9 @@ def _jpeg(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     quality = int(severity)
     if quality != severity or not 1 <= quality <= 100:
         raise ValueError(f"jpeg quality must be an integer in [1, 100], got {severity}")
-    out = np.empty_like(batch)
-    for i, image in enumerate(batch):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-        buffer.seek(0)
-        with Image.open(buffer) as decoded:
-            out[i] = np.asarray(decoded.convert("RGB"), dtype=np.uint8)
-    return out
+    if len(batch) == 0:
+        return batch.copy()
+    return _to_numpy(torch.stack(jpeg_round_trip(_to_tensor(batch), quality)))
 
 
 def _scale(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
