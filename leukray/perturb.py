@@ -46,7 +46,7 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     "blur": (0.5, 1.0, 2.0, 3.0),
     # additive Gaussian noise sigma as a fraction of the pixel range [0, 1] (0.05 ≈ 12.75 grey levels)
     "noise": (0.01, 0.02, 0.05, 0.1),
-    # JPEG quality (re-encoded with `augment.jpeg_round_trip`: 4:2:0 chroma subsampling as cameras and scanners write it)
+    # JPEG quality (`augment.jpeg_round_trip`, 4:2:0 chroma subsampling as cameras and scanners write it)
     "jpeg": (75, 50, 30, 10),
     # downscale to this fraction of the side length, then upscale back (lower acquisition resolution)
     "scale": (0.75, 0.5, 0.33, 0.25),
