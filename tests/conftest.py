@@ -61,6 +61,15 @@ def recipe_package(synth_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray cluster and an S3 server (moto) on 127.0.0.1, one per test module, stopped after it."""
+    from localcluster import local_cluster
+
+    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
+        yield info
+
+
 def needs_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(),
                               reason=f"real dataset not present at {SHARED_DATA} (../shared is absent on a fresh clone)")

@@ -19,7 +19,6 @@ from localcluster import (  # noqa: E402
     REPO,
     cluster_local,
     job_env,
-    local_cluster,
     make_bucket,
     reset_s3,
     s3_client,
@@ -44,12 +43,6 @@ def _port_bindable(port: int) -> bool:
 
 def _tcp_ports(info: dict) -> list[int]:
     return [p for k, p in info["ports"].items() if k not in ("min_worker", "max_worker")]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
-        yield info
 
 
 # ------------------------------------------------------------------------------------------ local cluster

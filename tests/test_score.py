@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ray, submit_job  # noqa: E402
+from localcluster import REPO, job_env, make_bucket, read_with_ray, submit_job  # noqa: E402
 from reference import package_outputs, package_predictions  # noqa: E402
 
 from leukray import registry, results, storage  # noqa: E402
@@ -45,12 +45,6 @@ BAD = {
     "bad/garbage.PNG": "not an image",
     "bad/bomb.png": "too large",
 }
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
-        yield info
 
 
 @pytest.fixture(scope="module")

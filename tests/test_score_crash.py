@@ -26,19 +26,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localcluster import REPO, job_env, local_cluster, make_bucket, read_with_ray, submit_job  # noqa: E402
+from localcluster import REPO, job_env, make_bucket, read_with_ray, submit_job  # noqa: E402
 
 from leukray import results, storage  # noqa: E402
 from leukray.config import StorageOptions  # noqa: E402
 from leukray.images import is_image_name  # noqa: E402
 from leukray.query import NoRunsError, Results  # noqa: E402
 from leukray.synth import make_dataset  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
-        yield info
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localcluster import REPO, job_env, local_cluster, make_bucket, submit_job  # noqa: E402
+from localcluster import REPO, job_env, make_bucket, submit_job  # noqa: E402
 
 from leukray.config import ConfigError, StorageOptions  # noqa: E402
 from leukray.search import load_search_config  # noqa: E402
@@ -25,12 +25,6 @@ SMOKE = str(REPO / "configs" / "tune-smoke.yaml")
 EXCLUDES = [".venv", ".git", "runs", "data", "out", "**/__pycache__", "*.egg-info", ".pytest_cache", "shared"]
 S3_CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("cluster"), num_cpus=2, s3=True) as info:
-        yield info
 
 
 @pytest.fixture(scope="module")
