@@ -110,11 +110,11 @@ def read_decode(paths: list[str], sizes: list[int], image_size: int, opts: Stora
         fs = _fs_for(True, opts)
         keys = [paths[i].split("://", 1)[1] for i in remote_idx]
         try:
-            got = fs.cat(keys, on_error="return")
+            got = storage.read_objects(fs, keys)
         except Exception as err:  # noqa: BLE001 - the whole request failed: every file gets the reason
-            got = {k: err for k in keys}
-        for i, k in zip(remote_idx, keys):
-            data[paths[i]] = got.get(k, FileNotFoundError(k))
+            got = [err] * len(keys)
+        for i, blob in zip(remote_idx, got):
+            data[paths[i]] = blob
     for i in local_idx:
         try:
             with open(paths[i], "rb") as f:

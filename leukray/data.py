@@ -95,14 +95,11 @@ def read_all(root: str, rel_paths: list[str], storage_options: StorageOptions | 
     fs, base = storage.filesystem(root, storage_options)
     if storage.is_remote(root):
         full = [f"{base}/{p}" for p in rel_paths]
-        blobs = fs.cat(full, on_error="return")
-        out = []
-        for p, f in zip(rel_paths, full):
-            b = blobs.get(f)
-            if isinstance(b, Exception):
+        blobs = storage.read_objects(fs, full)
+        for p, b in zip(rel_paths, blobs):
+            if isinstance(b, BaseException):
                 raise DataError(f"cannot read {root}/{p}: {b}")
-            out.append(b)
-        return out
+        return blobs
 
     def read(p: str) -> bytes:
         with open(os.path.join(base, p), "rb") as fh:

@@ -70,6 +70,9 @@ def build_archive(folder: Path) -> None:
     for p, fmt, ext in ((files[2], "PNG", ".png"), (files[3], "TIFF", ".TIF"), (files[4], "BMP", ".bmp")):
         Image.open(p).convert("RGB").save(p.with_suffix(ext), fmt)
         p.unlink()
+    # names a camera or a person gives: spaces, glob characters (read literally, never expanded), '#', non-ASCII
+    files[5].rename(files[5].with_name("slide 3 [x100] #2 é.jpg"))
+    files[6].rename(files[6].with_name("field*?.jpg"))
     (folder / "bad").mkdir()
     (folder / "bad/empty.jpg").write_bytes(b"")
     good = _jpeg(7)

@@ -38,6 +38,19 @@ def test_s3_reads_what_s3fs_wrote(s3):
     assert ds.dataset(["lab/p/t.parquet"], filesystem=fs, format="parquet").to_table().equals(table)
 
 
+def test_read_objects_takes_keys_literally(s3):
+    """Glob characters in object keys: each key is read as itself, a missing one gives its error in place."""
+    endpoint, client = s3
+    names = ["f/cell[1].jpg", "f/cell1.jpg", "f/*.jpg", "f/a?.jpg", "f/sp ace #2 é.jpg"]
+    for i, name in enumerate(names):
+        client.put_object(Bucket="lab", Key=name, Body=f"object {i}".encode())
+    fs, _ = storage.filesystem("s3://lab", StorageOptions(endpoint_url=endpoint))
+    got = storage.read_objects(fs, [f"lab/{n}" for n in names] + ["lab/f/gone.jpg"])
+    assert got[:-1] == [f"object {i}".encode() for i in range(len(names))]
+    assert isinstance(got[-1], FileNotFoundError)
+    assert storage.read_objects(fs, []) == []
+
+
 def _args(fs) -> dict:
     return fs.__reduce__()[1][0]  # the constructor arguments Arrow pickles the filesystem with
 
