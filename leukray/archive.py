@@ -64,7 +64,7 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> tuple[pa.Table,
                     st = os.stat(p)
                 except OSError:
                     continue
-                rows.append((p, int(st.st_size), str(st.st_mtime_ns)))
+                rows.append((storage.path_text(p), int(st.st_size), str(st.st_mtime_ns)))
     rows.sort()
     listing = pa.table({"path": [r[0] for r in rows], "size": [r[1] for r in rows],
                         "source_version": [r[2] for r in rows]}, schema=LISTING_SCHEMA)
@@ -117,7 +117,7 @@ def read_decode(paths: list[str], sizes: list[int], image_size: int, opts: Stora
             data[paths[i]] = blob
     for i in local_idx:
         try:
-            with open(paths[i], "rb") as f:
+            with open(storage.os_path(paths[i]), "rb") as f:
                 data[paths[i]] = f.read(max_file_bytes + 1)
         except OSError as err:
             data[paths[i]] = err

@@ -72,7 +72,7 @@ def list_labelled_folder(root: str, storage_options: StorageOptions | None = Non
             continue
         cls = canonical_class(name)
         for f in sorted(fs.find(folder)):
-            rel = f[len(base):].lstrip("/")
+            rel = storage.path_text(f[len(base):].lstrip("/"))
             if is_image_name(f):
                 paths.append(rel)
                 labels.append(cls)
@@ -102,7 +102,7 @@ def read_all(root: str, rel_paths: list[str], storage_options: StorageOptions | 
         return blobs
 
     def read(p: str) -> bytes:
-        with open(os.path.join(base, p), "rb") as fh:
+        with open(os.path.join(base, storage.os_path(p)), "rb") as fh:
             return fh.read()
 
     with ThreadPoolExecutor(threads) as pool:
@@ -162,7 +162,7 @@ def read_images_folder(root: str, image_size: int,
     storage.check_bucket(fs, base, root)
     if not fs.exists(base):
         raise DataError(f"image folder not found: {root}")
-    rel = sorted(f[len(base):].lstrip("/") for f in fs.find(base) if is_image_name(f))
+    rel = sorted(storage.path_text(f[len(base):].lstrip("/")) for f in fs.find(base) if is_image_name(f))
     blobs = read_all(root, rel, storage_options)
     images, bad = [], []
     for p, b in zip(rel, blobs):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -158,8 +159,28 @@ def check_bucket(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> None:
         raise StorageError(f"bucket '{bucket}' does not exist (from {uri}; endpoint {fs.client_kwargs.get('endpoint_url') or getattr(fs, 'endpoint_url', None) or 'AWS'})")
 
 
+_ESCAPED_BYTE = re.compile(r"\\udc([89a-f][0-9a-f])")
+
+
+def path_text(path: str) -> str:
+    """A local path as text a table can hold. Bytes of a file name that are not UTF-8 (a share written in another
+    encoding) reach Python as lone surrogates, which Arrow and Parquet refuse; they are written as Python escapes
+    them, `\\udcXX`, which `os_path` turns back, so such a file is still listed, read and scored."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def os_path(text: str) -> str:
+    """The local path `path_text` wrote as `text`."""
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), text) if "\\udc" in text else text
+
+
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(uri, options)
+    path = path if is_remote(uri) else os_path(path)
     try:
         with fs.open(path, "rb") as f:
             return f.read()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,9 @@ def loc(request, cluster, package, tmp_path_factory):
     archive = tmp / "archive"
     build_archive(archive)
     endpoint = cluster["s3_endpoint"]
-    if kind == "local":
+    if kind == "local":  # a name in another encoding than UTF-8 (object keys are always UTF-8)
+        pro = sorted((archive / "day1" / "Pro").iterdir())[0]
+        pro.rename(pro.with_name(os.fsdecode(b"Pro-caf\xe9.jpg")))
         d = {"kind": kind, "archive": archive, "input": str(archive), "output": str(tmp / "out"), "model": package}
     else:
         for b in ("archive", "models", "scores"):
@@ -138,7 +141,7 @@ def _put(loc, rel: str, data: bytes) -> None:
 
 def _uri(loc, p: Path) -> str:
     if loc["kind"] == "local":
-        return str(p)
+        return storage.path_text(str(p))
     return f"{loc['input']}/{p.relative_to(loc['archive']).as_posix()}"
 
 

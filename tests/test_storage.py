@@ -1,6 +1,8 @@
 """storage.arrow_filesystem reaches the same objects as storage.filesystem, on a moto server and locally; local
-files written for Tune appear whole."""
+files written for Tune appear whole; awkward names (glob characters in keys, a file name in another encoding) are
+read as themselves."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,6 +51,32 @@ def test_read_objects_takes_keys_literally(s3):
     assert got[:-1] == [f"object {i}".encode() for i in range(len(names))]
     assert isinstance(got[-1], FileNotFoundError)
     assert storage.read_objects(fs, []) == []
+
+
+def test_file_names_in_another_encoding_are_listed_and_read(tmp_path):
+    """A Latin-1 name on a UTF-8 system: its path is stored escaped (Arrow needs UTF-8) and read back from it, by
+    scoring's listing and reader, by a labelled folder's listing and reader, and by read_bytes."""
+    import io
+
+    from PIL import Image
+
+    from leukray import archive, data
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 100, 150)).save(buf, "PNG")
+    (tmp_path / "Benign").mkdir()
+    for name in (b"caf\xe9.png", b"plain.png", b"literal \\udc e.png"):
+        (tmp_path / "Benign" / os.fsdecode(name)).write_bytes(buf.getvalue())
+    listing, _ = archive.list_inputs(str(tmp_path))
+    paths = listing.column("path").to_pylist()
+    assert paths == sorted(str(tmp_path / "Benign" / n) for n in ("caf\\udce9.png", "plain.png", "literal \\udc e.png"))
+    images, errors = archive.read_decode(paths, listing.column("size").to_pylist(), 16, None, 10**6)
+    assert errors == ["", "", ""] and (images == images[1]).all()
+    assert storage.read_bytes(paths[0]) == buf.getvalue()
+    labelled = data.list_labelled_folder(str(tmp_path))
+    assert labelled.paths == ["Benign/caf\\udce9.png", "Benign/literal \\udc e.png", "Benign/plain.png"]
+    assert data.read_all(str(tmp_path), labelled.paths) == [buf.getvalue()] * 3
+    pa.table({"path": paths})  # valid UTF-8
 
 
 def _args(fs) -> dict:
