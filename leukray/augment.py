@@ -11,6 +11,8 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
   optical density. Hue/saturation/brightness jitter alone never shows the network a per-channel gain.
 - `lab_defects`: lab + the optics and sensor defects of everyday microscope cameras (`optics_defects`): motion
   blur, shot and impulse noise, pixelation, colour planes out of register, veiling glare, a brighter display gain.
+- `lab_sensor`: lab + the sensor defects alone (`sensor_defects`: shot and impulse noise, pixelation, colour planes
+  out of register), without lab_defects' motion blur, glare and display gain.
 
 `p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
 
@@ -29,7 +31,7 @@ from torchcodec.decoders import decode_jpeg
 from torchcodec.encoders import JpegEncoder
 from torchvision.transforms.v2 import functional as TF
 
-POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects")
+POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects", "lab_sensor")
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -59,12 +61,14 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     if policy == "study" or p == 0.0:
         return x.clamp_(0, 255)
     y = colour_jitter(x, generator, strength)
-    if policy in ("lab", "lab_defects"):
+    if policy in ("lab", "lab_defects", "lab_sensor"):
         y = colour_response(y, generator, strength)
-    if policy in ("robust", "lab", "lab_defects"):
+    if policy in ("robust", "lab", "lab_defects", "lab_sensor"):
         y = camera_artefacts(y, generator, strength)
     if policy == "lab_defects":
         y = optics_defects(y, generator, strength)
+    if policy == "lab_sensor":
+        y = sensor_defects(y, generator, strength)
     if p < 1.0:
         y = torch.where((_rand(x.shape[0], x, generator, 0, 1) < p).view(-1, 1, 1, 1), y, x)
     return y.clamp_(0, 255)
@@ -209,18 +213,32 @@ def shift_plane(plane: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
 
 def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.2) -> torch.Tensor:
     """Defects of everyday microscope cameras beyond `camera_artefacts`, each on a random fifth of the batch:
-    motion blur (a 3, 5 or 7 px streak: the stage moving during the exposure), shot noise (a dim lamp: noise that
-    grows with the signal, 20-200 photons at white), impulse noise (up to 1 % dead or hot pixels), pixelation
-    (block averages of 2-3 px: a low-resolution sensor upscaled without interpolation), red and blue planes 0.5-2 px
-    out of register (lateral chromatic aberration), veiling glare (up to 40 % of white light over the field) and a
-    display gain up to ×1.5 with clipping (a software brightness setting)."""
-    n, _, h, w = x.shape
+    motion blur (a 3, 5 or 7 px streak: the stage moving during the exposure), the `sensor_defects`, veiling glare
+    (up to 40 % of white light over the field) and a display gain up to ×1.5 with clipping (a software brightness
+    setting)."""
+    n = x.shape[0]
     s = strength
     pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
     # motion blur along rows or columns (the batch is already rotated at random)
     length = 2 * int(_rand(1, x, g, 1, 1 + 3 * s)[0]) + 1
     along_rows = bool(_rand(1, x, g, 0, 1)[0] < 0.5)
     x = torch.where(pick(), motion_streak(x, length, along_rows), x)
+    x = sensor_defects(x, g, strength, p)
+    # veiling glare, then a display gain
+    glare = _rand(n, x, g, 0, 0.4 * s).view(-1, 1, 1, 1)
+    x = torch.where(pick(), x * (1 - glare) + 255.0 * glare, x)
+    gain = _rand(n, x, g, 1.0, 1.0 + 0.5 * s).view(-1, 1, 1, 1)
+    return torch.where(pick(), (x * gain).clamp(0, 255), x)
+
+
+def sensor_defects(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.2) -> torch.Tensor:
+    """A cheap camera's sensor, each defect on a random fifth of the batch: shot noise (a dim lamp: noise that grows
+    with the signal, 20-200 photons at white), impulse noise (up to 1 % dead or hot pixels), pixelation (block
+    averages of 2-3 px: a low-resolution sensor upscaled without interpolation) and red and blue planes 0.5-2 px out
+    of register (lateral chromatic aberration). Nothing here brightens the field or clips it."""
+    n, _, h, w = x.shape
+    s = strength
+    pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
     # shot noise: Poisson photon counts, as a Gaussian of variance value × 255 / photons-at-white
     photons = torch.exp(_rand(n, x, g, math.log(20), math.log(200))).view(-1, 1, 1, 1) / max(s, 1e-6)
     noise = _noise(x.shape, x, g)
@@ -238,12 +256,7 @@ def optics_defects(x: torch.Tensor, g: torch.Generator | None, strength: float =
     angle = float(_rand(1, x, g, 0, 2 * math.pi)[0])
     dx, dy = shift * math.cos(angle), shift * math.sin(angle)
     shifted = torch.stack([shift_plane(x[:, 0], dx, dy), x[:, 1], shift_plane(x[:, 2], -dx, -dy)], 1)
-    x = torch.where(pick(), shifted, x)
-    # veiling glare, then a display gain
-    glare = _rand(n, x, g, 0, 0.4 * s).view(-1, 1, 1, 1)
-    x = torch.where(pick(), x * (1 - glare) + 255.0 * glare, x)
-    gain = _rand(n, x, g, 1.0, 1.0 + 0.5 * s).view(-1, 1, 1, 1)
-    return torch.where(pick(), (x * gain).clamp(0, 255), x)
+    return torch.where(pick(), shifted, x)
 
 
 def augment_images(images_nhwc, policy: str, seed: int, strength: float = 1.0, zoom: float = 1.0,

@@ -27,7 +27,7 @@ def test_stain_changes_colour_not_only_geometry():
 
 
 def test_unknown_policy_lists_allowed():
-    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab, lab_defects"):
+    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab, lab_defects, lab_sensor"):
         augment_batch(torch.zeros(1, 3, 8, 8), "heavy")
 
 
@@ -106,6 +106,28 @@ def test_lab_defects_is_lab_then_the_optics_defects():
     expected = optics_defects(lab, g_lab).clamp(0, 255)
     assert torch.equal(augment_batch(x.clone(), "lab_defects", g_defects), expected)
     assert not torch.equal(expected, lab)
+
+
+def test_lab_sensor_is_lab_then_the_sensor_defects_and_never_brightens():
+    """`lab_sensor` adds the sensor defects to `lab` with `lab`'s draws unchanged; on a flat field it only adds
+    noise and stuck pixels: no glare or display gain lifts a whole image."""
+    from leukray.augment import camera_artefacts, colour_jitter, colour_response, flips_and_rotation, sensor_defects
+
+    x = torch.rand(16, 3, 32, 32) * 255
+    g = torch.Generator().manual_seed(4)
+    lab = camera_artefacts(colour_response(colour_jitter(flips_and_rotation(x.clone(), g), g), g), g)
+    g_lab = torch.Generator().manual_seed(4)
+    assert torch.equal(augment_batch(x.clone(), "lab", g_lab), lab.clamp(0, 255))
+    expected = sensor_defects(lab, g).clamp(0, 255)
+    assert torch.equal(augment_batch(x.clone(), "lab_sensor", torch.Generator().manual_seed(4)), expected)
+    assert not torch.equal(expected, lab.clamp(0, 255))
+    field = torch.full((400, 3, 32, 32), 64.0)
+    y = sensor_defects(field, torch.Generator().manual_seed(0))
+    changed = (y != field).flatten(1).any(1).float().mean()
+    assert 0.15 < float(changed) < 0.45  # shot noise on a fifth, plus those whose impulse draw sticks a pixel
+    median = y.flatten(1).median(1).values
+    assert float((median - 64.0).abs().max()) < 3  # the field's level stays where it was
+    assert torch.equal(sensor_defects(field, torch.Generator().manual_seed(0), p=0.0), field)
 
 
 def test_optics_defects_each_hit_a_fifth_of_the_images():
