@@ -166,16 +166,12 @@ def path_text(path: str) -> str:
     """A local path as text a table can hold. Bytes of a file name that are not UTF-8 (a share written in another
     encoding) reach Python as lone surrogates, which Arrow and Parquet refuse; they are written as Python escapes
     them, `\\udcXX`, which `os_path` turns back, so such a file is still listed, read and scored."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")  # a UTF-8 path comes back as it was
 
 
 def os_path(text: str) -> str:
     """The local path `path_text` wrote as `text`."""
-    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), text) if "\\udc" in text else text
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), text)
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
