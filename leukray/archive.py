@@ -62,8 +62,11 @@ def list_inputs(uri: str, opts: StorageOptions | None = None) -> tuple[pa.Table,
                 p = os.path.join(dirpath, name)
                 try:
                     st = os.stat(p)
-                except OSError:
-                    continue
+                except OSError:  # a broken link: listed, so that it gets its error row
+                    try:
+                        st = os.lstat(p)
+                    except OSError:  # gone since os.walk saw it
+                        continue
                 rows.append((storage.path_text(p), int(st.st_size), str(st.st_mtime_ns)))
     rows.sort()
     listing = pa.table({"path": [r[0] for r in rows], "size": [r[1] for r in rows],
@@ -124,7 +127,10 @@ def read_decode(paths: list[str], sizes: list[int], image_size: int, opts: Stora
     for i in fetch:
         raw = data[paths[i]]
         if isinstance(raw, BaseException):
-            if isinstance(raw, FileNotFoundError):
+            link = "" if storage.is_remote(paths[i]) else storage.os_path(paths[i])
+            if isinstance(raw, FileNotFoundError) and link and os.path.islink(link):
+                errors[i] = f"cannot read file: broken symbolic link (its target {os.readlink(link)} does not exist)"
+            elif isinstance(raw, FileNotFoundError):
                 errors[i] = "cannot read file: it vanished after listing (not found)"
             else:
                 errors[i] = f"cannot read file: {type(raw).__name__}: {raw}"

@@ -7,6 +7,7 @@ the Kaggle "[Malignant] early Pre-B" style) map onto the canonical `leukray.CLAS
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -113,23 +114,30 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_all(blobs: list[bytes], rel_paths: list[str], image_size: int, root: str = "",
-               threads: int | None = None) -> np.ndarray:
-    """Decode every image (N, S, S, 3) uint8. All unreadable files are reported together, by name."""
-    out = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
-    errors: list[str] = []
+def decode_all(blobs: list[bytes], rel_paths: list[str], image_size: int,
+               threads: int | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode every image (N, S, S, 3) uint8, and the unreadable files by name with the reason: their rows stay
+    black and the caller leaves them out, so one corrupt file in a dataset costs no other image."""
+    out = np.zeros((len(blobs), image_size, image_size, 3), dtype=np.uint8)
+    unreadable: dict[str, str] = {}
 
     def work(i: int) -> None:
         try:
             out[i] = decode_image(blobs[i], image_size)
         except ImageDecodeError as err:
-            errors.append(f"{rel_paths[i]}: {err}")
+            unreadable[rel_paths[i]] = str(err)
 
     with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         list(pool.map(work, range(len(blobs))))
-    if errors:
-        raise DataError(f"{root}: {len(errors)} unreadable image(s):\n  " + "\n  ".join(sorted(errors)[:50]))
-    return out
+    return out, dict(sorted(unreadable.items()))
+
+
+def warn_unreadable(root: str, unreadable: dict[str, str]) -> None:
+    if unreadable:
+        shown = "\n  ".join(f"{p}: {why}" for p, why in list(unreadable.items())[:20])
+        more = f"\n  … and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
+        print(f"[leukray] warning: {len(unreadable)} unreadable image(s) in {root} left out:\n  {shown}{more}",
+              file=sys.stderr)
 
 
 def default_cache_dir() -> Path:
@@ -138,20 +146,26 @@ def default_cache_dir() -> Path:
 
 def cached_decode(root: str, rel_paths: list[str], hashes: list[str], image_size: int,
                   storage_options: StorageOptions | None = None, cache_dir: Path | None = None,
-                  blobs: dict[str, bytes] | None = None) -> np.ndarray:
-    """Decoded images, from a local .npy cache keyed by content hashes and size (decode once, reuse in every
-    epoch, trial and run); the cache is memory-mapped so concurrent trials share the page cache."""
+                  blobs: dict[str, bytes] | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """Decoded images and the unreadable files (`decode_all`), from a local .npy cache keyed by content hashes and
+    size (decode once, reuse in every epoch, trial and run); the cache is memory-mapped so concurrent trials share
+    the page cache, and the unreadable files are kept beside it."""
     key = hashlib.sha256(("\n".join(hashes) + f"\n{image_size}").encode()).hexdigest()[:20]
     cache = (cache_dir or default_cache_dir()) / f"images-{key}-{image_size}px.npy"
+    bad = cache.with_suffix(".unreadable.json")
     if cache.exists():
-        return np.load(cache, mmap_mode="r")
+        return np.load(cache, mmap_mode="r"), (json.loads(bad.read_text()) if bad.exists() else {})
     data = [blobs[p] for p in rel_paths] if blobs is not None else read_all(root, rel_paths, storage_options)
-    arr = decode_all(data, rel_paths, image_size, root)
+    arr, unreadable = decode_all(data, rel_paths, image_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
+    if unreadable:  # written first: a cache file without it means every image decoded
+        tmp_bad = bad.with_suffix(f".{os.getpid()}.tmp")
+        tmp_bad.write_text(json.dumps(unreadable))
+        os.replace(tmp_bad, bad)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, arr)
     os.replace(tmp, cache)
-    return np.load(cache, mmap_mode="r")
+    return np.load(cache, mmap_mode="r"), unreadable
 
 
 def read_images_folder(root: str, image_size: int,
@@ -164,12 +178,7 @@ def read_images_folder(root: str, image_size: int,
         raise DataError(f"image folder not found: {root}")
     rel = sorted(storage.path_text(f[len(base):].lstrip("/")) for f in fs.find(base) if is_image_name(f))
     blobs = read_all(root, rel, storage_options)
-    images, bad = [], []
-    for p, b in zip(rel, blobs):
-        try:
-            images.append(decode_image(b, image_size))
-        except ImageDecodeError as err:
-            bad.append(f"{p}: {err}")
-    if bad:
-        print(f"[leukray] warning: {len(bad)} unreadable image(s) in {root}: {bad[:5]}", file=sys.stderr)
-    return (np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)), bad
+    images, unreadable = decode_all(blobs, rel, image_size)
+    warn_unreadable(root, unreadable)
+    keep = [i for i, p in enumerate(rel) if p not in unreadable]
+    return images[keep], [f"{p}: {why}" for p, why in unreadable.items()]

@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from . import storage
 from .config import StorageOptions
-from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
+from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all, warn_unreadable
 from .inference import Predictor, ViewPolicy, package_backend
 from .tta import package_tta
 from .ood import DEFAULT_BENIGN_MALIGNANT_THRESHOLD, review_reason
@@ -62,6 +62,8 @@ class EvalData:
     split_source: str
     manifest_uri: str | None
     manifest_hash: str | None
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """Files of the chosen rows left out because they do not decode, with the reason."""
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -144,11 +146,16 @@ def load_eval_data(data_uri: str, classes: list[str], image_size: int, split: st
 
     paths = [listing.paths[i] for i in keep]
     sel_hashes = [hashes[i] for i in keep]
-    images = cached_decode(data_uri, paths, sel_hashes, image_size, storage_options,
-                           blobs={listing.paths[i]: blobs[i] for i in keep})
-    labels = np.array([classes.index(listing.labels[i]) for i in keep], dtype=np.int64)
-    return EvalData(data_uri, paths, labels, np.array(images, order="C"),  # writable copy of the cache
-                     split, source, manifest_uri, mhash)
+    images, unreadable = cached_decode(data_uri, paths, sel_hashes, image_size, storage_options,
+                                       blobs={listing.paths[i]: blobs[i] for i in keep})
+    warn_unreadable(data_uri, unreadable)
+    ok = [j for j, p in enumerate(paths) if p not in unreadable]
+    labels = np.array([classes.index(listing.labels[keep[j]]) for j in ok], dtype=np.int64)
+    if not ok:
+        raise DataError(f"{data_uri}: none of the {len(paths)} image(s) to evaluate decodes")
+    return EvalData(data_uri, [paths[j] for j in ok], labels,
+                    np.array(images[ok] if unreadable else images, order="C"),  # writable copy of the cache
+                    split, source, manifest_uri, mhash, unreadable)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -259,6 +266,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
         "model": {"name": pkg.name, "version": pkg.version, "uri": pkg.uri, "image_size": pkg.image_size,
                   "temperature": pkg.temperature, "classes": classes},
         "data": data_uri,
+        "unreadable": data.unreadable,
         "split": data.split,
         "split_source": data.split_source,
         "split_manifest": data.manifest_uri,

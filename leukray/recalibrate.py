@@ -92,7 +92,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             "nll_before": nll(softmax(logits, pkg.temperature)), "nll": nll(probs),
             "ece": float(expected_calibration_error(data.labels, probs)),
             "n": len(data.paths), "errors": int((logits.argmax(1) != data.labels).sum()),
-            "data": data_uri, "split": data.split, "split_source": data.split_source, "backend": backend_name,
+            "data": data_uri, "unreadable": data.unreadable, "split": data.split, "split_source": data.split_source, "backend": backend_name,
             "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
         }

@@ -28,7 +28,7 @@ from . import CLASSES, storage
 from .augment import POLICIES, augment_batch, augment_images, check_policy, flips_and_rotation
 from .colour import other_labs, signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
-from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all
+from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all, warn_unreadable
 from .model import LeukNet, ModelConfig, build_model, check_colour_norm
 from .ood import OODConfig, fit_guard, save_reference, split_outputs
 from .registry import export_onnx, library_versions, write_package
@@ -102,6 +102,10 @@ class TrainConfig(StrictModel):
         check_colour_norm(self.model.colour_norm)
 
 
+UNREADABLE = "unreadable"
+"""The split of a dataset file that does not decode: listed in the manifest, left out of every split."""
+
+
 @dataclass
 class PreparedData:
     root: str
@@ -111,6 +115,9 @@ class PreparedData:
     """(N, S, S, 3) uint8, manifest order (memory-mapped cache)."""
     labels: np.ndarray
     splits: np.ndarray
+    """train | val | test per manifest row; UNREADABLE for a file that does not decode (left out everywhere)."""
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """Files of the dataset left out because they do not decode, with the reason (recorded in the model card)."""
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -158,16 +165,22 @@ def prepare_data(cfg: TrainConfig, manifest_uri: str | None = None) -> PreparedD
             save_manifest(table, manifest_uri, so)
             log(f"split: wrote {manifest_uri}")
     table = table.sort_by("path")
-    images = cached_decode(cfg.data.root, table["path"].to_pylist(), table["hash"].to_pylist(), cfg.image_size, so,
-                           blobs=None if blobs is None else dict(zip(paths, blobs)))
+    images, unreadable = cached_decode(cfg.data.root, table["path"].to_pylist(), table["hash"].to_pylist(),
+                                       cfg.image_size, so, blobs=None if blobs is None else dict(zip(paths, blobs)))
+    warn_unreadable(cfg.data.root, unreadable)
     label_idx = np.array([CLASSES.index(c) for c in table["class"].to_pylist()], dtype=np.int64)
-    data = PreparedData(cfg.data.root, table, manifest_uri, images, label_idx, np.array(table["split"].to_pylist()))
+    splits = np.array([UNREADABLE if p in unreadable else s for p, s in
+                       zip(table["path"].to_pylist(), table["split"].to_pylist())])  # in the manifest, used nowhere
+    data = PreparedData(cfg.data.root, table, manifest_uri, images, label_idx, splits, unreadable)
+    n = {split: len(data.indices(split)) for split in ("train", "val", "test")}
     s = summarize(table)
-    log(f"data: {len(paths)} images; train {s['train']['total']}, val {s['val']['total']}, test {s['test']['total']}; "
-        f"{s['duplicate_groups']} duplicate groups ({s['images_in_duplicate_groups']} images) kept within one split")
+    log(f"data: {len(paths) - len(unreadable)} images; train {n['train']}, val {n['val']}, test {n['test']}; "
+        f"{s['duplicate_groups']} duplicate groups ({s['images_in_duplicate_groups']} images) kept within one split"
+        + (f"; {len(unreadable)} unreadable left out" if unreadable else ""))
     for split in ("train", "val"):
-        if s[split]["total"] == 0:
-            raise DataError(f"{cfg.data.root}: the {split} split is empty ({len(paths)} images); add images or change split fractions")
+        if n[split] == 0:
+            raise DataError(f"{cfg.data.root}: the {split} split is empty ({len(paths) - len(unreadable)} readable "
+                            f"images); add images or change split fractions")
     return data
 
 
@@ -457,7 +470,7 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "class_counts": data.class_counts("train"),
         "split": summarize(data.manifest), "split_manifest_hash": data.manifest_hash,
-        "split_manifest": data.manifest_uri, "data": data.root,
+        "split_manifest": data.manifest_uri, "data": data.root, "unreadable": data.unreadable,
         "config": dump_config(cfg),
         "library_versions": library_versions(),
     }

@@ -49,14 +49,16 @@ def test_unknown_class_folder_is_named(tmp_path):
         list_labelled_folder(str(tmp_path))
 
 
-def test_corrupt_images_are_named(tmp_path):
+def test_corrupt_images_are_named_and_cost_no_other(tmp_path):
     make_dataset(tmp_path, per_class=2, size=32)
     (tmp_path / "Pro" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "Pre" / "empty.png").write_bytes(b"")
     listing = list_labelled_folder(str(tmp_path))
     blobs = read_all(str(tmp_path), listing.paths)
-    with pytest.raises(DataError) as err:
-        decode_all(blobs, listing.paths, 32, str(tmp_path))
-    msg = str(err.value)
-    assert "2 unreadable image(s)" in msg
-    assert "Pro/broken.jpg" in msg and "Pre/empty.png: empty file" in msg
+    images, unreadable = decode_all(blobs, listing.paths, 32)
+    assert list(unreadable) == ["Pre/empty.png", "Pro/broken.jpg"]
+    assert unreadable["Pre/empty.png"].startswith("empty file")
+    assert "cannot decode" in unreadable["Pro/broken.jpg"]
+    good = [i for i, p in enumerate(listing.paths) if p not in unreadable]
+    assert len(good) == 8 and all(images[i].std() > 0 for i in good)
+    assert not images[[i for i, p in enumerate(listing.paths) if p in unreadable]].any()

@@ -351,3 +351,20 @@ def test_s3(report, package, synth_data, s3):
     assert c["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     card = json.loads(client.get_object(Bucket="lab", Key="pkg-cal/model_card.json")["Body"].read())
     assert card["temperature"] == c["temperature"] and card["calibration"]["source_package"] == "s3://lab/pkg"
+
+
+def test_an_unreadable_image_is_left_out_and_named(package, tmp_path):
+    """A lab's labelled folder with a corrupt file: every other image is evaluated; the report names the file."""
+    from leukray.synth import make_dataset
+
+    lab = make_dataset(tmp_path / "lab", per_class=3, size=48, seed=12)
+    (lab / "Pre" / "truncated.jpg").write_bytes((next((lab / "Pre").glob("*.jpg"))).read_bytes()[:200])
+    r = evaluate(str(package), str(lab), str(tmp_path / "out"), plots=False, backend="torch")
+    assert r["n"] == 12 and list(r["unreadable"]) == ["Pre/truncated.jpg"]
+    assert "truncated" in r["unreadable"]["Pre/truncated.jpg"] or "corrupt" in r["unreadable"]["Pre/truncated.jpg"]
+    saved = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert saved["unreadable"] == r["unreadable"]
+    with open(tmp_path / "out" / "predictions.csv") as fh:
+        assert "truncated.jpg" not in fh.read()
+    cal = calibrate(str(package), str(lab), str(tmp_path / "cal"), backend="torch")
+    assert cal["n"] == 12 and list(cal["unreadable"]) == ["Pre/truncated.jpg"]

@@ -79,6 +79,28 @@ def test_file_names_in_another_encoding_are_listed_and_read(tmp_path):
     pa.table({"path": paths})  # valid UTF-8
 
 
+def test_a_broken_link_in_an_archive_gets_its_error_row(tmp_path):
+    """A symbolic link whose target is gone is listed and read as one file's error, named as such; a working link
+    is read through."""
+    import io
+
+    from PIL import Image
+
+    from leukray import archive
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 100, 150)).save(buf, "PNG")
+    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    os.symlink(tmp_path / "moved-away.png", tmp_path / "c.png")
+    listing, other = archive.list_inputs(str(tmp_path))
+    paths = listing.column("path").to_pylist()
+    assert paths == [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")] and other == {}
+    images, errors = archive.read_decode(paths, listing.column("size").to_pylist(), 16, None, 10**6)
+    assert errors[:2] == ["", ""] and (images[0] == images[1]).all()
+    assert errors[2] == f"cannot read file: broken symbolic link (its target {tmp_path / 'moved-away.png'} does not exist)"
+
+
 def _args(fs) -> dict:
     return fs.__reduce__()[1][0]  # the constructor arguments Arrow pickles the filesystem with
 

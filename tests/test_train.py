@@ -224,3 +224,26 @@ def test_missing_bucket_is_said(s3, synth_data):
     cfg = _cfg("s3://no-such-bucket/data", **{"storage.endpoint_url": endpoint, "model.weights": "none"})
     with pytest.raises((StorageError, DataError), match="bucket 'no-such-bucket' does not exist"):
         prepare_data(cfg)
+
+
+def test_an_unreadable_training_image_is_named_and_left_out(synth_data, tmp_path):
+    """A corrupt and an empty file among the class folders: training goes on with every other image, says which
+    files it left out and why, and records them in the model card; the split manifest still lists them."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    (data / "Pro" / "000-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "Benign" / "000-empty.png").write_bytes(b"")
+    kw = {"epochs": 1, "model.weights": "none", "data.limit_per_class": 10}
+    for attempt in ("decoded", "from the cache"):
+        prepared = prepare_data(_cfg(data, **kw), manifest_uri=str(tmp_path / "split.parquet"))
+        assert list(prepared.unreadable) == ["Benign/000-empty.png", "Pro/000-broken.jpg"], attempt
+        paths = prepared.manifest["path"].to_pylist()
+        used = {paths[i] for s in ("train", "val", "test") for i in prepared.indices(s)}
+        assert len(used) == 38 and not used & set(prepared.unreadable), attempt
+    card = train(_cfg(data, **kw), str(tmp_path / "out"))
+    assert list(card["unreadable"]) == ["Benign/000-empty.png", "Pro/000-broken.jpg"]
+    assert card["unreadable"]["Benign/000-empty.png"].startswith("empty file")
+    saved = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert saved["unreadable"] == card["unreadable"]
+    assert sum(v for k, v in card["class_counts"].items()) == len(np.flatnonzero(prepared.splits == "train"))
