@@ -11,8 +11,8 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
   optical density. Hue/saturation/brightness jitter alone never shows the network a per-channel gain.
 - `lab_defects`: lab + the optics and sensor defects of everyday microscope cameras (`optics_defects`): motion
   blur, shot and impulse noise, pixelation, colour planes out of register, veiling glare, a brighter display gain.
-- `lab_sensor`: lab + the sensor defects alone (`sensor_defects`: shot and impulse noise, pixelation, colour planes
-  out of register), without lab_defects' motion blur, glare and display gain.
+- `lab_sensor` (configs/train.yaml's): lab + the sensor defects alone (`sensor_defects`: shot and impulse noise,
+  pixelation, colour planes out of register), without lab_defects' motion blur, glare and display gain.
 
 `p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
 
