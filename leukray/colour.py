@@ -74,14 +74,15 @@ _DARK_FRACTION = 0.05
 """The darkest fraction of pixels (by summed OD): the nuclei, the most strongly stained part of the field."""
 
 
-def _optical_density(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
+def _optical_density(x: torch.Tensor, white_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """float [0, 255] NCHW → per-channel optical density (N, C, H, W), each channel scaled so its brightest
-    `white_fraction` (the background) is white: what `signature` and `structure` both read."""
+    `white_fraction` (the background) is white, and that background level (N, C, 1, 1): what `signature` and
+    `structure` both read."""
     x = x.float()
     n, c, h, w = x.shape
     k = max(1, int(h * w * white_fraction))
     level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
-    return -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0))
+    return -torch.log((x / level.clamp_min(1.0)).clamp(1.0 / 255.0, 1.0)), level
 
 
 def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
@@ -91,7 +92,7 @@ def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     the darkest 5 % (the nuclei), and how far from grey the latter are (0 = grey). Exposure, dye amount and channel
     gains move it little; swapped or inverted channels, a grey image or another dye's hue move it far. Part of the
     exported graph, so every backend computes it (`leukray.ood`'s colour check reads it)."""
-    return _signature(_optical_density(x, white_fraction))
+    return _signature(_optical_density(x, white_fraction)[0])
 
 
 def _signature(od: torch.Tensor) -> torch.Tensor:
@@ -118,6 +119,11 @@ _STRUCTURE_GRID = 56
 nuclei are blobs of several grid cells, a sensor's pixel noise averages out."""
 _STRUCTURE_TOP = 0.02
 """`structure` reads the strongest this fraction of the band-pass response: a few cells are enough."""
+_LIT_LEVEL = 80.0
+"""The background level (0–255, mean over channels) below which a field counts as unlit and `structure` is scaled
+by (level / _LIT_LEVEL)²: Taleqani smears sit at 247–255, about 200 at exposure ×0.6 (linear light) and 150 at
+display brightness ×0.6; a dark frame (lamp off, shutter closed) at 10–60, where the white-patch scaling
+amplifies the sensor's noise into what would read as stained structure."""
 
 
 def _gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -134,27 +140,29 @@ def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     """How much stained structure the field holds: float [0, 255] NCHW → (N, 1). The optical density (each channel
     scaled so its brightest `white_fraction` is white, summed over channels) on a ~56-cell grid, band-passed at the
     size of nuclei and cells (difference of Gaussians, σ 1 and 4 grid cells: a lamp's vignetting and a sensor's
-    noise fall outside the band), then the mean of its strongest 2 % less its median. A smear's nuclei give 0.25 or
-    more, about 0.1 under the palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0
-    (its amplified noise aside, which the knn guard sees). Part of the exported graph (`leukray.ood`'s structure check)."""
-    return _structure(_optical_density(x, white_fraction))
+    noise fall outside the band), then the mean of its strongest 2 % less its median, scaled down for an unlit
+    field (background under `_LIT_LEVEL`). A smear's nuclei give 0.25 or more, about 0.1 under the
+    palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0. Part of the exported graph
+    (`leukray.ood`'s structure check)."""
+    return _structure(*_optical_density(x, white_fraction))
 
 
-def _structure(od: torch.Tensor) -> torch.Tensor:
+def _structure(od: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     n, _, h, w = od.shape
     cell = max(1, min(h, w) // _STRUCTURE_GRID)
     od = torch.nn.functional.avg_pool2d(od.sum(1, keepdim=True), cell)
     band = (_gaussian_blur(od, 1.0) - _gaussian_blur(od, 4.0)).reshape(n, -1)
     top = torch.topk(band, max(1, int(band.shape[1] * _STRUCTURE_TOP)), dim=1).values.mean(1)
     median = torch.topk(band, band.shape[1] // 2 + 1, dim=1).values[:, -1]  # topk: exports to every backend
-    return (top - median)[:, None]
+    lit = (level.mean((1, 2, 3)) / _LIT_LEVEL).clamp(max=1.0) ** 2  # amplified noise grows as 1 / level
+    return ((top - median) * lit)[:, None]
 
 
 def image_stats(x: torch.Tensor) -> torch.Tensor:
     """The guard's image-level inputs, float [0, 255] NCHW → (N, STATS_DIM): `signature` then `structure`, from one
     optical-density map."""
-    od = _optical_density(x)
-    return torch.cat([_signature(od), _structure(od)], 1)
+    od, level = _optical_density(x)
+    return torch.cat([_signature(od), _structure(od, level)], 1)
 
 
 def other_lab(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

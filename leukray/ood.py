@@ -67,6 +67,10 @@ SIGNATURE_DIM = 7
 their chroma (1). Defined here, where the guard reads it, so scoring needs no torch."""
 STATS_DIM = SIGNATURE_DIM + 1
 """Length of the exported graph's third output (`leukray.colour.image_stats`): the signature, then `structure`."""
+STRUCTURE_STATISTIC = ("leukray.colour.structure (band-passed optical density: strongest 2 % less the median, "
+                       "× (background / 80)² under 80 of 255), validation images under other labs' colours")
+"""What the exported graph's structure value is, as the card records it: `leukray calibrate` re-exports a graph
+whose card names another (its thresholds stay valid: the two agree on every lit field)."""
 REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 FEATURE_DESCRIPTION = ("pooled MobileNetV2 features (global average pool of features[-1], 1280-d), mean over the "
@@ -274,8 +278,7 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
         guard.structure_threshold = float(cfg.structure_margin * weakest)
         guard.fitted["structure"] = {"margin": cfg.structure_margin, "quantile": 1.0 - cfg.colour_in_fraction,
                                      "weakest": float(weakest), "n_val": int(len(colour_val)),
-                                     "statistic": "leukray.colour.structure (band-passed optical density: strongest "
-                                                  "2 % less the median), validation images under other labs' colours"}
+                                     "statistic": STRUCTURE_STATISTIC}
     guard.fitted.setdefault("n_val", int(len(val_logits)))
     guard.fitted["val_flagged_fraction"] = float((~guard.in_distribution(guard.scores(val_logits, val_features))).mean())
     return guard

@@ -193,6 +193,29 @@ def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, 
     assert after["ood"]["method"] == "knn" and after["accuracy"] == before["accuracy"]
 
 
+def test_calibrate_reexports_a_graph_with_an_older_structure_statistic(imagenet_package, synth_data, tmp_path):
+    """A package whose card names another structure statistic (exported before dark frames were scaled down):
+    calibrate re-exports its graph, and the thresholds stay where they were (the statistics agree on lit fields)."""
+    import shutil
+
+    from leukray.ood import STRUCTURE_STATISTIC
+    from leukray.recalibrate import calibrate
+
+    old = tmp_path / "old"
+    shutil.copytree(imagenet_package, old)
+    card = json.loads((old / "model_card.json").read_text())
+    assert card["ood"]["structure"]["statistic"] == STRUCTURE_STATISTIC
+    card["ood"]["structure"]["statistic"] = "leukray.colour.structure (band-passed optical density)"
+    (old / "model_card.json").write_text(json.dumps(card))
+    summary = calibrate(str(old), str(synth_data), str(tmp_path / "new"))
+    new_card = json.loads((tmp_path / "new" / "model_card.json").read_text())
+    assert summary["onnx_reexported"] is True
+    assert new_card["ood"]["structure"]["statistic"] == STRUCTURE_STATISTIC
+    assert new_card["ood"]["structure"]["threshold"] == pytest.approx(card["ood"]["structure"]["threshold"], rel=1e-3)
+    again = calibrate(str(tmp_path / "new"), str(synth_data), str(tmp_path / "again"))
+    assert again["onnx_reexported"] is False
+
+
 def _smears(n: int = 24, size: int = 64) -> np.ndarray:
     """Generated smear-like images (uint8 NHWC): purple nuclei, pink cells, pale background."""
     from leukray import CLASSES
@@ -288,6 +311,15 @@ def _empty_fields(n: int, size: int = 224) -> np.ndarray:
     return np.stack(out)
 
 
+def _dark_frames(n: int, size: int = 224) -> np.ndarray:
+    """Frames with the lamp off: a background of 10–60 of 255 and the sensor's noise (σ 3–8), which the white-patch
+    scaling amplifies."""
+    rng = np.random.default_rng(8)
+    out = [np.clip(rng.uniform(10, 60) + rng.normal(0, 8, 3) + rng.normal(0, rng.uniform(3, 8), (size, size, 3)),
+                   0, 255).astype(np.uint8) for _ in range(n)]
+    return np.stack(out)
+
+
 def _nchw(a: np.ndarray):
     import torch
 
@@ -296,7 +328,8 @@ def _nchw(a: np.ndarray):
 
 def test_structure_tells_empty_fields_from_smears_under_other_labs():
     """A field's structure (band-passed optical density) stays high for smears under another camera, a dimmer lamp
-    or a weaker stain batch and is near zero for empty fields, bright or dim."""
+    or a weaker stain batch and is near zero for empty fields, bright or dim, and for dark frames whose amplified
+    sensor noise would otherwise read as structure."""
     import torch
 
     from leukray import colour
@@ -309,6 +342,11 @@ def test_structure_tells_empty_fields_from_smears_under_other_labs():
     weakest = min(colour.structure(v).min().item() for v in smears.values())
     empty = colour.structure(_nchw(_empty_fields(12)))
     assert empty.max().item() < 0.5 * weakest, (empty.squeeze(1).tolist(), weakest)  # 0.5: ood.structure_margin
+    dark = colour.structure(_nchw(_dark_frames(12)))
+    assert dark.max().item() < 0.5 * weakest, (dark.squeeze(1).tolist(), weakest)
+    lit = colour._structure(*colour._optical_density(smears["exposure 0.6"]))  # a dim lamp's smear: not scaled
+    od, level = colour._optical_density(smears["exposure 0.6"])
+    np.testing.assert_allclose(lit.numpy(), colour._structure(od, torch.full_like(level, 255.0)).numpy())
     assert colour.image_stats(x).shape == (12, colour.STATS_DIM)
     np.testing.assert_allclose(colour.image_stats(x)[:, colour.SIGNATURE_DIM:].numpy(), colour.structure(x).numpy())
 
