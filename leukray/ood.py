@@ -292,6 +292,23 @@ def save_reference(guard: Guard, local_dir: str) -> None:
         np.save(os.path.join(local_dir, COLOUR_REFERENCE_FILE), guard.colour_reference)
 
 
+def structure_outdated(card: dict[str, Any]) -> bool:
+    """Whether the package's graph computes an older structure value than `STRUCTURE_STATISTIC`."""
+    return ((card.get("ood") or {}).get("structure") or {}).get("statistic", STRUCTURE_STATISTIC) != STRUCTURE_STATISTIC
+
+
+def guard_notes(card: dict[str, Any], package_uri: str) -> list[str]:
+    """What a scoring run says about a package's guard before it starts: none at all, or a graph whose structure
+    check predates today's (both mended by `leukray calibrate`, without retraining)."""
+    if not card.get("ood"):
+        return [f"warning: {package_uri} has no out-of-distribution guard: ood_score and in_distribution stay empty "
+                f"and only low confidence sets needs_review (add one without retraining: leukray calibrate)"]
+    if structure_outdated(card):
+        return [f"note: {package_uri}'s structure check predates its dark-frame scaling: a dark frame is flagged by "
+                f"the knn distance alone (update its graph without retraining: leukray calibrate)"]
+    return []
+
+
 def load_guard(package_uri: str, card: dict[str, Any], opts: StorageOptions | None = None) -> Guard | None:
     """The package's guard, or None for a package fitted before the guard existed."""
     spec = card.get("ood")

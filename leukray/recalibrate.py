@@ -42,7 +42,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     from .calibration import FIT_DESCRIPTION, fit_mode
     from .inference import softmax
     from .metrics import expected_calibration_error
-    from .ood import STATS_DIM, STRUCTURE_STATISTIC, OODConfig, fit_guard, load_guard, save_reference, split_outputs
+    from .ood import STATS_DIM, OODConfig, fit_guard, load_guard, save_reference, split_outputs, structure_outdated
     from .registry import CARD, ONNX, export_onnx, image_stats_width, load_package, read_onnx
     from .train import select_device
     from .tta import view_ids
@@ -71,8 +71,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_bytes = read_onnx(pkg, storage)
-        made_with = ((pkg.card.get("ood") or {}).get("structure") or {}).get("statistic", STRUCTURE_STATISTIC)
-        reexported = image_stats_width(onnx_bytes) < STATS_DIM or made_with != STRUCTURE_STATISTIC
+        reexported = image_stats_width(onnx_bytes) < STATS_DIM or structure_outdated(pkg.card)
         if reexported:  # exported before the graph returned its features, colour signature and today's structure
             export_onnx(pkg.model, pkg.image_size, os.path.join(tmp, ONNX))
             with open(os.path.join(tmp, ONNX), "rb") as fh:
@@ -93,7 +92,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             "nll_before": nll(softmax(logits, pkg.temperature)), "nll": nll(probs),
             "ece": float(expected_calibration_error(data.labels, probs)),
             "n": len(data.paths), "errors": int((logits.argmax(1) != data.labels).sum()),
-            "data": data_uri, "unreadable": data.unreadable, "split": data.split, "split_source": data.split_source, "backend": backend_name,
+            "data": data_uri, "unreadable": data.unreadable, "split": data.split, "split_source": data.split_source,
+            "backend": backend_name,
             "source_package": pkg.uri, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
         }

@@ -43,7 +43,7 @@ from .config import ConfigError, StorageOptions, dump_config
 from .images import IMAGE_TYPES
 from .inference import (BF16Guard, Outputs, Predictor, ViewPolicy, default_threads, load_backend,
                         resolve_cpu_precision)
-from .ood import load_guard, low_confidence, review_reason, split_outputs
+from .ood import guard_notes, load_guard, low_confidence, review_reason, split_outputs
 from .results import FILE_SCHEMA, prob_column
 from .score_config import ScoreConfig, ScoreError
 from .tta import ADAPTIVE, TTA_VIEWS
@@ -306,9 +306,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     if not policy.calibrated:
         log(f"tta={tta}, but {package_uri} was calibrated with tta={card.get('tta') or 'none'}: confidences and "
             f"needs_review use its temperature as it is (refit: leukray calibrate --tta {tta})")
-    if not card.get("ood"):
-        log(f"warning: {package_uri} has no out-of-distribution guard: ood_score and in_distribution stay empty "
-            f"and only low confidence sets needs_review (add one without retraining: leukray calibrate)")
+    for line in guard_notes(card, package_uri):
+        log(line)
     listing, not_images = list_inputs(cfg.input, opts)
     log(f"run {run_id}: model {model_name} {model_version} ({package_uri}); {listing.num_rows} image files under {cfg.input}")
     if not_images:

@@ -216,6 +216,17 @@ def test_calibrate_reexports_a_graph_with_an_older_structure_statistic(imagenet_
     assert again["onnx_reexported"] is False
 
 
+def test_scoring_says_what_a_packages_guard_lacks():
+    from leukray.ood import STRUCTURE_STATISTIC, guard_notes
+
+    assert guard_notes({"ood": {"structure": {"statistic": STRUCTURE_STATISTIC}}}, "s3://m/v1") == []
+    assert guard_notes({"ood": {"method": "knn"}}, "s3://m/v1") == []  # no structure check: nothing to update
+    (none,) = guard_notes({}, "s3://m/v1")
+    assert none.startswith("warning: s3://m/v1 has no out-of-distribution guard") and "leukray calibrate" in none
+    (old,) = guard_notes({"ood": {"structure": {"statistic": "leukray.colour.structure (older)"}}}, "s3://m/v1")
+    assert "predates its dark-frame scaling" in old and "leukray calibrate" in old
+
+
 def _smears(n: int = 24, size: int = 64) -> np.ndarray:
     """Generated smear-like images (uint8 NHWC): purple nuclei, pink cells, pale background."""
     from leukray import CLASSES
