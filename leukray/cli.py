@@ -155,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     so = sub.add_parser("synth-ood", help="generate folders of images that are not in-distribution smears "
-                        "(textures, blank and defocused fields, photographs, other stains, screenshots) for evaluate --ood")
+                        "(textures, blank and defocused fields, photographs, other stains, screenshots, tissue, "
+                        "smears at another magnification) for evaluate --ood")
     so.add_argument("--out", required=True)
-    so.add_argument("--source", help="folder of real smear images for the defocus and other_stain folders "
+    so.add_argument("--source", help="folder of real smear images for the defocus, other_stain, magnified and "
+                    "wide_field folders "
                     "(default: generated smears)")
     so.add_argument("--per-folder", type=int, default=40)
     so.add_argument("--size", type=int, default=224)

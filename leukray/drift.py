@@ -20,6 +20,9 @@ from .config import StorageOptions
 from .query import RESULTS_VIEW, QueryError, check_date, date_where
 from .report import sort_classes
 
+OOD_CHECKS = ("knn", "colour", "structure")
+"""The guard's checks `ood_check` names for the default method (leukray.ood.Guard.check_scores)."""
+
 if TYPE_CHECKING:
     from .query import Results
 
@@ -35,13 +38,19 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     (chi-square goodness of fit of the day's counts to the training proportions; df = classes - 1), and
     `ood_rate`: the fraction of the day's rows the out-of-distribution guard flagged (training rows: the
     validation split's, by construction about 1 - in_fraction; null where the model has no guard). A rising
-    rate says the images changed: another camera, stain, or something that is not a smear.
+    rate says the images changed: another camera, stain, or something that is not a smear. `ood_knn_rate`,
+    `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's checks flagged (`ood_check`; a row
+    can count in several), which says what changed — the images themselves, their colours, or fields without
+    cells (null for days with rows scored before `ood_check` was recorded).
     """
     since, until = check_date(since, "since"), check_date(until, "until")
     where, params = date_where(since, until)
     counts = results.sql(
         f"SELECT run_id, run_date, predicted_class, count(*) AS n, "
-        f"count(in_distribution) AS guarded, count(*) FILTER (WHERE NOT in_distribution) AS ood "
+        f"count(in_distribution) AS guarded, count(*) FILTER (WHERE NOT in_distribution) AS ood, "
+        f"count(*) FILTER (WHERE NOT in_distribution AND ood_check IS NULL) AS ood_unnamed, "
+        + ", ".join(f"count(*) FILTER (WHERE list_contains(string_split(ood_check, ','), '{c}')) AS ood_{c}"
+                    for c in OOD_CHECKS) + " "
         f"FROM {RESULTS_VIEW} WHERE status = 'ok' AND predicted_class IS NOT NULL AND {where} GROUP BY ALL",
         params,
     ).to_pylist()
@@ -77,9 +86,9 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         k = (row["run_date"], run_card[row["run_id"]])
         observed.setdefault(k, {})
         observed[k][row["predicted_class"]] = observed[k].get(row["predicted_class"], 0) + int(row["n"])
-        g = guarded.setdefault(k, [0, 0])
-        g[0] += int(row["guarded"])
-        g[1] += int(row["ood"])
+        g = guarded.setdefault(k, {"guarded": 0, "ood": 0, "ood_unnamed": 0, **{f"ood_{c}": 0 for c in OOD_CHECKS}})
+        for name in g:
+            g[name] += int(row[name])
 
     if not cards and model:
         card_for((model, None))
@@ -100,7 +109,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         row = {"source": "training", "run_date": None, "model": _card_label(card), "n": total}
         row.update({c: (train.get(c, 0) / total if total else None) for c in classes})
         row.update(tv_distance=None, chi2=None, p_value=None,
-                   ood_rate=(card.get("ood") or {}).get("val_flagged_fraction"))
+                   ood_rate=(card.get("ood") or {}).get("val_flagged_fraction"),
+                   **{f"ood_{c}_rate": None for c in OOD_CHECKS})
         rows.append(row)
     for (day, key), obs in sorted(observed.items(), key=lambda kv: (kv[0][0], _card_label(card_for(kv[0][1])))):
         card = card_for(key)
@@ -114,13 +124,15 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         row = {"source": "scored", "run_date": day, "model": _card_label(card), "n": n}
         row.update(p)
         g = guarded[(day, key)]
-        row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g[1] / g[0] if g[0] else None)
+        named = g["guarded"] and not g["ood_unnamed"]  # rows scored before ood_check existed: not split up
+        row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g["ood"] / g["guarded"] if g["guarded"] else None,
+                   **{f"ood_{c}_rate": g[f"ood_{c}"] / g["guarded"] if named else None for c in OOD_CHECKS})
         rows.append(row)
     schema = pa.schema(
         [("source", pa.string()), ("run_date", pa.string()), ("model", pa.string()), ("n", pa.int64())]
         + [(c, pa.float64()) for c in classes]
         + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64()),
-           ("ood_rate", pa.float64())]
+           ("ood_rate", pa.float64())] + [(f"ood_{c}_rate", pa.float64()) for c in OOD_CHECKS]
     )
     table = pa.Table.from_pylist(rows, schema=schema)
     if plot:

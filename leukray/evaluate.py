@@ -33,7 +33,7 @@ from .config import StorageOptions
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all, warn_unreadable
 from .inference import Predictor, ViewPolicy, package_backend
 from .tta import package_tta
-from .ood import DEFAULT_BENIGN_MALIGNANT_THRESHOLD, review_reason
+from .ood import DEFAULT_BENIGN_MALIGNANT_THRESHOLD, check_names, review_reason
 from .robustness import (OOD_COLUMNS, ROBUSTNESS_COLUMNS, Flagger, check_families, format_ood_table,
                          format_robustness_table, ood_folders, robustness_suite, silent_errors)
 
@@ -282,7 +282,9 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
                                                              if wrong.any() else None),
                                   **silent_errors(data.labels, pred, flags["needs_review"])}},
         "ood": None if guard is None else {"method": guard.method, "k": guard.k, "threshold": guard.threshold,
-                                           "flagged_fraction": float(flags["ood"].mean())},
+                                           "flagged_fraction": float(flags["ood"].mean()),
+                                           "ood_by_check": {name: float(v.mean())
+                                                            for name, v in flags["ood_by_check"].items()}},
         "seed": int(seed),
         "backend": backend_name,
         "tta": tta_mode,
@@ -313,9 +315,11 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     reasons = review_reason(flags["low_confidence"], flags["ood"])
     predictions = [{"path": p, "actual": classes[int(y)], "predicted": classes[int(q)], "confidence": float(c),
                     "needs_review": bool(r is not None), "review_reason": r or "",
-                    "ood_score": "" if np.isnan(o) else float(o), "views": int(v), "correct": bool(y == q)}
-                   for p, y, q, c, r, o, v in zip(data.paths, data.labels, pred, flags["confidence"], reasons,
-                                                  flags["ood_score"], outputs.views)]
+                    "ood_score": "" if np.isnan(o) else float(o), "ood_check": why or "", "views": int(v),
+                    "correct": bool(y == q)}
+                   for p, y, q, c, r, o, why, v in zip(data.paths, data.labels, pred, flags["confidence"], reasons,
+                                                       flags["ood_score"], check_names(flags["ood_by_check"])
+                                                       or [None] * n, outputs.views)]
     with tempfile.TemporaryDirectory() as tmp:
         if plots:
             plot_confusion_matrix(metrics["confusion_matrix"], classes, os.path.join(tmp, "confusion_matrix.png"),
@@ -329,14 +333,19 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
 
             plot_ood_scores(ood_report["scores"], ood_report["thresholds"], os.path.join(tmp, "ood_scores.png"))
             with open(os.path.join(tmp, "ood.csv"), "w") as fh:
-                fh.write(_csv_text(ood_report["folders"], OOD_COLUMNS))
+                rows = [{**r, **{f"ood_by_{c}": f for c, f in r["ood_by_check"].items()}}
+                        for r in ood_report["folders"]]
+                checks = [f"ood_by_{c}" for c in ood_report["in_distribution"]["ood_by_check"]]
+                fh.write(_csv_text(rows, OOD_COLUMNS + checks))
             del ood_report["scores"]
         with open(os.path.join(tmp, "predictions.csv"), "w") as fh:
             fh.write(_csv_text(predictions, ["path", "actual", "predicted", "confidence", "needs_review",
-                                             "review_reason", "ood_score", "views", "correct"]))
+                                             "review_reason", "ood_score", "ood_check", "views", "correct"]))
         if rob is not None:
             with open(os.path.join(tmp, "robustness.csv"), "w") as fh:
-                fh.write(_csv_text(rob["results"], ROBUSTNESS_COLUMNS))
+                rows = [{**r, **{f"ood_by_{c}": f for c, f in r["ood_by_check"].items()}} for r in rob["results"]]
+                checks = [f"ood_by_{c}" for c in rob["clean"]["ood_by_check"]]
+                fh.write(_csv_text(rows, ROBUSTNESS_COLUMNS + checks))
         st.write_json(os.path.join(tmp, EVALUATION_JSON), report)
         st.upload_dir(tmp, out_dir, storage)
     wg = report["review"]["with_guard"]

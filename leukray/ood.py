@@ -201,26 +201,41 @@ class Guard:
         return self.thresholds[self.method]
 
     def scores(self, logits: np.ndarray, features: np.ndarray | None, method: str | None = None) -> np.ndarray:
+        """Each image's out-of-distribution score under `method` (default: the package's); higher = further."""
+        return np.maximum.reduce(list(self.check_scores(logits, features, method).values()))
+
+    def check_scores(self, logits: np.ndarray, features: np.ndarray | None,
+                     method: str | None = None) -> dict[str, np.ndarray]:
+        """Each check's score on the method's threshold's scale, by name: the method's own (`knn`, `energy` or
+        `msp`), and with knn the `colour` and `structure` checks the package has. The score is their maximum, so
+        an image is flagged by every check whose score is over the threshold (`flagged_by`)."""
         method = check_method(method or self.method)
-        if method == "knn":
-            if features is None:
-                raise ValueError("the knn guard needs the network's features; this model gives none "
-                                 "(re-export it: leukray calibrate)")
-            if self._reference32 is None:
-                self._reference32 = self.reference.astype(np.float32)
-            pooled_dim = self.reference.shape[1]
-            scores = knn_scores(features[:, :pooled_dim], self._reference32, self.k)
-            if self.colour_threshold is not None and features.shape[1] > pooled_dim:
-                colour = self.colour_scores(features)
-                scores = np.maximum(scores, colour * (self.thresholds["knn"] / self.colour_threshold))
-            if self.structure_threshold is not None and features.shape[1] > pooled_dim + SIGNATURE_DIM:
-                # below the threshold → above knn's; capped at 10 × knn's threshold for a field with none at all
-                structure = np.maximum(features[:, pooled_dim + SIGNATURE_DIM], self.structure_threshold / 10)
-                scores = np.maximum(scores, self.thresholds["knn"] * self.structure_threshold / structure)
-            return scores
         if method == "energy":
-            return energy_scores(logits, self.temperature)
-        return msp_scores(logits, self.temperature)
+            return {method: energy_scores(logits, self.temperature)}
+        if method == "msp":
+            return {method: msp_scores(logits, self.temperature)}
+        if features is None:
+            raise ValueError("the knn guard needs the network's features; this model gives none "
+                             "(re-export it: leukray calibrate)")
+        if self._reference32 is None:
+            self._reference32 = self.reference.astype(np.float32)
+        pooled_dim = self.reference.shape[1]
+        checks = {"knn": knn_scores(features[:, :pooled_dim], self._reference32, self.k)}
+        if self.colour_threshold is not None and features.shape[1] > pooled_dim:
+            checks["colour"] = self.colour_scores(features) * (self.thresholds["knn"] / self.colour_threshold)
+        if self.structure_threshold is not None and features.shape[1] > pooled_dim + SIGNATURE_DIM:
+            # below the threshold → above knn's; capped at 10 × knn's threshold for a field with none at all
+            structure = np.maximum(features[:, pooled_dim + SIGNATURE_DIM], self.structure_threshold / 10)
+            checks["structure"] = self.thresholds["knn"] * self.structure_threshold / structure
+        return checks
+
+    def flagged_by(self, logits: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The scores under the package's method, and per check (`check_scores`' names) which images it flags:
+        which part of the guard objects tells a lab what to look at — `knn` the images themselves, `colour` the
+        stain or the camera's channel order, `structure` an empty field. An image is out of distribution when
+        any check flags it."""
+        checks = self.check_scores(logits, features)
+        return np.maximum.reduce(list(checks.values())), {name: s > self.threshold for name, s in checks.items()}
 
     def colour_scores(self, features: np.ndarray) -> np.ndarray:
         """Distance of each image's colour signature (the features after the pooled ones) to its k-th nearest
@@ -350,6 +365,14 @@ def low_confidence(probs: np.ndarray, classes: list[str], threshold: float,
         pb = probs[:, list(classes).index("Benign")]
         low |= np.maximum(pb, 1.0 - pb) < benign_malignant_threshold
     return low
+
+
+def check_names(flagged_by: dict[str, np.ndarray]) -> list[str | None]:
+    """Per image, the checks that flag it (`Guard.flagged_by`), comma-separated in the guard's order; None when
+    none does: the results' `ood_check`."""
+    names = list(flagged_by)
+    rows = np.stack([flagged_by[n] for n in names], 1) if names else np.zeros((0, 0), bool)
+    return [",".join(n for n, o in zip(names, row) if o) or None for row in rows]
 
 
 def review_reason(low_confidence: np.ndarray, out_of_distribution: np.ndarray | None) -> list[str | None]:

@@ -211,8 +211,8 @@ def plot_class_mix(drift_table, path: str, storage_options: StorageOptions | Non
     """Stacked bars of the class proportions per day (from `Results.drift`), the training mix as the first bar(s).
     Written as PNG to `path`: a local file (parent folders created) or an s3:// URI (written with `storage_options`).
     """
-    meta = {"source", "run_date", "model", "n", "tv_distance", "chi2", "p_value", "ood_rate"}
-    classes = [c for c in drift_table.schema.names if c not in meta]
+    names = drift_table.schema.names
+    classes = names[names.index("n") + 1:names.index("tv_distance")]  # the class columns sit between these
     rows = drift_table.to_pylist()
     if not rows:
         raise ValueError("nothing to plot: no scored days in the selected range")

@@ -102,7 +102,8 @@ def _add_empty_runs(results: Results, table: pa.Table, since: str | None, until:
 def review(results: Results, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
            limit: int | None = 100, max_confidence: float | None = None, reason: str | None = None,
            include_reviewed: bool = False) -> pa.Table:
-    """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`), lowest confidence first
+    """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`, and for an out-of-distribution
+    row which of the guard's checks objected: `ood_check`), lowest confidence first
     (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`. Rows a reviewer
     has decided (`leukray review import`) are left out unless `include_reviewed`."""
     since, until = check_date(since, "since"), check_date(until, "until")
@@ -118,7 +119,7 @@ def review(results: Results, since: str | _dt.date | None = None, until: str | _
     if not include_reviewed:
         where += " AND reviewed_class IS NULL"
     probs = ", ".join(prob_column(c) for c in CLASSES if prob_column(c) in results.columns())
-    sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_score, {probs}, run_date, run_id, "
+    sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_check, ood_score, {probs}, run_date, run_id, "
            f"model_name, model_version, scored_at"
            + (", reviewed_class, reviewed_by, reviewed_at" if include_reviewed else "") +
            f" FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "

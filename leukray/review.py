@@ -56,8 +56,8 @@ def _select(res: Results, since: str | None, until: str | None, reason: str | No
     if not include_reviewed:
         conds.append("reviewed_class IS NULL")
     probs = ", ".join(prob_column(c) for c in CLASSES)
-    cols = (f"path, source_version, predicted_class, confidence, {probs}, review_reason, ood_score, run_date, "
-            f"run_id, model_name, model_version, CAST(scored_at AS VARCHAR) AS scored_at")
+    cols = (f"path, source_version, predicted_class, confidence, {probs}, review_reason, ood_check, ood_score, "
+            f"run_date, run_id, model_name, model_version, CAST(scored_at AS VARCHAR) AS scored_at")
     where = " AND ".join(conds)
     flagged_where = where + " AND needs_review" + (
         " AND list_contains(string_split(review_reason, ','), ?)" if reason else "")
@@ -145,7 +145,8 @@ def build_page(output: str, html_dir: str, opts: StorageOptions | None = None, *
     display: dict[int, np.ndarray] = {}
     for i, (row, blob) in enumerate(zip(rows, blobs)):
         card = {"id": i, **{k: row[k] for k in ("path", "source_version", "predicted_class", "confidence",
-                                                "review_reason", "ood_score", "run_date", "run_id", "model_name",
+                                                "review_reason", "ood_check", "ood_score", "run_date", "run_id",
+                                                "model_name",
                                                 "model_version", "scored_at")},
                 "probs": [row[prob_column(c)] for c in CLASSES], "image": None, "heatmap": None, "problem": None}
         cards.append(card)

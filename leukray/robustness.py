@@ -47,13 +47,14 @@ class Flagger:
         probs = outputs.probs(len(self.classes))
         conf = probs.max(1)
         low = low_confidence(probs, self.classes, self.threshold, self.benign_malignant_threshold)
+        by_check: dict[str, np.ndarray] = {}
         if self.guard is not None and features is not None:
-            ood_score = self.guard.scores(logits, features)
+            ood_score, by_check = self.guard.flagged_by(logits, features)
             ood = ~self.guard.in_distribution(ood_score)
         else:
             ood_score, ood = np.full(len(conf), np.nan), np.zeros(len(conf), bool)
         return {"pred": probs.argmax(1), "probs": probs, "confidence": conf, "low_confidence": low,
-                "ood_score": ood_score, "ood": ood, "needs_review": low | ood,
+                "ood_score": ood_score, "ood": ood, "ood_by_check": by_check, "needs_review": low | ood,
                 "views": outputs.views}
 
 
@@ -101,6 +102,7 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
                 "macro_f1": float(f1_score(labels, pred, labels=labels_idx, average="macro", zero_division=0)),
                 "flagged_fraction": float(f["needs_review"].mean()),
                 "ood_fraction": float(f["ood"].mean()),
+                "ood_by_check": {name: float(v.mean()) for name, v in f["ood_by_check"].items()},
                 **silent_errors(labels, pred, f["needs_review"]),
                 "silent_error_rate_confidence_only": silent_errors(labels, pred, f["low_confidence"])["silent_error_rate"],
                 "mean_views": float(f["views"].mean()) if len(pred) else 0.0}
@@ -114,6 +116,7 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
     n = len(images)
     keys = ("pred", "low_confidence", "ood", "needs_review", "views")
     flags = {key: np.empty((len(settings), n), dtype=np.int64 if key in ("pred", "views") else bool) for key in keys}
+    by_check = {name: np.empty((len(settings), n), bool) for name in clean_f["ood_by_check"]}
 
     # Perturbed chunks of every setting stream into shared model batches: small evaluation sets still fill
     # whole batches (one forward pass per batch_size images, not per setting), and memory stays one batch.
@@ -127,6 +130,8 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
         for s_i, start, b in pending:
             for key in keys:
                 flags[key][s_i, start:start + len(b)] = out[key][at:at + len(b)]
+            for name in by_check:
+                by_check[name][s_i, start:start + len(b)] = out["ood_by_check"][name][at:at + len(b)]
             at += len(b)
         pending.clear()
 
@@ -140,7 +145,8 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
     flush()
     rows: list[dict[str, Any]] = []
     for s_i, (name, _k, severity) in enumerate(settings):
-        s = summary({key: flags[key][s_i] for key in keys})
+        s = summary({**{key: flags[key][s_i] for key in keys},
+                     "ood_by_check": {name: v[s_i] for name, v in by_check.items()}})
         rows.append({"perturbation": name, "severity": severity, **s,
                      "accuracy_drop": clean["accuracy"] - s["accuracy"],
                      "changed_fraction": float((flags["pred"][s_i] != clean_f["pred"]).mean()), "n": int(n)})
@@ -195,7 +201,8 @@ OOD_COLUMNS = ["folder", "n", "unreadable", "knn_auroc", "knn_flagged_fraction",
 def ood_folders(predict: Callable[[np.ndarray], Outputs], flagger: Flagger, in_outputs: Outputs,
                 dirs: list[str], image_size: int, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """Each folder of not-in-distribution images against the evaluated (in-distribution) split: AUROC and the
-    fraction flagged at the package's thresholds, per method, side by side."""
+    fraction flagged at the package's thresholds, per method, side by side; and `ood_by_check`, the fraction each of
+    the package's checks flags (`leukray.ood.Guard.flagged_by`: which check catches what)."""
     from .data import read_images_folder
     from .ood import METHODS, auroc, split_outputs
 
@@ -218,12 +225,16 @@ def ood_folders(predict: Callable[[np.ndarray], Outputs], flagger: Flagger, in_o
             scores[d][m] = sc
             row[f"{m}_auroc"] = auroc(in_scores[m], sc)
             row[f"{m}_flagged_fraction"] = float((~guard.in_distribution(sc, m)).mean())
-        row["needs_review_fraction"] = float(flagger(out)["needs_review"].mean())
+        f = flagger(out)
+        row["needs_review_fraction"] = float(f["needs_review"].mean())
+        row["ood_by_check"] = {name: float(v.mean()) for name, v in f["ood_by_check"].items()}
         rows.append(row)
     return {"method": guard.method, "thresholds": dict(guard.thresholds),
             "in_distribution": {"n": int(len(in_logits)),
                                 **{f"{m}_flagged_fraction": float((~guard.in_distribution(in_scores[m], m)).mean())
-                                   for m in METHODS}},
+                                   for m in METHODS},
+                                "ood_by_check": {name: float(v.mean()) for name, v in
+                                                 flagger(in_outputs)["ood_by_check"].items()}},
             "folders": rows, "scores": scores}
 
 
@@ -233,10 +244,12 @@ def format_ood_table(rep: dict[str, Any]) -> str:
              f" / msp {i['msp_flagged_fraction']:.1%} / energy {i['energy_flagged_fraction']:.1%})",
              f"{'folder':<40} {'n':>5}  {'knn AUROC':>9} {'flagged':>7}  {'msp AUROC':>9} {'flagged':>7}  "
              f"{'energy AUROC':>12} {'flagged':>7}"]
+    lines[-1] += "  flagged by check"
     for r in rep["folders"]:
+        by = ", ".join(f"{name} {f:.0%}" for name, f in r["ood_by_check"].items())
         lines.append(f"{r['folder'][-40:]:<40} {r['n']:>5}  {r['knn_auroc']:>9.4f} {r['knn_flagged_fraction']:>7.1%}  "
                      f"{r['msp_auroc']:>9.4f} {r['msp_flagged_fraction']:>7.1%}  {r['energy_auroc']:>12.4f} "
-                     f"{r['energy_flagged_fraction']:>7.1%}")
+                     f"{r['energy_flagged_fraction']:>7.1%}  {by}")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ from .config import ConfigError, StorageOptions, dump_config
 from .images import IMAGE_TYPES
 from .inference import (BF16Guard, Outputs, Predictor, ViewPolicy, default_threads, load_backend,
                         resolve_cpu_precision)
-from .ood import guard_notes, load_guard, low_confidence, review_reason, split_outputs
+from .ood import check_names, guard_notes, load_guard, low_confidence, review_reason, split_outputs
 from .results import FILE_SCHEMA, prob_column
 from .score_config import ScoreConfig, ScoreError
 from .tta import ADAPTIVE, TTA_VIEWS
@@ -149,11 +149,14 @@ class _Scorer:
         """Output rows (FILE_SCHEMA): calibrated probabilities, review flags and the guard's verdict; error rows."""
         n, k = len(errors), len(self.classes)
         probs, ood_score, views = np.full((n, k), np.nan), np.full(n, np.nan), np.zeros(n, np.int32)
+        ood_check: list[str | None] = [None] * n
         if out is not None:
             logits, features = split_outputs(out.values, k)
             probs[ok], views[ok] = out.probs(k), out.views
             if self.guard is not None:
-                ood_score[ok] = self.guard.scores(logits, features)
+                ood_score[ok], flagged_by = self.guard.flagged_by(logits, features)
+                for i, c in zip(np.flatnonzero(ok), check_names(flagged_by)):
+                    ood_check[i] = c
         top = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
         conf = np.where(ok, probs.max(axis=1, initial=-1.0) if n else np.zeros(0), np.nan)
         mask = ~ok
@@ -179,6 +182,7 @@ class _Scorer:
         cols["ood_score"] = pa.array(ood_score, pa.float64(), mask=~guarded)
         cols["in_distribution"] = pa.array(~ood, pa.bool_(), mask=~guarded)
         cols["review_reason"] = pa.array([r if o else None for r, o in zip(reasons, ok)], pa.string())
+        cols["ood_check"] = pa.array(ood_check, pa.string())
         cols["views"] = pa.array(views, pa.int32(), mask=mask)
         cols["model_name"] = pa.array([self.model_name] * n, pa.string())
         cols["model_version"] = pa.array([self.model_version] * n, pa.string())

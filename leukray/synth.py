@@ -93,7 +93,7 @@ def make_dataset(out_dir: str | Path, per_class: int = 40, size: int = 96, seed:
     return out
 
 
-OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen", "tissue", "magnified")
+OOD_FOLDERS = ("texture", "blank", "defocus", "natural", "other_stain", "screen", "tissue", "magnified", "wide_field")
 """What `make_ood_folders` writes: inputs a nightly archive can hold that are not smears like the training ones."""
 
 
@@ -151,6 +151,19 @@ def _magnified(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Im
     return _crop_resize(arr, rng, size, side, Image.Resampling.BICUBIC)
 
 
+def _wide_field(smears: list[np.ndarray], rng: np.random.Generator, size: int) -> Image.Image:
+    """Smears through a ×2–3 weaker objective (or a camera with a ×2–3 wider field): the fields of 4 or 9 smears,
+    each scaled down, side by side, so the cells are a half to a third of their trained size — a dataset of whole
+    low-magnification fields."""
+    m = int(rng.integers(2, 4))
+    tile = size // m
+    canvas = Image.new("RGB", (tile * m, tile * m))
+    for k in range(m * m):
+        im = Image.fromarray(smears[int(rng.integers(len(smears)))]).resize((tile, tile), Image.Resampling.BILINEAR)
+        canvas.paste(im.rotate(90 * int(rng.integers(4))), ((k % m) * tile, (k // m) * tile))
+    return canvas.resize((size, size), Image.Resampling.BILINEAR)
+
+
 def _other_stain(arr: np.ndarray, rng: np.random.Generator) -> Image.Image:
     """A smear under a colour response no lab's stain gives: channels swapped, inverted, grey, or hue-rotated."""
     kind = int(rng.integers(0, 4))
@@ -180,7 +193,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
     micrograph scikit-image ships of a colon section under another stain (immunohistochemistry: DAB brown and
     haematoxylin blue, `skimage.data.immunohistochemistry`) — real microscopy, real stain, not a blood smear;
     `magnified` shows the smears through a ×2.5–4 stronger objective (one or two cells fill the field, as in
-    datasets of single-cell crops)."""
+    datasets of single-cell crops), `wide_field` through a ×2–3 weaker one (whole low-magnification fields)."""
     from skimage.data import immunohistochemistry
     from sklearn.datasets import load_sample_images
 
@@ -207,6 +220,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
         "screen": lambda i: _screen(rng, size),
         "tissue": lambda i: _crop_resize(section, rng, size).rotate(90 * int(rng.integers(4))),
         "magnified": lambda i: _magnified(smears[i % len(smears)], rng, size),
+        "wide_field": lambda i: _wide_field(smears, rng, size),
     }
     for name, make in makers.items():
         folder = out / name

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leukray.ood import (METHODS, OODConfig, auroc, energy_scores, fit_guard, knn_scores, load_guard, msp_scores,
-                         low_confidence, review_reason, save_reference, split_outputs)
+from leukray.ood import (METHODS, OODConfig, auroc, check_names, energy_scores, fit_guard, knn_scores, load_guard,
+                         msp_scores, low_confidence, review_reason, save_reference, split_outputs)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,8 @@ def test_evaluate_ood_flags_far_off_folders(imagenet_package, synth_data, tmp_pa
         assert len(files) == 10 and Image.open(files[0]).size == (64, 64), name
     r = subprocess.run([sys.executable, "-m", "leukray.cli", "evaluate", "--model", str(imagenet_package), "--data",
                         str(synth_data), "--out", str(tmp_path / "ev"), "--ood", str(ood / "blank"),
-                        str(ood / "natural"), str(ood / "tissue")], capture_output=True, text=True, cwd=REPO)
+                        str(ood / "natural"), str(ood / "tissue"), str(ood / "wide_field")], capture_output=True,
+                       text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     rows = {Path(x["folder"]).name: x for x in report["ood_folders"]["folders"]}
@@ -145,11 +146,27 @@ def test_evaluate_ood_flags_far_off_folders(imagenet_package, synth_data, tmp_pa
         assert rows[name]["knn_auroc"] == 1.0 and rows[name]["knn_flagged_fraction"] == 1.0, rows[name]
         assert 0.0 <= rows[name]["msp_auroc"] <= 1.0 and "msp_flagged_fraction" in rows[name]
         assert rows[name]["needs_review_fraction"] == 1.0
+    # smears at a third to a half of their magnification: reported like every folder (measured on a real
+    # package in docs/results.md; this one's features are a single epoch on generated smears)
+    assert rows["wide_field"]["n"] == 10 and 0.0 <= rows["wide_field"]["knn_auroc"] <= 1.0
     assert (tmp_path / "ev" / "ood_scores.png").stat().st_size > 10_000
-    assert "knn_auroc" in (tmp_path / "ev" / "ood.csv").read_text().splitlines()[0]
+    header = (tmp_path / "ev" / "ood.csv").read_text().splitlines()[0].split(",")
+    assert {"knn_auroc", "ood_by_knn", "ood_by_colour", "ood_by_structure"} <= set(header)
+    # which check caught what: each check flags part, together every flagged image; blank fields lack structure
+    for name in ("blank", "natural", "tissue"):
+        by = rows[name]["ood_by_check"]
+        assert set(by) == {"knn", "colour", "structure"}
+        assert max(by.values()) <= rows[name]["knn_flagged_fraction"] <= sum(by.values())  # each, and together all
+    assert rows["blank"]["ood_by_check"]["structure"] >= 0.8
+    assert set(report["ood_folders"]["in_distribution"]["ood_by_check"]) == {"knn", "colour", "structure"}
+    assert set(report["ood"]["ood_by_check"]) == {"knn", "colour", "structure"}
     assert report["ood"]["method"] == "knn" and 0.0 <= report["ood"]["flagged_fraction"] <= 1.0
     predictions = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
-    assert predictions[0].split(",")[4:7] == ["needs_review", "review_reason", "ood_score"]
+    assert predictions[0].split(",")[4:8] == ["needs_review", "review_reason", "ood_score", "ood_check"]
+    import csv
+
+    for r in csv.DictReader(predictions):
+        assert (r["ood_check"] != "") == ("out_of_distribution" in r["review_reason"]), r
 
 
 def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, synth_data, tmp_path):
@@ -393,6 +410,45 @@ def test_structure_check_flags_empty_fields_on_the_knn_scale():
                     colour_reference=colour.signature_envelope(train, 0, 3),
                     colour_val=colour.signature_envelope(val, 1, 3), pooled_dim=16)
     assert off.structure_threshold is None and "structure" not in off.card()
+
+
+def test_each_flag_names_the_check_that_raised_it():
+    """`flagged_by` / `check_names` name, per flagged image, every check over the threshold: features far from the
+    training cloud → knn, red and blue swapped → colour, no structure → structure, several → all of them; an image
+    in distribution → None; and its scores are `scores`'."""
+    from leukray import colour
+
+    images = _smears(40, 224)
+    train, val = images[:24], images[24:32]
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16) * 3
+    train_feats, val_feats = _cloud(rng, 24, centre, 0.3), _cloud(rng, 8, centre, 0.3)
+    stats = lambda a: colour.image_stats(_nchw(a)).numpy()  # noqa: E731
+    guard = fit_guard(train_feats, rng.normal(size=(8, 4)), np.c_[val_feats, stats(val)], 1.0,
+                      OODConfig(k=3, in_fraction=0.97, colour_in_fraction=1.0),
+                      colour_reference=colour.signature_envelope(train, 0, 3),
+                      colour_val=colour.signature_envelope(val, 1, 3), pooled_dim=16)
+    held = images[32:36]
+    near, far = _cloud(rng, 4, centre, 0.05), _cloud(rng, 4, -centre, 0.05)
+    flat = stats(held)
+    flat[:, colour.SIGNATURE_DIM] = 0.0  # a smear's colours, no structure
+    cases = {None: np.c_[near, stats(held)], "knn": np.c_[far, stats(held)],
+             "colour": np.c_[near, stats(held[..., ::-1])], "structure": np.c_[near, flat],
+             "knn,colour": np.c_[far, stats(held[..., ::-1])],
+             "colour,structure": np.c_[near, stats(_empty_fields(4))]}  # an empty field: no stain colour either
+    logits = np.zeros((4, 4))
+    for want, feats in cases.items():
+        scores, by = guard.flagged_by(logits, feats)
+        np.testing.assert_array_equal(scores, guard.scores(logits, feats))
+        assert list(by) == ["knn", "colour", "structure"]
+        checks = check_names(by)
+        assert [c is not None for c in checks] == (~guard.in_distribution(scores)).tolist()
+        assert checks == [want] * 4, (want, checks)
+    # another method: its own name; a graph without the check columns: knn alone
+    assert check_names(guard.flagged_by(logits, cases["knn"][:, :16])[1]) == ["knn"] * 4
+    assert check_names({}) == [] and check_names({"knn": np.zeros(2, bool)}) == [None, None]
+    guard.method = "msp"
+    assert set(guard.check_scores(logits, cases["knn"])) == {"msp"}
 
 
 def test_reference_colour_copies_accept_another_labs_camera():

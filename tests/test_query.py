@@ -80,7 +80,7 @@ def _rows(rng: random.Random, run_id: str, run_date: str, version: str, n: int, 
                 "scored_at": scored + dt.timedelta(seconds=i)}
         if rng.random() < 0.12:
             base.update(status="error", error=rng.choice(ERRORS), predicted_class=None, confidence=None,
-                        needs_review=None, ood_score=None, in_distribution=None, review_reason=None,
+                        needs_review=None, ood_score=None, in_distribution=None, review_reason=None, ood_check=None,
                         **{prob_column(c): None for c in CLASSES})
             if i == 0:
                 base["size"] = 0
@@ -98,7 +98,8 @@ def _rows(rng: random.Random, run_id: str, run_date: str, version: str, n: int, 
                       (True, True): "low_confidence,out_of_distribution"}.get((conf < 0.6, ood))
             base.update(status="ok", error=None, predicted_class=cls, confidence=conf,
                         needs_review=conf < 0.6 or ood, ood_score=ood_score,
-                        in_distribution=None if ood_score is None else not ood, review_reason=reason, **probs)
+                        in_distribution=None if ood_score is None else not ood, review_reason=reason,
+                        ood_check=("knn,structure" if ood_score > 0.58 else "knn") if ood else None, **probs)
         rows.append(base)
     return rows
 
@@ -323,6 +324,38 @@ def test_new_commit_visible_after_refresh(loc, tmp_path):
         {"run_date": "2026-11-27"}]
 
 
+def test_a_table_from_before_a_column_gains_it(loc, tmp_path):
+    """A table whose rows were written before `ood_check` existed: the next run's commit adds the column, the older
+    rows read it as null and the new ones as written."""
+    out = str(tmp_path / "older") if loc.kind == "local" else storage.join(loc.output.rsplit("/", 1)[0], "older")
+    older = pa.schema([f for f in results.FILE_SCHEMA if f.name != "ood_check"])
+    table = results.ensure_table(out, loc.opts, schema=pa.schema([f for f in RESULTS_SCHEMA if f.name != "ood_check"]))
+    rng = random.Random(3)
+    runs = {"20261201T010000Z-aaaaaa": "2026-12-01", "20261202T010000Z-bbbbbb": "2026-12-02"}
+    written = {}
+    for run_id, day in runs.items():
+        written[run_id] = _rows(rng, run_id, day, "v0002", 30, 0)
+        record = {"run_id": run_id, "run_date": day, "model_name": MODEL, "model_version": "v0002", "rows": 30,
+                  "status": "committed"}
+        if table is not None:  # the first run: a scorer from before the column, against the table as it was
+            t = pa.Table.from_pylist([{k: v for k, v in r.items() if k in older.names} for r in written[run_id]],
+                                     schema=older)
+            files = results.write_files(t, out, loc.opts, run_id, day)
+            results.Committer(out, loc.opts, run_id, MODEL, "v0002", None, table=table).commit(files, record)
+            assert "ood_check" not in pa.schema(results.open_table(out, loc.opts).schema().to_arrow()).names
+            table = None
+        else:
+            _write_run(out, run_id, day, [pa.Table.from_pylist(written[run_id], schema=results.FILE_SCHEMA)], record,
+                       loc.opts)
+    got = Results(out, loc.opts).sql("SELECT run_id, path, ood_check FROM results ORDER BY path").to_pylist()
+    assert len(got) == 60
+    new = {r["path"]: r["ood_check"] for r in written["20261202T010000Z-bbbbbb"]}
+    assert any(new.values())
+    for r in got:
+        assert r["ood_check"] == (new[r["path"]] if r["run_id"] == "20261202T010000Z-bbbbbb" else None)
+    assert "ood_check" in pa.schema(results.open_table(out, loc.opts).schema().to_arrow()).names
+
+
 def _data_files(loc: Loc) -> list[str]:
     """Data files under the table folder (relative paths), committed or not."""
     fs, root = storage.filesystem(loc.output, loc.opts)
@@ -436,6 +469,7 @@ def test_review_queue(loc):
     expected = flagged.filter(pc.equal(flagged["in_distribution"], False))
     assert ood.num_rows > 0 and sorted(ood["path"].to_pylist()) == sorted(expected["path"].to_pylist())
     assert all(s > 0.5 for s in ood["ood_score"].to_pylist())
+    assert ood["ood_check"].to_pylist() == [("knn,structure" if s > 0.58 else "knn") for s in ood["ood_score"].to_pylist()]
     low = r.review(limit=None, reason="low_confidence")
     assert all(c < 0.6 for c in low["confidence"].to_pylist()) and low.num_rows + ood.num_rows >= full.num_rows
     with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution"):
@@ -524,9 +558,15 @@ def test_drift_against_model_cards(loc, tmp_path):
         day = day.filter(pc.equal(day["model_version"], x["model"].split(":")[1]))
         if x["model"].endswith("v0001"):
             assert x["ood_rate"] is None
+            assert x["ood_knn_rate"] is x["ood_colour_rate"] is x["ood_structure_rate"] is None
         else:
             rate = pc.sum(pc.cast(pc.invert(day["in_distribution"]), pa.int64())).as_py() / day.num_rows
             assert x["ood_rate"] == pytest.approx(rate)
+            # which check: every flagged row names knn, the farthest ones structure too (as generated)
+            checks = [c or "" for c in day["ood_check"].to_pylist()]
+            for name in ("knn", "colour", "structure"):
+                assert x[f"ood_{name}_rate"] == pytest.approx(sum(name in c for c in checks) / day.num_rows)
+            assert x["ood_knn_rate"] == pytest.approx(rate) and x["ood_colour_rate"] == 0
     # day 3 was generated with a strongly shifted mix
     d3 = next(x for x in scored if x["run_date"] == "2026-11-27")
     assert d3["tv_distance"] > 0.2 and d3["p_value"] < 0.01

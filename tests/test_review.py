@@ -137,6 +137,14 @@ def test_review_page_in_a_browser_and_back(scored, tmp_path, monkeypatch):
         order = [c.get_attribute("id") for c in cards]  # the page's order: confidence, lowest first
         confidences = {c["id"]: c["confidence"] for c in _page_cards(driver)}
         assert [confidences[int(i.split("-")[1])] for i in order] == sorted(confidences.values())
+        # each card says why it is here: the reason, and for an out-of-distribution row the guard's checks
+        with Results(OUTPUT, opts) as r:
+            why = {x["path"]: x for x in r.sql("SELECT path, review_reason, ood_check FROM results").to_pylist()}
+        for c in _page_cards(driver):
+            want = why[c["path"]]
+            text = driver.find_element(By.CSS_SELECTOR, f"#card-{c['id']} .reason").text
+            assert text.startswith(want["review_reason"].replace("_", " ").replace(",", " + ")), text
+            assert (f"({want['ood_check'].replace(',', ', ')})" in text) if want["ood_check"] else "(" not in text
 
         body = driver.find_element(By.TAG_NAME, "body")
         body.send_keys("2")  # no reviewer yet: nothing is recorded, the page asks for a name

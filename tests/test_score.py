@@ -199,7 +199,7 @@ def test_first_run_one_row_per_file(cluster, loc):
     assert not errs
     err = t.filter(pc.equal(t["status"], "error"))
     for col in ("predicted_class", "confidence", "prob_benign", "prob_pro_b", "needs_review", "ood_score",
-                "in_distribution", "review_reason"):
+                "in_distribution", "review_reason", "ood_check"):
         assert err[col].null_count == err.num_rows
     ok = t.filter(pc.equal(t["status"], "ok"))
     assert ok["error"].null_count == ok.num_rows
@@ -217,6 +217,7 @@ def test_first_run_one_row_per_file(cluster, loc):
     names = {(True, False): "low_confidence", (False, True): "out_of_distribution",
              (True, True): "low_confidence,out_of_distribution", (False, False): None}
     assert ok["review_reason"].to_pylist() == [names[(bool(a), bool(b))] for a, b in zip(low, ood)]
+    assert [c is None for c in ok["ood_check"].to_pylist()] == ok["in_distribution"].to_pylist()
     assert m["execution"]["ood"]["method"] == "knn"
     # schema: the documented one, run_date the table's partition column (not in the data files)
     assert t.schema.equals(RESULTS_SCHEMA), t.schema
@@ -266,8 +267,17 @@ def test_predictions_match_pytorch(loc, package):
     colour = np.sort(np.sqrt(((outputs[:, 4 + 1280:4 + 1287][:, None, :] - colour_ref[None]) ** 2).sum(-1)), axis=1)[:, 9]
     t, st = spec["thresholds"]["knn"], spec["structure"]["threshold"]
     structure = np.maximum(outputs[:, 4 + 1287], st / 10)
-    expected_score = np.maximum.reduce([knn, colour * t / spec["colour"]["threshold"], t * st / structure])
+    checks = {"knn": knn, "colour": colour * t / spec["colour"]["threshold"], "structure": t * st / structure}
+    expected_score = np.maximum.reduce(list(checks.values()))
     np.testing.assert_allclose(ok["ood_score"].to_numpy(), expected_score, atol=2e-3, rtol=0)
+    # ood_check names the checks over the threshold: each named one is at or over it, and a row without a name has
+    # every check at or under it (within the backends' tolerance)
+    for i, named in enumerate(ok["ood_check"].to_pylist()):
+        for name, v in checks.items():
+            if named is not None and name in named.split(","):
+                assert v[i] > t - 2e-3, (i, name, v[i], t)
+            elif named is None:
+                assert v[i] <= t + 2e-3, (i, name, v[i], t)
 
 
 def test_second_run_adds_nothing(cluster, loc):
@@ -553,7 +563,7 @@ def test_package_without_guard_scores_as_before(package, tmp_path):
                       "source_version": ["1"] * len(files)})
     rows = _Scorer(old, None, "cpu", "openvino", 1, THRESHOLD, "r", dt.datetime.now(dt.timezone.utc))(batch)
     assert rows.num_rows == len(files) and rows["status"].to_pylist() == ["ok"] * len(files)
-    for col in ("ood_score", "in_distribution"):
+    for col in ("ood_score", "in_distribution", "ood_check"):
         assert rows[col].null_count == len(files)
     low = rows["confidence"].to_numpy() < THRESHOLD
     assert rows["needs_review"].to_pylist() == low.tolist()
