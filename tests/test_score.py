@@ -254,9 +254,9 @@ def test_predictions_match_pytorch(loc, package):
     x = np.stack([decode_image(files[p].read_bytes(), pkg.image_size) for p in ok["path"].to_pylist()])
     want = check_rows_match_reference(ok, pkg, x)
     assert set(want.views) == {8}
-    # ood_score: distance to the 10th nearest training feature, the colour signature's distance to its 10th
-    # nearest accepted signature on the knn threshold's scale, or the structure check's threshold over the image's
-    # structure on the same scale, whichever is largest; brute force from the files
+    # ood_score: distance to the 10th nearest training feature, or knn's threshold × the square of the colour
+    # signature's distance to its 10th nearest accepted signature over the colour threshold, or × the square of the
+    # structure threshold over the image's structure (at most 10), whichever is largest; brute force from the files
     outputs = package_outputs(pkg, x)
     feats = outputs[:, 4:4 + 1280]
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
@@ -266,8 +266,9 @@ def test_predictions_match_pytorch(loc, package):
     colour_ref = np.load(Path(package) / spec["colour"]["reference"]["file"]).astype(np.float64)
     colour = np.sort(np.sqrt(((outputs[:, 4 + 1280:4 + 1287][:, None, :] - colour_ref[None]) ** 2).sum(-1)), axis=1)[:, 9]
     t, st = spec["thresholds"]["knn"], spec["structure"]["threshold"]
-    structure = np.maximum(outputs[:, 4 + 1287], st / 10)
-    checks = {"knn": knn, "colour": colour * t / spec["colour"]["threshold"], "structure": t * st / structure}
+    structure = np.maximum(outputs[:, 4 + 1287], 1e-9)
+    checks = {"knn": knn, "colour": t * (colour / spec["colour"]["threshold"]) ** 2,
+              "structure": t * np.minimum((st / structure) ** 2, 10.0)}
     expected_score = np.maximum.reduce(list(checks.values()))
     np.testing.assert_allclose(ok["ood_score"].to_numpy(), expected_score, atol=2e-3, rtol=0)
     # ood_check names the checks over the threshold: each named one is at or over it, and a row without a name has
