@@ -38,7 +38,9 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     (chi-square goodness of fit of the day's counts to the training proportions; df = classes - 1), and
     `ood_rate`: the fraction of the day's rows the out-of-distribution guard flagged (training rows: the
     validation split's, by construction about 1 - in_fraction; null where the model has no guard). A rising
-    rate says the images changed: another camera, stain, or something that is not a smear. `ood_knn_rate`,
+    rate says the images changed: another camera, stain, or something that is not a smear; `ood_p_value` (one-sided
+    binomial test against the rate the guard flags in distribution) says when a day's rate is more than chance.
+    `ood_knn_rate`,
     `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's checks flagged (`ood_check`; a row
     can count in several), which says what changed — the images themselves, their colours, or fields without
     cells (null for days with rows scored before `ood_check` was recorded).
@@ -108,8 +110,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         total = sum(train.values())
         row = {"source": "training", "run_date": None, "model": _card_label(card), "n": total}
         row.update({c: (train.get(c, 0) / total if total else None) for c in classes})
-        row.update(tv_distance=None, chi2=None, p_value=None,
-                   ood_rate=(card.get("ood") or {}).get("val_flagged_fraction"),
+        row.update(tv_distance=None, chi2=None, p_value=None, ood_rate=expected_ood_rate(card), ood_p_value=None,
                    **{f"ood_{c}_rate": None for c in OOD_CHECKS})
         rows.append(row)
     for (day, key), obs in sorted(observed.items(), key=lambda kv: (kv[0][0], _card_label(card_for(kv[0][1])))):
@@ -126,13 +127,15 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         g = guarded[(day, key)]
         named = g["guarded"] and not g["ood_unnamed"]  # rows scored before ood_check existed: not split up
         row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g["ood"] / g["guarded"] if g["guarded"] else None,
+                   ood_p_value=ood_excess(g["ood"], g["guarded"], expected_ood_rate(card)),
                    **{f"ood_{c}_rate": g[f"ood_{c}"] / g["guarded"] if named else None for c in OOD_CHECKS})
         rows.append(row)
     schema = pa.schema(
         [("source", pa.string()), ("run_date", pa.string()), ("model", pa.string()), ("n", pa.int64())]
         + [(c, pa.float64()) for c in classes]
         + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64()),
-           ("ood_rate", pa.float64())] + [(f"ood_{c}_rate", pa.float64()) for c in OOD_CHECKS]
+           ("ood_rate", pa.float64()), ("ood_p_value", pa.float64())]
+        + [(f"ood_{c}_rate", pa.float64()) for c in OOD_CHECKS]
     )
     table = pa.Table.from_pylist(rows, schema=schema)
     if plot:
@@ -142,6 +145,25 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
             raise QueryError("nothing to plot: no scored days in the selected range")
         plot_class_mix(table, plot, results.storage)
     return table
+
+
+def expected_ood_rate(card: dict[str, Any]) -> float | None:
+    """The fraction of in-distribution images the model's guard flags: its validation split's (recorded at fit
+    time), else 1 - in_fraction; None for a model without a guard."""
+    ood = card.get("ood") or {}
+    if ood.get("val_flagged_fraction") is not None:
+        return float(ood["val_flagged_fraction"])
+    return 1.0 - float(ood["in_fraction"]) if ood.get("in_fraction") is not None else None
+
+
+def ood_excess(flagged: int, guarded: int, expected: float | None) -> float | None:
+    """One-sided binomial test (scipy): the probability of flagging at least `flagged` of `guarded` in-distribution
+    images at the guard's own rate. Small = more out-of-distribution images than chance gives: the images changed."""
+    if not guarded or expected is None:
+        return None
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(flagged), int(guarded), min(max(expected, 1e-6), 1.0), alternative="greater").pvalue)
 
 
 def _card_label(card: dict[str, Any]) -> str:

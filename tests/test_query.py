@@ -141,7 +141,10 @@ def build_outputs(root: str, output_uri: str, registry_uri: str) -> pa.Table:
     for version, counts in TRAIN_COUNTS.items():
         os.makedirs(os.path.join(reg, version), exist_ok=True)
         with open(os.path.join(reg, version, "model_card.json"), "w") as f:
-            json.dump({"name": MODEL, "version": version, "classes": list(CLASSES), "class_counts": counts}, f)
+            card = {"name": MODEL, "version": version, "classes": list(CLASSES), "class_counts": counts}
+            if version != "v0001":  # v0001: a package from before the guard
+                card["ood"] = {"method": "knn", "in_fraction": 0.97, "val_flagged_fraction": 0.03}
+            json.dump(card, f)
     with open(os.path.join(reg, "LATEST"), "w") as f:
         f.write("v0002\n")
     return pa.Table.from_pylist(truth, schema=RESULTS_SCHEMA)
@@ -544,6 +547,7 @@ def test_drift_against_model_cards(loc, tmp_path):
         assert x["n"] == sum(TRAIN_COUNTS[version].values())
         for c, q in _training_props(version).items():
             assert x[c] == pytest.approx(q)
+        assert x["ood_rate"] == (None if version == "v0001" else 0.03) and x["ood_p_value"] is None
     scored = [x for x in rows if x["source"] == "scored"]
     expected = _expected_drift(loc.truth)
     assert [(x["run_date"], x["model"]) for x in scored] == sorted(expected)
@@ -557,7 +561,7 @@ def test_drift_against_model_cards(loc, tmp_path):
                                        pc.equal(loc.truth["status"], "ok")))
         day = day.filter(pc.equal(day["model_version"], x["model"].split(":")[1]))
         if x["model"].endswith("v0001"):
-            assert x["ood_rate"] is None
+            assert x["ood_rate"] is None and x["ood_p_value"] is None
             assert x["ood_knn_rate"] is x["ood_colour_rate"] is x["ood_structure_rate"] is None
         else:
             rate = pc.sum(pc.cast(pc.invert(day["in_distribution"]), pa.int64())).as_py() / day.num_rows
@@ -567,6 +571,12 @@ def test_drift_against_model_cards(loc, tmp_path):
             for name in ("knn", "colour", "structure"):
                 assert x[f"ood_{name}_rate"] == pytest.approx(sum(name in c for c in checks) / day.num_rows)
             assert x["ood_knn_rate"] == pytest.approx(rate) and x["ood_colour_rate"] == 0
+            # a fifth of the rows flagged where the guard flags 3 % in distribution: far more than chance
+            from scipy.stats import binom
+
+            flagged = round(rate * day.num_rows)
+            assert x["ood_p_value"] == pytest.approx(binom.sf(flagged - 1, day.num_rows, 0.03), rel=1e-9)
+            assert rate > 0.1 and x["ood_p_value"] < 0.01
     # day 3 was generated with a strongly shifted mix
     d3 = next(x for x in scored if x["run_date"] == "2026-11-27")
     assert d3["tv_distance"] > 0.2 and d3["p_value"] < 0.01
