@@ -40,10 +40,9 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     validation split's, by construction about 1 - in_fraction; null where the model has no guard). A rising
     rate says the images changed: another camera, stain, or something that is not a smear; `ood_p_value` (one-sided
     binomial test against the rate the guard flags in distribution) says when a day's rate is more than chance.
-    `ood_knn_rate`,
-    `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's checks flagged (`ood_check`; a row
-    can count in several), which says what changed — the images themselves, their colours, or fields without
-    cells (null for days with rows scored before `ood_check` was recorded).
+    `ood_knn_rate`, `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's checks flagged
+    (`ood_check`; a row can count in several), which says what changed — the images themselves, their colours, or
+    fields without cells (null for days with rows scored before `ood_check` was recorded).
     """
     since, until = check_date(since, "since"), check_date(until, "until")
     where, params = date_where(since, until)
@@ -126,7 +125,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         row.update(p)
         g = guarded[(day, key)]
         named = g["guarded"] and not g["ood_unnamed"]  # rows scored before ood_check existed: not split up
-        row.update(tv_distance=tv, chi2=chi2, p_value=pval, ood_rate=g["ood"] / g["guarded"] if g["guarded"] else None,
+        row.update(tv_distance=tv, chi2=chi2, p_value=pval,
+                   ood_rate=g["ood"] / g["guarded"] if g["guarded"] else None,
                    ood_p_value=ood_excess(g["ood"], g["guarded"], expected_ood_rate(card)),
                    **{f"ood_{c}_rate": g[f"ood_{c}"] / g["guarded"] if named else None for c in OOD_CHECKS})
         rows.append(row)

@@ -119,8 +119,8 @@ def review(results: Results, since: str | _dt.date | None = None, until: str | _
     if not include_reviewed:
         where += " AND reviewed_class IS NULL"
     probs = ", ".join(prob_column(c) for c in CLASSES if prob_column(c) in results.columns())
-    sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_check, ood_score, {probs}, run_date, run_id, "
-           f"model_name, model_version, scored_at"
+    sql = (f"SELECT path, confidence, predicted_class, review_reason, ood_check, ood_score, {probs}, run_date, "
+           f"run_id, model_name, model_version, scored_at"
            + (", reviewed_class, reviewed_by, reviewed_at" if include_reviewed else "") +
            f" FROM {RESULTS_VIEW} WHERE needs_review AND status = 'ok' AND {where} "
            f"ORDER BY confidence ASC NULLS LAST, path, run_id")

@@ -146,8 +146,7 @@ def build_page(output: str, html_dir: str, opts: StorageOptions | None = None, *
     for i, (row, blob) in enumerate(zip(rows, blobs)):
         card = {"id": i, **{k: row[k] for k in ("path", "source_version", "predicted_class", "confidence",
                                                 "review_reason", "ood_check", "ood_score", "run_date", "run_id",
-                                                "model_name",
-                                                "model_version", "scored_at")},
+                                                "model_name", "model_version", "scored_at")},
                 "probs": [row[prob_column(c)] for c in CLASSES], "image": None, "heatmap": None, "problem": None}
         cards.append(card)
         if isinstance(blob, str):

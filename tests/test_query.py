@@ -472,7 +472,8 @@ def test_review_queue(loc):
     expected = flagged.filter(pc.equal(flagged["in_distribution"], False))
     assert ood.num_rows > 0 and sorted(ood["path"].to_pylist()) == sorted(expected["path"].to_pylist())
     assert all(s > 0.5 for s in ood["ood_score"].to_pylist())
-    assert ood["ood_check"].to_pylist() == [("knn,structure" if s > 0.58 else "knn") for s in ood["ood_score"].to_pylist()]
+    scores = ood["ood_score"].to_pylist()
+    assert ood["ood_check"].to_pylist() == [("knn,structure" if s > 0.58 else "knn") for s in scores]
     low = r.review(limit=None, reason="low_confidence")
     assert all(c < 0.6 for c in low["confidence"].to_pylist()) and low.num_rows + ood.num_rows >= full.num_rows
     with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution"):
