@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 
 REVIEW_REASONS = ("low_confidence", "out_of_distribution")
 """What `review_reason` holds, comma-separated when both apply."""
+OOD_CHECKS = ("knn", "colour", "structure", "energy", "msp")
+"""What `ood_check` can hold (leukray.ood.Guard.check_scores), comma-separated when several checks flag a row."""
+REASONS = REVIEW_REASONS + OOD_CHECKS
+"""What the review queue filters on: a review reason, or one of the guard's checks (out-of-distribution rows it
+flagged)."""
+
+
+def reason_filter(reason: str) -> str:
+    """The SQL condition (one `?` parameter: `reason`) that keeps the rows flagged for `reason` (REASONS)."""
+    if reason not in REASONS:
+        raise ValueError(f"reason={reason!r}; allowed: {', '.join(REASONS)}")
+    column = "review_reason" if reason in REVIEW_REASONS else "ood_check"
+    return f"list_contains(string_split({column}, ','), ?)"
 
 
 def sort_classes(names: Iterable[str]) -> list[str]:
@@ -104,17 +117,19 @@ def review(results: Results, since: str | _dt.date | None = None, until: str | _
            include_reviewed: bool = False) -> pa.Table:
     """The needs-review queue: ok rows flagged `needs_review` (why: `review_reason`, and for an out-of-distribution
     row which of the guard's checks objected: `ood_check`), lowest confidence first
-    (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`. Rows a reviewer
-    has decided (`leukray review import`) are left out unless `include_reviewed`."""
+    (ties by path). `reason`: only rows flagged for `low_confidence` or for `out_of_distribution`, or by one of the
+    guard's checks (`knn`, `colour`, `structure`: e.g. every empty field at once). Rows a reviewer has decided
+    (`leukray review import`) are left out unless `include_reviewed`."""
     since, until = check_date(since, "since"), check_date(until, "until")
     where, params = date_where(since, until)
     if max_confidence is not None:
         where += " AND confidence <= ?"
         params.append(float(max_confidence))
     if reason is not None:
-        if reason not in REVIEW_REASONS:
-            raise QueryError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
-        where += " AND list_contains(string_split(review_reason, ','), ?)"
+        try:
+            where += " AND " + reason_filter(reason)
+        except ValueError as err:
+            raise QueryError(str(err)) from None
         params.append(reason)
     if not include_reviewed:
         where += " AND reviewed_class IS NULL"

@@ -29,7 +29,7 @@ from . import CLASSES, storage
 from .config import StorageOptions
 from .images import ImageDecodeError, decode_image
 from .query import Results
-from .report import REVIEW_REASONS
+from .report import reason_filter
 from .results import prob_column
 from .reviews import CSV_COLUMNS, DECISIONS, NOT_ASSESSABLE, ReviewError
 
@@ -42,8 +42,10 @@ DATA_MARK = "/*__LEUKRAY_REVIEW_DATA__*/null"
 def _select(res: Results, since: str | None, until: str | None, reason: str | None, limit: int | None,
             audit: int, seed: int, include_reviewed: bool) -> pa.Table:
     """The flagged rows (lowest confidence first), then `audit` random confident rows (seeded)."""
-    if reason is not None and reason not in REVIEW_REASONS:
-        raise ReviewError(f"reason={reason!r}; allowed: {', '.join(REVIEW_REASONS)}")
+    try:
+        reason_sql = f" AND {reason_filter(reason)}" if reason is not None else ""
+    except ValueError as err:
+        raise ReviewError(str(err)) from None
     conds, params = ["status = 'ok'"], []
     for op, value, name in ((">=", since, "--since"), ("<=", until, "--until")):
         if value:
@@ -59,8 +61,7 @@ def _select(res: Results, since: str | None, until: str | None, reason: str | No
     cols = (f"path, source_version, predicted_class, confidence, {probs}, review_reason, ood_check, ood_score, "
             f"run_date, run_id, model_name, model_version, CAST(scored_at AS VARCHAR) AS scored_at")
     where = " AND ".join(conds)
-    flagged_where = where + " AND needs_review" + (
-        " AND list_contains(string_split(review_reason, ','), ?)" if reason else "")
+    flagged_where = where + " AND needs_review" + reason_sql
     sql = (f"SELECT {cols} FROM results WHERE {flagged_where} ORDER BY confidence ASC NULLS LAST, path, run_id"
            + (f" LIMIT {int(limit)}" if limit else ""))
     flagged = res.sql(sql, params + ([reason] if reason else []))

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from .config import StorageOptions
+from .report import REASONS
 
 
 def _opts(args: argparse.Namespace) -> StorageOptions | None:
@@ -53,7 +54,8 @@ def add_review_commands(subparsers: Any) -> None:
     b.add_argument("--html", required=True, metavar="DIR", help="local folder for index.html and its images")
     b.add_argument("--since", metavar="YYYY-MM-DD", help="first run_date to include")
     b.add_argument("--until", metavar="YYYY-MM-DD", help="last run_date to include")
-    b.add_argument("--reason", choices=("low_confidence", "out_of_distribution"), help="only rows flagged for this")
+    b.add_argument("--reason", choices=REASONS,
+                   help="only rows flagged for this reason, or by this check of the guard (knn, colour, structure)")
     b.add_argument("--limit", type=int, default=200, help="at most this many flagged rows, lowest confidence first "
                                                           "(default 200; 0 = all)")
     b.add_argument("--audit", type=int, default=0, metavar="N",

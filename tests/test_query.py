@@ -476,7 +476,14 @@ def test_review_queue(loc):
     assert ood["ood_check"].to_pylist() == [("knn,structure" if s > 0.58 else "knn") for s in scores]
     low = r.review(limit=None, reason="low_confidence")
     assert all(c < 0.6 for c in low["confidence"].to_pylist()) and low.num_rows + ood.num_rows >= full.num_rows
-    with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution"):
+    # by one of the guard's checks: the rows it flagged, and only those
+    structure = r.review(limit=None, reason="structure")
+    assert structure.num_rows > 0
+    assert sorted(structure["path"].to_pylist()) == sorted(
+        p for p, s in zip(expected["path"].to_pylist(), expected["ood_score"].to_pylist()) if s > 0.58)
+    assert sorted(r.review(limit=None, reason="knn")["path"].to_pylist()) == sorted(ood["path"].to_pylist())
+    assert r.review(limit=None, reason="colour").num_rows == 0
+    with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution, knn, colour, structure"):
         r.review(reason="blurry")
     top = r.review(limit=5)
     assert top["path"].to_pylist() == flagged["path"].to_pylist()[:5]

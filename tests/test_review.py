@@ -256,3 +256,10 @@ def test_counts_of_the_page_follow_the_filters(scored, tmp_path):
     cards = json.loads((tmp_path / "p" / "index.html").read_text().split('type="application/json">')[1]
                        .split("</script>")[0])["cards"]
     assert [c["path"] for c in cards] == queue[:2]
+    # a check of the guard as the reason: the rows `report review` gives for it; a bad one is named with the allowed
+    with Results(OUTPUT, opts) as r:
+        by_knn = r.review(limit=None, reason="knn")["path"].to_pylist()
+    built = build_page(OUTPUT, str(tmp_path / "k"), opts, reason="knn", limit=0, heatmaps=False)
+    assert built["cards"] == len(by_knn)
+    with pytest.raises(ReviewError, match="'blurry'.*out_of_distribution, knn, colour, structure"):
+        build_page(OUTPUT, str(tmp_path / "b"), opts, reason="blurry", heatmaps=False)
