@@ -305,6 +305,25 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
     return guard
 
 
+def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: dict[str, Any]) -> Guard:
+    """The package's guard with a lab's own labelled images added to its references (their pooled features to
+    knn's, their colour signatures to the colour check's) and every threshold kept: what the package's validation
+    split set. Why not refit the thresholds on the lab's images: a sample from a lab whose camera differs sits far
+    from the training images, and thresholds set at its quantiles move so far out that blank fields, other stains
+    and photographs pass (measured: docs/results.md); added to the references, the lab's images count as in
+    distribution and everything far from both stays flagged."""
+    pooled = guard.reference.shape[1]
+    f = np.asarray(features, dtype=np.float32)
+    widened = Guard(guard.method, guard.k, guard.in_fraction, float(temperature), dict(guard.thresholds),
+                    np.concatenate([guard.reference, l2_normalise(f[:, :pooled]).astype(np.float16)]),
+                    {**guard.fitted, **fitted}, guard.colour_reference, guard.colour_threshold,
+                    guard.structure_threshold)
+    if guard.colour_reference is not None and f.shape[1] >= pooled + SIGNATURE_DIM:
+        widened.colour_reference = np.concatenate([guard.colour_reference,
+                                                   f[:, pooled:pooled + SIGNATURE_DIM].astype(np.float16)])
+    return widened
+
+
 def save_reference(guard: Guard, local_dir: str) -> None:
     import os
 

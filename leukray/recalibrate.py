@@ -30,9 +30,12 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     eight, `leukray.calibration.fit_adaptive`); the new card's `tta` is that mode.
 
     The guard (`leukray.ood`): its reference is the training split's features when the package's manifest covers
-    the data (so a package trained before the guard gets one without retraining), else the package's own
-    reference (kept as it is when it was made in the same views with the same colour copies and `ood` changes
-    nothing); its thresholds are fitted on the same images as T. The reference holds the features of the mode's
+    the data (so a package trained before the guard gets one without retraining; kept as it is when it was made in
+    the same views with the same colour copies and `ood` changes nothing), and its thresholds are fitted on the same
+    images as T. On a lab's own images (data the manifest does not cover) the package's guard is widened instead
+    (`leukray.ood.widen_guard`): the images join its knn and colour references and every threshold stays the
+    package's, so the lab's images count as in distribution and blank fields, other stains and photographs stay
+    flagged; with `ood` overrides its thresholds are refitted on the lab's images. The reference holds the features of the mode's
     (full) views; an adaptive package's thresholds are fitted on the features of the path each row took (one view
     or the eight-view mean), as scoring computes them. A graph exported without the features output
     is re-exported from the weights. `ood`: OODConfig keys (method, k, in_fraction) overriding the package's."""
@@ -42,7 +45,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     from .calibration import FIT_DESCRIPTION, fit_mode
     from .inference import softmax
     from .metrics import expected_calibration_error
-    from .ood import STATS_DIM, OODConfig, fit_guard, load_guard, save_reference, split_outputs, structure_outdated
+    from .ood import (STATS_DIM, OODConfig, fit_guard, load_guard, save_reference, split_outputs, structure_outdated,
+                      widen_guard)
     from .registry import CARD, ONNX, export_onnx, image_stats_width, load_package, read_onnx
     from .train import select_device
     from .tta import view_ids
@@ -98,6 +102,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             "fit": FIT_DESCRIPTION, "onnx_reexported": reexported,
         }
         train_images = None
+        widen = False
         reuse_reference = (old_guard is not None and not ood and data.manifest_uri is not None
                            and view_ids(old_guard.fitted.get("tta") or "none") == view_ids(tta_mode)
                            and old_made.get("colour_copies", 0) == ood_cfg.reference_colour_copies)
@@ -119,13 +124,14 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         elif old_guard is not None:
             reference, ref_source = old_guard.reference, f"the reference of {pkg.uri}"
             made = old_guard.fitted.get("reference_made")
+            widen = not ood  # a lab's own sample joins the references; the thresholds stay the package's
         else:
             reference, ref_source, made = None, None, None
             log(f"calibrate: warning: {data_uri} is not covered by the package's split manifest and the package has "
                 "no guard yet: no out-of-distribution guard (calibrate on the training data to add one)")
         colour_ref = colour_val = None
         old_colour = old_guard.colour_reference if old_guard is not None else None
-        if reference is not None and (ood_cfg.colour_check or ood_cfg.structure_check):  # colour/structure checks' fit
+        if reference is not None and not widen and (ood_cfg.colour_check or ood_cfg.structure_check):
             from .train import colour_envelopes
 
             needs_train = ood_cfg.colour_check and old_colour is None  # the colour check's reference: training images
@@ -142,7 +148,17 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         if "adaptive" in fitted:
             card["adaptive"] = dict(fitted["adaptive"], split=data.split, data=data_uri)
         guard = None
-        if reference is not None:
+        if widen:
+            samples = list(old_guard.fitted.get("lab_samples") or []) + [
+                {"data": data_uri, "n": len(data.paths), "at": summary["at"]}]
+            ref_source = f"{ref_source} + {len(data.paths)} image(s) of {data_uri}"
+            guard = widen_guard(old_guard, features, temperature, {"lab_samples": samples, "reference_split": ref_source})
+            card["ood"] = guard.card()
+            summary["ood"] = {"method": guard.method, "threshold": guard.threshold,
+                              "threshold_before": old_guard.threshold, "reference_added": len(data.paths),
+                              "flagged_before": float((~old_guard.in_distribution(
+                                  old_guard.scores(logits, features))).mean())}
+        elif reference is not None:
             guard = fit_guard(reference, logits, features, temperature, ood_cfg,
                               fitted={"split": data.split, "n_val": len(data.paths), "data": data_uri,
                                       "reference_split": ref_source, "reference_made": made, "tta": tta_mode},

@@ -270,6 +270,19 @@ def test_calibrate_on_a_labs_own_folder_uses_every_image(package, tmp_path):
     assert r["split"] == "all" and r["n"] == 12
     card = json.loads((tmp_path / "lab-cal" / "model_card.json").read_text())
     assert card["ood"]["reference_split"].startswith("the reference of")
+    # the guard is widened, not refitted: the lab's images join its references, every threshold stays the package's
+    before = json.loads((Path(package) / "model_card.json").read_text())["ood"]
+    assert card["ood"]["thresholds"] == before["thresholds"]
+    assert card["ood"]["colour"]["threshold"] == before["colour"]["threshold"]
+    assert card["ood"]["structure"]["threshold"] == before["structure"]["threshold"]
+    assert card["ood"]["reference"]["n"] == before["reference"]["n"] + 12
+    assert card["ood"]["colour"]["reference"]["n"] == before["colour"]["reference"]["n"] + 12
+    assert [s["n"] for s in card["ood"]["lab_samples"]] == [12] and r["ood"]["reference_added"] == 12
+    assert 0.0 <= r["ood"]["flagged_before"] <= 1.0
+    # the lab's own images are no further from the widened reference than from the package's
+    ev_before = evaluate(str(package), str(lab), str(tmp_path / "ev-before"), plots=False, backend="torch")
+    ev_after = evaluate(str(tmp_path / "lab-cal"), str(lab), str(tmp_path / "ev-after"), plots=False, backend="torch")
+    assert ev_after["ood"]["flagged_fraction"] <= ev_before["ood"]["flagged_fraction"]
 
 
 def test_tta_override_and_a_package_calibrated_for_it(package, synth_data, tmp_path, capsys):

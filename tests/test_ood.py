@@ -451,6 +451,31 @@ def test_each_flag_names_the_check_that_raised_it():
     assert set(guard.check_scores(logits, cases["knn"])) == {"msp"}
 
 
+def test_widening_with_a_labs_images_keeps_the_thresholds_and_accepts_only_those():
+    """`widen_guard`: a lab's images (a cloud apart from the training one) join the references; its thresholds
+    stay, so images like the lab's pass and images far from both stay flagged."""
+    from leukray.ood import widen_guard
+
+    rng = np.random.default_rng(5)
+    centre, lab_centre = rng.normal(size=16), rng.normal(size=16)
+    centre, lab_centre = 12 * centre / np.linalg.norm(centre), 12 * lab_centre / np.linalg.norm(lab_centre)
+    sig = lambda n: rng.normal(0.5, 0.01, (n, 7))  # noqa: E731  colour signatures near one stain
+    train, val = _cloud(rng, 200, centre, 0.3), np.c_[_cloud(rng, 50, centre, 0.3), sig(50)]
+    guard = fit_guard(train, rng.normal(size=(50, 4)), val, 1.0, OODConfig(k=5), pooled_dim=16,
+                      colour_reference=sig(400), colour_val=sig(50))
+    lab, lab_new = np.c_[_cloud(rng, 200, lab_centre, 0.3), sig(200)], np.c_[_cloud(rng, 20, lab_centre, 0.3), sig(20)]
+    far = np.c_[_cloud(rng, 20, -centre - lab_centre, 0.3), sig(20)]
+    logits = np.zeros((20, 4))
+    assert not guard.in_distribution(guard.scores(logits, lab_new)).any()  # another lab: flagged before
+    wide = widen_guard(guard, lab, 0.8, {"lab_samples": [{"n": 200}]})
+    assert wide.thresholds == guard.thresholds and wide.colour_threshold == guard.colour_threshold
+    assert wide.structure_threshold == guard.structure_threshold and wide.temperature == 0.8
+    assert len(wide.reference) == 400 and len(wide.colour_reference) == len(guard.colour_reference) + 200
+    assert wide.in_distribution(wide.scores(logits, lab_new)).all()  # now in distribution
+    assert not wide.in_distribution(wide.scores(logits, far)).any()  # far from both: still flagged
+    assert wide.card()["lab_samples"] == [{"n": 200}] and wide.card()["reference"]["n"] == 400
+
+
 def test_reference_colour_copies_accept_another_labs_camera():
     """The knn reference with copies of the training images in other labs' colours: the copies are recorded,
     seeded, and an image under another camera's white balance that a colour-sensitive feature puts outside the
