@@ -35,9 +35,9 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     images as T. On a lab's own images (data the manifest does not cover) the package's guard is widened instead
     (`leukray.ood.widen_guard`): the images join its knn and colour references and every threshold stays the
     package's, so the lab's images count as in distribution and blank fields, other stains and photographs stay
-    flagged; with `ood` overrides its thresholds are refitted on the lab's images. The reference holds the features of the mode's
-    (full) views; an adaptive package's thresholds are fitted on the features of the path each row took (one view
-    or the eight-view mean), as scoring computes them. A graph exported without the features output
+    flagged; with `ood` overrides its thresholds are refitted on the lab's images. The reference holds the features
+    of the mode's (full) views; an adaptive package's thresholds are fitted on the features of the path each row
+    took (one view or the eight-view mean), as scoring computes them. A graph exported without the features output
     is re-exported from the weights. `ood`: OODConfig keys (method, k, in_fraction) overriding the package's."""
     import datetime as dt
 
@@ -152,7 +152,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             samples = list(old_guard.fitted.get("lab_samples") or []) + [
                 {"data": data_uri, "n": len(data.paths), "at": summary["at"]}]
             ref_source = f"{ref_source} + {len(data.paths)} image(s) of {data_uri}"
-            guard = widen_guard(old_guard, features, temperature, {"lab_samples": samples, "reference_split": ref_source})
+            guard = widen_guard(old_guard, features, temperature,
+                                {"lab_samples": samples, "reference_split": ref_source})
             card["ood"] = guard.card()
             summary["ood"] = {"method": guard.method, "threshold": guard.threshold,
                               "threshold_before": old_guard.threshold, "reference_added": len(data.paths),
