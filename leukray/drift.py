@@ -18,10 +18,7 @@ import pyarrow as pa
 from . import CLASSES, registry, storage
 from .config import StorageOptions
 from .query import RESULTS_VIEW, QueryError, check_date, date_where
-from .report import sort_classes
-
-OOD_CHECKS = ("knn", "colour", "structure")
-"""The guard's checks `ood_check` names for the default method (leukray.ood.Guard.check_scores)."""
+from .report import OOD_CHECKS, sort_classes
 
 if TYPE_CHECKING:
     from .query import Results

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 REVIEW_REASONS = ("low_confidence", "out_of_distribution")
 """What `review_reason` holds, comma-separated when both apply."""
-OOD_CHECKS = ("knn", "colour", "structure", "energy", "msp")
-"""What `ood_check` can hold (leukray.ood.Guard.check_scores), comma-separated when several checks flag a row."""
-REASONS = REVIEW_REASONS + OOD_CHECKS
+OOD_CHECKS = ("knn", "colour", "structure")
+"""What `ood_check` holds for the default guard (leukray.ood.Guard.check_scores), comma-separated when several
+checks flag a row; a package whose guard method is energy or msp names that method instead."""
+REASONS = REVIEW_REASONS + OOD_CHECKS + ("energy", "msp")
 """What the review queue filters on: a review reason, or one of the guard's checks (out-of-distribution rows it
 flagged)."""
 
