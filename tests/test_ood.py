@@ -123,6 +123,27 @@ def imagenet_package(synth_data, tmp_path_factory):
     return out
 
 
+def test_synth_ood_defocus_is_a_cameras_defocus():
+    """`defocus` fields keep the smear's cells but lose their edges, and carry a sensor's noise and JPEG blocks as a
+    camera would record them (a noise-free blur is easier to tell from a sharp field than a real defocus is)."""
+    from scipy.ndimage import gaussian_filter
+
+    from leukray.synth import _defocus, smear_image
+
+    rng = np.random.default_rng(3)
+    smear = np.asarray(smear_image("Pro-B", rng, 224)).astype(np.float64)
+    out = np.asarray(_defocus(smear.astype(np.uint8), rng, 224)).astype(np.float64)
+    assert out.shape == smear.shape
+    grey, grey_out = smear.mean(2), out.mean(2)
+
+    def band(a: np.ndarray, lo: float, hi: float) -> float:  # energy between two scales
+        return float(np.std(gaussian_filter(a, lo) - gaussian_filter(a, hi)))
+
+    assert np.corrcoef(gaussian_filter(grey, 8).ravel(), gaussian_filter(grey_out, 8).ravel())[0, 1] > 0.9  # cells
+    assert band(grey_out, 1.5, 3) < 0.5 * band(grey, 1.5, 3)  # edges gone
+    assert np.std(grey_out - gaussian_filter(grey_out, 1)) > 1.0  # pixel noise (a noise-free blur: ~0)
+
+
 def test_evaluate_ood_flags_far_off_folders(imagenet_package, synth_data, tmp_path):
     """Generated folders of blank fields and photographs against the package's test split: the guard flags them
     all at its shipped threshold (AUROC 1), and the report has both methods side by side and the histogram."""
