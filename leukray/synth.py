@@ -9,7 +9,6 @@ prominent nucleoli and deep-blue cytoplasm. Stain tint, position and size vary p
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -148,10 +147,12 @@ def _screen(rng: np.random.Generator, size: int) -> Image.Image:
 
 def _defocus(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
     """A field out of focus as a camera records it: blurred in linear light (x^2.2) by a disc, an out-of-focus lens'
-    point spread, of radius 5–12 px at 224 px; then the sensor's shot noise (200–600 photons at white) and read
-    noise (σ 2–6 of 255 levels) and JPEG compression (quality 85). Noise matters: it is fine structure, so a field
-    blurred without it is easier to tell from a sharp one than a real camera's defocus is."""
+    point spread, of radius 5–12 px at 224 px; then the robustness suite's shot noise (600–2000 photons at white),
+    read noise (σ 1–3 of 255 levels) and JPEG (quality 85). Noise matters: it is fine structure, so a field blurred
+    without it is easier to tell from a sharp one than a real camera's defocus is."""
     from scipy.signal import fftconvolve
+
+    from .perturb import apply_perturbation
 
     r = float(rng.uniform(5, 12)) * size / 224
     pad = int(np.ceil(r))
@@ -160,12 +161,12 @@ def _defocus(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Imag
     linear = (arr.astype(np.float64) / 255.0) ** 2.2
     linear = np.stack([fftconvolve(np.pad(linear[..., c], pad, mode="reflect"), disc / disc.sum(), mode="valid")
                        for c in range(3)], axis=-1)
-    photons = float(rng.uniform(200, 600))
-    linear = (rng.poisson(np.clip(linear, 0, 1) * photons) / photons
-              + rng.normal(0, float(rng.uniform(2, 6)) / 255.0, linear.shape))
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(linear, 0, 1) ** (1 / 2.2) * 255).round().astype(np.uint8)).save(buf, "JPEG", quality=85)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    out = (np.clip(linear, 0, 1) ** (1 / 2.2) * 255).round().astype(np.uint8)[None]
+    seed = int(rng.integers(2 ** 31))
+    for name, severity in (("shot_noise", float(rng.uniform(600, 2000))), ("noise", float(rng.uniform(1, 3)) / 255),
+                           ("jpeg", 85)):
+        out = apply_perturbation(out, name, severity, seed=seed)
+    return Image.fromarray(out[0])
 
 
 def _magnified(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
