@@ -146,26 +146,26 @@ def _screen(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _defocus(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
-    """A field out of focus as a camera records it: blurred in linear light (x^2.2) by a disc, an out-of-focus lens'
-    point spread, of radius 5–12 px at 224 px; then the robustness suite's shot noise (600–2000 photons at white),
+    """A field out of focus as a camera records it: blurred in linear light (`leukray.colour.GAMMA`) by a disc, an
+    out-of-focus lens' point spread, of radius 5–12 px at 224 px; then the robustness suite's shot noise (600–2000 photons at white),
     read noise (σ 1–3 of 255 levels) and JPEG (quality 85). Noise matters: it is fine structure, so a field blurred
     without it is easier to tell from a sharp one than a real camera's defocus is."""
     from scipy.signal import fftconvolve
 
+    from .colour import GAMMA
     from .perturb import apply_perturbation
 
     r = float(rng.uniform(5, 12)) * size / 224
     pad = int(np.ceil(r))
     yy, xx = np.mgrid[-pad:pad + 1, -pad:pad + 1]
     disc = (yy ** 2 + xx ** 2 <= r * r).astype(np.float64)
-    linear = (arr.astype(np.float64) / 255.0) ** 2.2
+    linear = (arr.astype(np.float64) / 255.0) ** GAMMA
     linear = np.stack([fftconvolve(np.pad(linear[..., c], pad, mode="reflect"), disc / disc.sum(), mode="valid")
                        for c in range(3)], axis=-1)
-    out = (np.clip(linear, 0, 1) ** (1 / 2.2) * 255).round().astype(np.uint8)[None]
-    seed = int(rng.integers(2 ** 31))
-    for name, severity in (("shot_noise", float(rng.uniform(600, 2000))), ("noise", float(rng.uniform(1, 3)) / 255),
-                           ("jpeg", 85)):
-        out = apply_perturbation(out, name, severity, seed=seed)
+    out = (np.clip(linear, 0, 1) ** (1 / GAMMA) * 255).round().astype(np.uint8)[None]
+    noise = (("shot_noise", float(rng.uniform(600, 2000))), ("noise", float(rng.uniform(1, 3)) / 255), ("jpeg", 85))
+    for (name, severity), seed in zip(noise, rng.integers(2 ** 31, size=len(noise))):
+        out = apply_perturbation(out, name, severity, seed=int(seed))
     return Image.fromarray(out[0])
 
 
