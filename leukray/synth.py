@@ -147,9 +147,9 @@ def _screen(rng: np.random.Generator, size: int) -> Image.Image:
 
 def _defocus(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
     """A field out of focus as a camera records it: blurred in linear light (`leukray.colour.GAMMA`) by a disc, an
-    out-of-focus lens' point spread, of radius 5–12 px at 224 px; then the robustness suite's shot noise (600–2000 photons at white),
-    read noise (σ 1–3 of 255 levels) and JPEG (quality 85). Noise matters: it is fine structure, so a field blurred
-    without it is easier to tell from a sharp one than a real camera's defocus is."""
+    out-of-focus lens' point spread, of radius 5–12 px at 224 px; then the robustness suite's shot noise (600–2000
+    photons at white), read noise (σ 1–3 of 255 levels) and JPEG (quality 85). Noise matters: it is fine structure,
+    so a field blurred without it is easier to tell from a sharp one than a real camera's defocus is."""
     from scipy.signal import fftconvolve
 
     from .colour import GAMMA
