@@ -62,6 +62,9 @@ class TrainConfig(StrictModel):
     """Weight of a feature-consistency term: each batch also goes through the policy's colour/camera part in full,
     and its pooled features are pulled (cosine) toward those of the batch as trained, so another lab's image lands
     where its own-lab twin does (for the classifier and the guard alike); doubles the cost of a step. 0 = off."""
+    consistency_ce: float = Field(0.0, ge=0.0, le=10.0)
+    """Weight of the classification loss on that fully shifted copy too (needs `consistency` > 0): the head learns
+    to answer under another lab's shift, not only the features to move less; 0 = the copy is only pulled."""
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adam", "adamw"] = "adamw"
@@ -98,6 +101,9 @@ class TrainConfig(StrictModel):
             raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
                              f"augment={self.augment!r} has none (allowed with consistency: "
                              f"{', '.join(p for p in POLICIES if p not in ('none', 'study'))})")
+        if self.consistency_ce > 0 and self.consistency == 0:
+            raise ValueError(f"consistency_ce={self.consistency_ce} needs consistency > 0 (the shifted copy it "
+                             f"classifies is made only for the consistency term)")
         check_tta(self.tta)
         check_colour_norm(self.model.colour_norm)
 
@@ -352,8 +358,12 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 pooled = model.pooled(x)
-                logits = model.head(pooled)[:len(y)]
+                all_logits = model.head(pooled)
+                logits = all_logits[:len(y)]
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if cfg.consistency_ce > 0:
+                    loss = loss + cfg.consistency_ce * F.cross_entropy(all_logits[len(y):].float(), y,
+                                                                       label_smoothing=cfg.label_smoothing)
                 if cfg.consistency > 0:  # the shifted half pulled toward the batch as trained
                     own, shifted = pooled[:len(y)].float().detach(), pooled[len(y):].float()
                     loss = loss + cfg.consistency * (1 - F.cosine_similarity(shifted, own, dim=1)).mean()

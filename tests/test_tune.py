@@ -132,6 +132,10 @@ def test_consistency_is_searchable(tmp_path):
     cfg = load_search_config(_write(tmp_path, "space:\n  consistency: {type: uniform, low: 0.0, high: 2.0}\n"
                                     "train:\n  augment: lab\n"))
     assert trial_config(cfg.trial_base(), {"consistency": 0.5}).consistency == 0.5
+    both = trial_config(cfg.trial_base(), {"consistency": 1.0, "consistency_ce": 0.5})
+    assert (both.consistency, both.consistency_ce) == (1.0, 0.5)
+    with pytest.raises(ValueError, match="consistency_ce=0.5 needs consistency > 0"):
+        trial_config(cfg.trial_base(), {"consistency": 0.0, "consistency_ce": 0.5})
 
 
 def test_shipped_configs_validate():
