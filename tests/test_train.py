@@ -250,8 +250,8 @@ def test_an_unreadable_training_image_is_named_and_left_out(synth_data, tmp_path
 
 
 def test_consistency_ce_trains_the_head_on_the_shifted_copy(synth_data, tmp_path):
-    """consistency_ce > 0 adds the shifted copy's classification loss: the same seed's first-epoch loss grows by
-    about that copy's cross-entropy (≈ ln 4 for an untrained head), and nothing else changes in the config."""
+    """consistency_ce > 0 adds the shifted copy's classification loss: from the same seed and data, the first
+    epoch's training loss grows by about that copy's cross-entropy (≈ ln 4 ≈ 1.4 for an untrained head)."""
     kw = {"augment": "lab", "augment_p": 0.25, "consistency": 1.0, "epochs": 1, "early_stopping_patience": 0,
           "model.weights": "none", "data.limit_per_class": 10}
     data = prepare_data(_cfg(synth_data, **kw), manifest_uri=str(tmp_path / "split.parquet"))
