@@ -169,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model package on a labelled folder (metrics, plots, robustness)")
     _package_on_data_arguments(e, "output folder or s3:// URI (evaluation.json, plots, robustness.csv)", "test")
     e.add_argument("--robustness", action="store_true", help="also re-score under every perturbation x severity")
-    e.add_argument("--perturbations", nargs="+", metavar="FAMILY",
+    e.add_argument("--perturbations", nargs="+", metavar="FAMILY[=S,…]",
                    help="re-score under these perturbation families only (implies --robustness; the same images and "
-                        "numbers as in the full suite), e.g. --perturbations channel_shift impulse_noise")
+                        "numbers as in the full suite), e.g. --perturbations channel_shift impulse_noise; "
+                        "FAMILY=S1,S2 takes these severities instead of the suite's, e.g. past its strongest: "
+                        "magnification=0.5,2 blur=4,6")
     e.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (noise) and the sample grid")
     e.add_argument("--review-threshold", type=float, help="needs_review confidence threshold (default: card, else 0.8)")
     e.add_argument("--benign-malignant-threshold", type=float,

@@ -193,8 +193,8 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
              perturbations: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
     (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
-    robustness.csv to out_dir (`perturbations`: only these families). `seed` fixes the random perturbations and
-    the sample grid. `tta`: the package's test-time augmentation (`package`) or another mode (`leukray.tta`); the
+    robustness.csv to out_dir (`perturbations`: only these families; `FAMILY=S1,S2` at these severities, e.g. past
+    the suite's strongest). `seed` fixes the random perturbations and the sample grid. `tta`: the package's test-time augmentation (`package`) or another mode (`leukray.tta`); the
     robustness suite runs with it too. `ood_dirs`: folders of images that are not in-distribution smears; each is
     scored against the evaluated split (AUROC, flagged fraction; ood.csv, ood_scores.png). `review_threshold` and
     `benign_malignant_threshold` decide needs_review as scoring does (`leukray.ood.low_confidence`; default: the
@@ -211,8 +211,9 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     t0 = time.time()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    families = None
     if perturbations is not None:  # a subset of the suite: checked before anything is loaded
-        perturbations, robustness = check_families(perturbations), True
+        families, robustness = check_families(perturbations), True
     pkg = load_package(model_ref, storage)
     classes = pkg.classes
     policy, tta_package = ViewPolicy.from_card(pkg.card, tta), package_tta(pkg.card)
@@ -298,7 +299,7 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     rob = None
     if robustness:
         rob = robustness_suite(predict, data.images, data.labels, classes, batch_size, seed, flagger=flagger,
-                               clean_outputs=outputs, families=perturbations)
+                               clean_outputs=outputs, families=families)
         report["robustness"] = rob
         log(format_robustness_table(rob))
 

@@ -6,6 +6,7 @@ same `Flagger` as `leukray evaluate`: what scoring does with a model's outputs.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +28,18 @@ def chunk_seed(seed: int, name: str, severity_index: int, chunk: int) -> int:
     names = list(PERTURBATIONS)
     ss = np.random.SeedSequence([int(seed) % 2**63, names.index(name), severity_index, chunk])
     return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def severity_index(name: str, severity: float) -> int:
+    """A setting's position for `chunk_seed`: its place in the suite, or for a severity the suite does not have a
+    number derived from the value itself (past the suite's), so a setting has the same images however it is asked
+    for."""
+    from .perturb import PERTURBATIONS
+
+    suite = PERTURBATIONS[name]
+    if severity in suite:
+        return suite.index(severity)
+    return len(suite) + int(np.float64(severity).view(np.uint64) % np.uint64(2**31))
 
 
 @dataclass
@@ -68,22 +81,47 @@ def silent_errors(labels: np.ndarray, pred: np.ndarray, flagged: np.ndarray) -> 
             "silent_benign_malignant": int(crossing.sum())}
 
 
-def check_families(families: list[str]) -> list[str]:
-    """The named perturbation families in the suite's order; an unknown name is an error naming the allowed ones."""
-    from .perturb import PERTURBATIONS
+def check_families(families: list[str]) -> dict[str, tuple[float, ...]]:
+    """`FAMILY` (the suite's severities) or `FAMILY=S1,S2,…` (these severities, e.g. past the suite's strongest:
+    `magnification=0.5,2`) → {family: severities} in the suite's order. An unknown family is an error naming the
+    allowed ones, a severity out of the family's range one naming the range; both before any image is read."""
+    from .perturb import PERTURBATIONS, apply_perturbation
 
-    unknown = [f for f in families if f not in PERTURBATIONS]
+    chosen: dict[str, tuple[float, ...]] = {}
+    unknown = []
+    for spec in families:
+        name, sep, values = spec.partition("=")
+        if name not in PERTURBATIONS:
+            unknown.append(name)
+            continue
+        if not sep:
+            chosen[name] = tuple(dict.fromkeys(chosen.get(name, ()) + PERTURBATIONS[name]))
+            continue
+        try:
+            severities = tuple(int(v) if re.fullmatch(r"[+-]?\d+", v.strip()) else float(v)
+                               for v in values.split(","))
+        except ValueError:
+            raise ValueError(f"perturbation {spec!r}: severities must be numbers separated by commas, "
+                             f"e.g. {name}={','.join(str(v) for v in PERTURBATIONS[name][-2:])}") from None
+        probe = np.zeros((1, 32, 32, 3), np.uint8)
+        for v in severities:
+            try:
+                apply_perturbation(probe, name, v)
+            except ValueError as e:
+                raise ValueError(f"perturbation {spec!r}: {e}") from None
+        chosen[name] = tuple(dict.fromkeys(chosen.get(name, ()) + severities))
     if unknown or not families:
         raise ValueError(f"unknown perturbation famil{'y' if len(unknown) == 1 else 'ies'} "
                          f"{', '.join(map(repr, unknown)) or '(none given)'}; allowed: {', '.join(PERTURBATIONS)}")
-    return [name for name in PERTURBATIONS if name in families]
+    return {name: chosen[name] for name in PERTURBATIONS if name in chosen}
 
 
 def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarray, labels: np.ndarray,
                      classes: list[str], batch_size: int, seed: int = 0, flagger: Flagger | None = None,
-                     clean_outputs: Outputs | None = None, families: list[str] | None = None) -> dict[str, Any]:
-    """Per perturbation × severity (every family of `leukray.perturb.PERTURBATIONS`, or only `families`: each
-    setting's images are the same either way): accuracy, macro-F1 and — what a lab lives with — the fraction flagged for review
+                     clean_outputs: Outputs | None = None,
+                     families: list[str] | dict[str, tuple[float, ...]] | None = None) -> dict[str, Any]:
+    """Per perturbation × severity (every family of `leukray.perturb.PERTURBATIONS`, or only `families` with their
+    severities, `check_families`: each setting's images are the same either way): accuracy, macro-F1 and — what a lab lives with — the fraction flagged for review
     (low confidence or out of distribution), the fraction out of distribution, and the silent error rate (wrong
     and not flagged) with the silent benign ↔ malignant count; `silent_error_rate_confidence_only` is the same
     without the guard; `mean_views` the forward passes per image (adaptive test-time views spend more on
@@ -111,8 +149,10 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
         clean_outputs = predict(images)
     clean_f = flagger(clean_outputs)
     clean = summary(clean_f)
-    chosen = list(PERTURBATIONS) if families is None else check_families(families)
-    settings = [(name, k, severity) for name in chosen for k, severity in enumerate(PERTURBATIONS[name])]
+    chosen = dict(PERTURBATIONS) if families is None else (
+        families if isinstance(families, dict) else check_families(families))
+    settings = [(name, severity_index(name, severity), severity) for name, severities in chosen.items()
+                for severity in severities]
     n = len(images)
     keys = ("pred", "low_confidence", "ood", "needs_review", "views")
     flags = {key: np.empty((len(settings), n), dtype=np.int64 if key in ("pred", "views") else bool) for key in keys}

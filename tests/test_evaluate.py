@@ -14,6 +14,7 @@ import torch
 from leukray import CLASSES
 from leukray.data import DataError, canonical_class
 from leukray.evaluate import evaluate
+from leukray.robustness import check_families
 from leukray.recalibrate import calibrate
 from leukray.images import decode_image
 from leukray.perturb import PERTURBATIONS
@@ -144,6 +145,29 @@ def test_a_subset_of_families_gives_the_full_suites_numbers(report, package, syn
     assert set(some["robustness"]["by_perturbation"]) == {"hue", "impulse_noise"}
     with pytest.raises(ValueError, match=r"unknown perturbation family 'fog'; allowed: hue, saturation"):
         evaluate(str(package), str(synth_data), str(tmp_path / "bad"), perturbations=["hue", "fog"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_severities_past_the_suites(report, package, synth_data, tmp_path):
+    """`--perturbations FAMILY=S1,S2`: these severities instead of the suite's; one the suite has gives the full
+    suite's numbers (the same images), one past it is scored; a severity out of the family's range or not a number
+    is named before any work."""
+    _, full = report
+    past = evaluate(str(package), str(synth_data), str(tmp_path / "past"), seed=3, batch_size=32, plots=False,
+                    backend="torch", perturbations=["magnification=2,0.8"])
+    rows = past["robustness"]["results"]
+    assert [(r["perturbation"], r["severity"]) for r in rows] == [("magnification", 2), ("magnification", 0.8)]
+    suite_row = next(r for r in full["robustness"]["results"] if (r["perturbation"], r["severity"]) == ("magnification", 0.8))
+    guard = ("ood_fraction", "ood_by_check")
+    assert {k: v for k, v in rows[1].items() if k not in guard} == {k: v for k, v in suite_row.items() if k not in guard}
+    assert rows[0]["n"] == suite_row["n"]
+    assert past["robustness"]["by_perturbation"]["magnification"]["worst_severity"] in (2, 0.8)
+    assert check_families(["blur=4", "hue", "blur"]) == {"hue": PERTURBATIONS["hue"],
+                                                          "blur": (4,) + tuple(s for s in PERTURBATIONS["blur"] if s != 4)}
+    with pytest.raises(ValueError, match=r"perturbation 'magnification=3'.*magnification.*2"):
+        evaluate(str(package), str(synth_data), str(tmp_path / "bad"), perturbations=["magnification=3"])
+    with pytest.raises(ValueError, match=r"perturbation 'blur=strong': severities must be numbers"):
+        check_families(["blur=strong"])
     assert not (tmp_path / "bad").exists()
 
 
