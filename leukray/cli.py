@@ -79,6 +79,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         ood={k: v for k, v in (("method", args.ood_method), ("k", args.ood_k),
                                                 ("in_fraction", args.ood_in_fraction),
                                                 ("augmented_copies", args.ood_augmented_copies),
+                                                ("degraded_copies", args.ood_degraded_copies),
                                                 ("reference_colour_copies", args.ood_reference_colour_copies))
                                 if v is not None})
     print(json.dumps(summary, indent=2))
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the calibration images counted in distribution (default: the package's, else 0.97)")
     c.add_argument("--ood-augmented-copies", type=int, help="copies of each training image under the training "
                    "augmentation in the knn reference (default: the package's, else 0)")
+    c.add_argument("--ood-degraded-copies", type=int, help="copies of each training image under one camera or lab "
+                   "defect each (blur, noise, JPEG, pixelation, over-exposure, …) in the knn reference (default: the "
+                   "package's, else 0)")
     c.add_argument("--ood-reference-colour-copies", type=int, help="copies of each training image in another lab's "
                    "colours in the knn reference (default: the package's, else 1)")
     c.set_defaults(func=cmd_calibrate)

@@ -88,6 +88,11 @@ class OODConfig(StrictModel):
     augmented_copies: int = 0
     """Copies of each training image under the training augmentation added to the knn reference; 0 = the images
     as they are only."""
+    degraded_copies: int = 0
+    """Copies of each training image under one camera or lab defect each (`leukray.perturb.degraded_copy`: blur, read
+    and shot noise, JPEG, pixelation, motion blur, down-scaling, over-exposure, another lab, up to the suite's
+    strongest severities) added to the knn reference: a defect the network answers through counts as in distribution.
+    The threshold stays on the validation images as they are."""
     reference_colour_copies: int = 1
     """Copies of each training image under another lab's camera and stain batch (`leukray.colour.other_labs`: channel
     gains, exposure, dye amounts) added to the knn reference: colours the network was trained to handle count as in
@@ -114,6 +119,8 @@ class OODConfig(StrictModel):
             raise ValueError(f"ood.in_fraction={self.in_fraction} must be in [0.5, 1)")
         if not 0 <= self.augmented_copies <= 8:
             raise ValueError(f"ood.augmented_copies={self.augmented_copies} must be in [0, 8]")
+        if not 0 <= self.degraded_copies <= 8:
+            raise ValueError(f"ood.degraded_copies={self.degraded_copies} must be in [0, 8]")
         if not 0 <= self.reference_colour_copies <= 8:
             raise ValueError(f"ood.reference_colour_copies={self.reference_colour_copies} must be in [0, 8]")
         if not 0.5 <= self.colour_in_fraction <= 1.0:

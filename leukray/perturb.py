@@ -372,3 +372,27 @@ def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int 
     out = _OPS[name](array, float(severity) if name != "jpeg" else severity, int(seed))
     assert out.dtype == np.uint8 and out.shape == array.shape
     return out[0] if single else out
+
+
+DEGRADATIONS: dict[str, tuple[float, float]] = {
+    "blur": (1.5, 3.0), "noise": (0.04, 0.1), "shot_noise": (20, 100), "jpeg": (10, 30), "pixelate": (2, 4),
+    "motion_blur": (5, 9), "scale": (0.25, 0.5), "brightness": (1.15, 1.4), "other_lab": (0.5, 1.0),
+}
+"""The camera and lab defects leukray is meant to answer through, from moderate to the suite's strongest severity
+(the README's results): what `degraded_copy` draws from for the guard's reference (`ood.degraded_copies`)."""
+_WHOLE = ("shot_noise", "jpeg", "pixelate", "motion_blur")
+
+
+def degraded_copy(images: np.ndarray, seed: int, chunk: int = 8) -> np.ndarray:
+    """uint8 NHWC images → one copy of each under one defect of `DEGRADATIONS`, family and severity drawn per chunk
+    of `chunk` images (seeded): training images as a camera at the edge of the declared range records them."""
+    rng = np.random.default_rng(seed)
+    names = list(DEGRADATIONS)
+    out = np.empty_like(images)
+    for start in range(0, len(images), chunk):
+        name = names[int(rng.integers(len(names)))]
+        low, high = DEGRADATIONS[name]
+        severity = int(rng.integers(low, high + 1)) if name in _WHOLE else float(rng.uniform(low, high))
+        out[start:start + chunk] = apply_perturbation(images[start:start + chunk], name, severity,
+                                                      seed=int(rng.integers(2**31)))
+    return out

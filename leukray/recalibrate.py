@@ -67,6 +67,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                            if pkg.card.get("ood") else {}),
                                         **{kk: old_made[key] for kk, key in
                                            (("augmented_copies", "augmented_copies"),
+                                            ("degraded_copies", "degraded_copies"),
                                             ("reference_colour_copies", "colour_copies")) if key in old_made},
                                         **({"colour_in_fraction": pkg.card["ood"]["colour"]["in_fraction"],
                                             "colour_copies": pkg.card["ood"]["colour"]["copies"]}

@@ -31,6 +31,7 @@ from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all, warn_unreadable
 from .model import LeukNet, ModelConfig, build_model, check_colour_norm
 from .ood import OODConfig, fit_guard, save_reference, split_outputs
+from .perturb import degraded_copy
 from .registry import export_onnx, library_versions, write_package
 from .split import SplitConfig, load_manifest, make_manifest, manifest_hash, save_manifest, summarize
 from .inference import (OpenVINOModel, Predictor, TorchModel, ViewPolicy, default_threads, openvino_here,
@@ -216,7 +217,8 @@ def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, bat
 def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ood: OODConfig,
                     augment: str, strength: float, zoom: float, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The out-of-distribution guard's reference features: the training images as they are, then
-    `ood.reference_colour_copies` copies of each in another lab's colours and `ood.augmented_copies` copies under
+    `ood.reference_colour_copies` copies of each in another lab's colours, `ood.degraded_copies` under one camera
+    defect each (`leukray.perturb.degraded_copy`) and `ood.augmented_copies` copies under
     the training policy (`leukray.ood`: what the network was trained on counts as in distribution), and how they
     were made, for the card."""
     copies = ood.augmented_copies if augment != "none" else 0
@@ -224,10 +226,12 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
     g = torch.Generator().manual_seed(seed + 4000)
     for _ in range(ood.reference_colour_copies):
         parts.append(features_of(other_labs(images, g)))
+    for c in range(ood.degraded_copies):
+        parts.append(features_of(degraded_copy(images, seed=seed + 5000 + c)))
     for c in range(copies):
         parts.append(features_of(augment_images(images, augment, seed=seed + 1000 + c, strength=strength, zoom=zoom)))
     return np.concatenate(parts), {"n_images": int(len(images)), "colour_copies": ood.reference_colour_copies,
-                                   "augmented_copies": copies, "augment": augment,
+                                   "degraded_copies": ood.degraded_copies, "augmented_copies": copies, "augment": augment,
                                    "augment_strength": strength, "augment_zoom": zoom}
 
 

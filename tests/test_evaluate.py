@@ -347,6 +347,22 @@ def test_tta_override_and_a_package_calibrated_for_it(package, synth_data, tmp_p
     assert "invalid choice: 'd8'" in capsys.readouterr().err
 
 
+def test_calibrate_adds_degraded_copies_to_the_guards_reference(package, synth_data, tmp_path, capsys):
+    """`leukray calibrate --ood-degraded-copies 1`: the knn reference gains one copy of each training image under a
+    camera defect, the card says so, and a later calibrate without the flag keeps it."""
+    from leukray.cli import main
+
+    assert main(["calibrate", "--model", str(package), "--data", str(synth_data), "--out", str(tmp_path / "deg"),
+                 "--backend", "torch", "--ood-degraded-copies", "1"]) == 0
+    ood = load_package(str(tmp_path / "deg")).card["ood"]
+    made = ood["reference_made"]
+    assert made["degraded_copies"] == 1 and ood["reference"]["n"] == (2 + made["colour_copies"]) * made["n_images"]
+    assert main(["calibrate", "--model", str(tmp_path / "deg"), "--data", str(synth_data), "--out",
+                 str(tmp_path / "again"), "--backend", "torch"]) == 0
+    assert load_package(str(tmp_path / "again")).card["ood"]["reference_made"]["degraded_copies"] == 1
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_adaptive_package_rows_match_the_reference(recipe_package, synth_data, tmp_path, backend):
     """A default-recipe package (tta adaptive) evaluated on every image of the data, with PyTorch and with the CPU

@@ -531,3 +531,37 @@ def test_reference_colour_copies_accept_another_labs_camera():
         s = guard.scores(np.zeros((len(val), 4)), features_of(warm.astype(np.uint8)))
         score[name], flagged[name] = float(np.median(s)), float((~guard.in_distribution(s)).mean())
     assert score["copies"] < 0.5 * score["plain"] and flagged["copies"] < flagged["plain"], (score, flagged)
+
+
+def test_degraded_copies_accept_a_defect_the_network_answers_through():
+    """The knn reference with copies of the training images under camera defects (`ood.degraded_copies`): recorded,
+    seeded, the images as they are first; a blurred image that a sharpness-sensitive feature puts outside the plain
+    reference lands inside the one with copies, and a bad count is named."""
+    from leukray.perturb import apply_perturbation
+    from leukray.train import guard_reference
+
+    images = _smears(64)
+    train, val = images[:48], images[48:]
+
+    def features_of(batch: np.ndarray) -> np.ndarray:  # a feature that sees sharpness and brightness
+        x = batch.astype(np.float32).mean(3)
+        return np.stack([np.abs(np.diff(x, axis=1)).mean((1, 2)), np.abs(np.diff(x, axis=2)).mean((1, 2)),
+                         x.mean((1, 2)) / 25], 1)
+
+    cfg = dict(reference_colour_copies=0)
+    plain, made0 = guard_reference(features_of, train, OODConfig(**cfg), "none", 1.0, 1.0, 0)
+    ref, made = guard_reference(features_of, train, OODConfig(**cfg, degraded_copies=8), "none", 1.0, 1.0, 0)
+    assert made0["degraded_copies"] == 0 and made["degraded_copies"] == 8 and len(ref) == 9 * 48
+    np.testing.assert_array_equal(ref[:48], plain)
+    again, _ = guard_reference(features_of, train, OODConfig(**cfg, degraded_copies=8), "none", 1.0, 1.0, 0)
+    np.testing.assert_array_equal(again, ref)
+
+    blurred = apply_perturbation(val, "blur", 2.0)
+    flagged = {}
+    for name, reference in (("plain", plain), ("copies", ref)):
+        guard = fit_guard(reference, np.zeros((len(val), 4)), features_of(val), 1.0,
+                          OODConfig(k=3, in_fraction=0.97, colour_check=False), pooled_dim=3)
+        flagged[name] = float((~guard.in_distribution(guard.scores(np.zeros((len(val), 4)), features_of(blurred)))).mean())
+    assert flagged["plain"] > 0.5 and flagged["copies"] < flagged["plain"] / 2, flagged
+    with pytest.raises(ValueError, match=r"ood.degraded_copies=9 must be in \[0, 8\]"):
+        OODConfig(degraded_copies=9)

@@ -295,3 +295,28 @@ def test_pixelate_averages_tiles_and_repeats_them() -> None:
     out = apply_perturbation(image, "pixelate", 2)
     np.testing.assert_array_equal(out[0, :2, :2, 0], [[50, 50], [50, 50]])
     assert out[0, 4, 4, 0] == 100 and (out[0, 2:4, 2:4] == 0).all()
+
+
+def test_degraded_copy_draws_one_declared_defect_per_chunk() -> None:
+    """`degraded_copy`: seeded, input untouched, each chunk of 8 images under one defect of `DEGRADATIONS` at a
+    severity inside its range — every chunk equals `apply_perturbation` of one (family, severity) in range."""
+    from leukray.perturb import DEGRADATIONS, degraded_copy
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 24, 24, 3), dtype=np.uint8)
+    before = images.copy()
+    copy = degraded_copy(images, seed=4)
+    np.testing.assert_array_equal(images, before)
+    np.testing.assert_array_equal(copy, degraded_copy(images, seed=4))
+    assert copy.dtype == np.uint8 and copy.shape == images.shape and not np.array_equal(copy, degraded_copy(images, 5))
+    # replay the draws: each chunk is one family at one severity inside the declared range
+    draws = np.random.default_rng(4)
+    names = list(DEGRADATIONS)
+    for start in range(0, 32, 8):
+        name = names[int(draws.integers(len(names)))]
+        low, high = DEGRADATIONS[name]
+        whole = name in ("shot_noise", "jpeg", "pixelate", "motion_blur")
+        severity = int(draws.integers(low, high + 1)) if whole else float(draws.uniform(low, high))
+        assert low <= severity <= high
+        np.testing.assert_array_equal(copy[start:start + 8], apply_perturbation(
+            images[start:start + 8], name, severity, seed=int(draws.integers(2**31))))
