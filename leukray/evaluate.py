@@ -194,9 +194,10 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
     """Evaluate a model package on a labelled folder; write evaluation.json, predictions.csv, the plots
     (confusion_matrix.png, reliability.png, samples.png; skipped with plots=False) and, with robustness,
     robustness.csv to out_dir (`perturbations`: only these families; `FAMILY=S1,S2` at these severities, e.g. past
-    the suite's strongest). `seed` fixes the random perturbations and the sample grid. `tta`: the package's test-time augmentation (`package`) or another mode (`leukray.tta`); the
-    robustness suite runs with it too. `ood_dirs`: folders of images that are not in-distribution smears; each is
-    scored against the evaluated split (AUROC, flagged fraction; ood.csv, ood_scores.png). `review_threshold` and
+    the suite's strongest). `seed` fixes the random perturbations and the sample grid. `tta`: the package's
+    test-time augmentation (`package`) or another mode (`leukray.tta`); the robustness suite runs with it too.
+    `ood_dirs`: folders of images that are not in-distribution smears; each is scored against the evaluated split
+    (AUROC, flagged fraction; ood.csv, ood_scores.png). `review_threshold` and
     `benign_malignant_threshold` decide needs_review as scoring does (`leukray.ood.low_confidence`; default: the
     card's, else 0.8 and 0.9).
 

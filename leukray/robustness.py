@@ -119,13 +119,13 @@ def check_families(families: list[str]) -> dict[str, tuple[float, ...]]:
 def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarray, labels: np.ndarray,
                      classes: list[str], batch_size: int, seed: int = 0, flagger: Flagger | None = None,
                      clean_outputs: Outputs | None = None,
-                     families: list[str] | dict[str, tuple[float, ...]] | None = None) -> dict[str, Any]:
-    """Per perturbation × severity (every family of `leukray.perturb.PERTURBATIONS`, or only `families` with their
-    severities, `check_families`: each setting's images are the same either way): accuracy, macro-F1 and — what a lab lives with — the fraction flagged for review
-    (low confidence or out of distribution), the fraction out of distribution, and the silent error rate (wrong
-    and not flagged) with the silent benign ↔ malignant count; `silent_error_rate_confidence_only` is the same
-    without the guard; `mean_views` the forward passes per image (adaptive test-time views spend more on
-    perturbed images). The decoded images are perturbed chunk by chunk; `predict` returns `Outputs`."""
+                     families: dict[str, tuple[float, ...]] | None = None) -> dict[str, Any]:
+    """Per perturbation × severity (every family of `leukray.perturb.PERTURBATIONS`, or only `families`' severities,
+    as `check_families` returns them: each setting's images are the same either way): accuracy, macro-F1 and — what
+    a lab lives with — the fraction flagged for review (low confidence or out of distribution), the fraction out of
+    distribution, and the silent error rate (wrong and not flagged) with the silent benign ↔ malignant count;
+    `silent_error_rate_confidence_only` is the same without the guard; `mean_views` the forward passes per image
+    (adaptive test-time views spend more on perturbed images). The decoded images are perturbed chunk by chunk; `predict` returns `Outputs`."""
     from sklearn.metrics import f1_score
 
     from .perturb import PERTURBATIONS, apply_perturbation
@@ -149,8 +149,7 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
         clean_outputs = predict(images)
     clean_f = flagger(clean_outputs)
     clean = summary(clean_f)
-    chosen = dict(PERTURBATIONS) if families is None else (
-        families if isinstance(families, dict) else check_families(families))
+    chosen = dict(PERTURBATIONS) if families is None else families
     settings = [(name, severity_index(name, severity), severity) for name, severities in chosen.items()
                 for severity in severities]
     n = len(images)

@@ -231,8 +231,8 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
     for c in range(copies):
         parts.append(features_of(augment_images(images, augment, seed=seed + 1000 + c, strength=strength, zoom=zoom)))
     return np.concatenate(parts), {"n_images": int(len(images)), "colour_copies": ood.reference_colour_copies,
-                                   "degraded_copies": ood.degraded_copies, "augmented_copies": copies, "augment": augment,
-                                   "augment_strength": strength, "augment_zoom": zoom}
+                                   "degraded_copies": ood.degraded_copies, "augmented_copies": copies,
+                                   "augment": augment, "augment_strength": strength, "augment_zoom": zoom}
 
 
 def colour_envelopes(train_images: np.ndarray | None, val_images: np.ndarray, ood: OODConfig, seed: int,
