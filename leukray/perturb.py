@@ -379,8 +379,8 @@ DEGRADATIONS: dict[str, tuple[float, float]] = {
     "motion_blur": (5, 9), "scale": (0.25, 0.5), "brightness": (1.15, 1.4), "other_lab": (0.5, 1.0),
 }
 """The camera and lab defects leukray is meant to answer through, from moderate to the suite's strongest severity
-(the README's results): what `degraded_copy` draws from for the guard's reference (`ood.degraded_copies`)."""
-_WHOLE = ("shot_noise", "jpeg", "pixelate", "motion_blur")
+(the README's results): what `degraded_copy` draws from for the guard's reference (`ood.degraded_copies`). Integer
+bounds draw whole-number severities (photons, JPEG quality, pixels)."""
 
 
 def degraded_copy(images: np.ndarray, seed: int, chunk: int = 8) -> np.ndarray:
@@ -392,7 +392,7 @@ def degraded_copy(images: np.ndarray, seed: int, chunk: int = 8) -> np.ndarray:
     for start in range(0, len(images), chunk):
         name = names[int(rng.integers(len(names)))]
         low, high = DEGRADATIONS[name]
-        severity = int(rng.integers(low, high + 1)) if name in _WHOLE else float(rng.uniform(low, high))
+        severity = int(rng.integers(low, high + 1)) if isinstance(low, int) else float(rng.uniform(low, high))
         out[start:start + chunk] = apply_perturbation(images[start:start + chunk], name, severity,
                                                       seed=int(rng.integers(2**31)))
     return out

@@ -94,21 +94,20 @@ def check_families(families: list[str]) -> dict[str, tuple[float, ...]]:
         if name not in PERTURBATIONS:
             unknown.append(name)
             continue
-        if not sep:
-            chosen[name] = tuple(dict.fromkeys(chosen.get(name, ()) + PERTURBATIONS[name]))
-            continue
-        try:
-            severities = tuple(int(v) if re.fullmatch(r"[+-]?\d+", v.strip()) else float(v)
-                               for v in values.split(","))
-        except ValueError:
-            raise ValueError(f"perturbation {spec!r}: severities must be numbers separated by commas, "
-                             f"e.g. {name}={','.join(str(v) for v in PERTURBATIONS[name][-2:])}") from None
-        probe = np.zeros((1, 32, 32, 3), np.uint8)
-        for v in severities:
+        severities = PERTURBATIONS[name]
+        if sep:
             try:
-                apply_perturbation(probe, name, v)
-            except ValueError as e:
-                raise ValueError(f"perturbation {spec!r}: {e}") from None
+                severities = tuple(int(v) if re.fullmatch(r"[+-]?\d+", v.strip()) else float(v)
+                                   for v in values.split(","))
+            except ValueError:
+                raise ValueError(f"perturbation {spec!r}: severities must be numbers separated by commas, "
+                                 f"e.g. {name}={','.join(str(v) for v in PERTURBATIONS[name][-2:])}") from None
+            probe = np.zeros((1, 32, 32, 3), np.uint8)
+            for v in severities:
+                try:
+                    apply_perturbation(probe, name, v)
+                except ValueError as e:
+                    raise ValueError(f"perturbation {spec!r}: {e}") from None
         chosen[name] = tuple(dict.fromkeys(chosen.get(name, ()) + severities))
     if unknown or not families:
         raise ValueError(f"unknown perturbation famil{'y' if len(unknown) == 1 else 'ies'} "

@@ -171,7 +171,8 @@ class SearchConfig(StrictModel):
     space: dict[str, ParamSpec]
     """Hyperparameter → distribution. Names: lr, weight_decay, dropout (sets model.dropout), label_smoothing,
     augment_strength, augment_zoom, augment_p, consistency, consistency_ce, ema_decay, warmup_epochs, head_width
-    (model.head_width), batch_size, augment, optimizer, schedule; each value must be valid for the training key it sets (its limits above)."""
+    (model.head_width), batch_size, augment, optimizer, schedule; each value must be valid for the training key it
+    sets (its limits above)."""
     metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
     """What the searcher, ASHA and the best-trial pick optimise (also each trial's early-stopping monitor)."""
     searcher: SearcherConfig = Field(default_factory=SearcherConfig)
