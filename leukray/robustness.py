@@ -124,7 +124,8 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
     a lab lives with — the fraction flagged for review (low confidence or out of distribution), the fraction out of
     distribution, and the silent error rate (wrong and not flagged) with the silent benign ↔ malignant count;
     `silent_error_rate_confidence_only` is the same without the guard; `mean_views` the forward passes per image
-    (adaptive test-time views spend more on perturbed images). The decoded images are perturbed chunk by chunk; `predict` returns `Outputs`."""
+    (adaptive test-time views spend more on perturbed images). The decoded images are perturbed chunk by chunk;
+    `predict` returns `Outputs`."""
     from sklearn.metrics import f1_score
 
     from .perturb import PERTURBATIONS, apply_perturbation

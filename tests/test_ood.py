@@ -561,7 +561,8 @@ def test_degraded_copies_accept_a_defect_the_network_answers_through():
     for name, reference in (("plain", plain), ("copies", ref)):
         guard = fit_guard(reference, np.zeros((len(val), 4)), features_of(val), 1.0,
                           OODConfig(k=3, in_fraction=0.97, colour_check=False), pooled_dim=3)
-        flagged[name] = float((~guard.in_distribution(guard.scores(np.zeros((len(val), 4)), features_of(blurred)))).mean())
+        scores = guard.scores(np.zeros((len(val), 4)), features_of(blurred))
+        flagged[name] = float((~guard.in_distribution(scores)).mean())
     assert flagged["plain"] > 0.5 and flagged["copies"] < flagged["plain"] / 2, flagged
     with pytest.raises(ValueError, match=r"ood.degraded_copies=9 must be in \[0, 8\]"):
         OODConfig(degraded_copies=9)
