@@ -43,12 +43,14 @@ def check_policy(name: str) -> str:
 
 
 def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | None = None,
-                  strength: float = 1.0, zoom: float = 1.0, p: float = 1.0, geometry: bool = True) -> torch.Tensor:
+                  strength: float = 1.0, zoom: float = 1.0, p: float = 1.0, geometry: bool = True,
+                  camera: bool = True) -> torch.Tensor:
     """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device.
 
     `p`: the fraction of images that get the colour (stain, robust) and camera (robust) part; flips, rotation and
     zoom apply to every image. Below 1 the others keep their true colour and texture. `geometry=False`: the batch
-    is already flipped/rotated (`flips_and_rotation`), only the colour/camera part is drawn."""
+    is already flipped/rotated (`flips_and_rotation`), only the colour/camera part is drawn. `camera=False`: the
+    colour part alone (stain, white balance, exposure), without the policy's blur, noise, JPEG or sensor defects."""
     check_policy(policy)
     if zoom < 1.0:
         raise ValueError(f"zoom must be >= 1.0 (the largest magnification factor; 1.0 = off), got {zoom}")
@@ -63,11 +65,11 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     y = colour_jitter(x, generator, strength)
     if policy in ("lab", "lab_defects", "lab_sensor"):
         y = colour_response(y, generator, strength)
-    if policy in ("robust", "lab", "lab_defects", "lab_sensor"):
+    if camera and policy in ("robust", "lab", "lab_defects", "lab_sensor"):
         y = camera_artefacts(y, generator, strength)
-    if policy == "lab_defects":
+    if camera and policy == "lab_defects":
         y = optics_defects(y, generator, strength)
-    if policy == "lab_sensor":
+    if camera and policy == "lab_sensor":
         y = sensor_defects(y, generator, strength)
     if p < 1.0:
         y = torch.where((_rand(x.shape[0], x, generator, 0, 1) < p).view(-1, 1, 1, 1), y, x)

@@ -31,6 +31,7 @@ HYPERPARAMETERS: dict[str, str] = {
     "augment_p": "augment_p",
     "consistency": "consistency",
     "consistency_ce": "consistency_ce",
+    "consistency_ce_copy": "consistency_ce_copy",
     "ema_decay": "ema_decay",
     "warmup_epochs": "warmup_epochs",
     "head_width": "model.head_width",
@@ -170,9 +171,9 @@ class SearchConfig(StrictModel):
     """The base training config every trial starts from (the sampled hyperparameters replace its keys)."""
     space: dict[str, ParamSpec]
     """Hyperparameter → distribution. Names: lr, weight_decay, dropout (sets model.dropout), label_smoothing,
-    augment_strength, augment_zoom, augment_p, consistency, consistency_ce, ema_decay, warmup_epochs, head_width
-    (model.head_width), batch_size, augment, optimizer, schedule; each value must be valid for the training key it
-    sets (its limits above)."""
+    augment_strength, augment_zoom, augment_p, consistency, consistency_ce, consistency_ce_copy, ema_decay,
+    warmup_epochs, head_width (model.head_width), batch_size, augment, optimizer, schedule; each value must be valid
+    for the training key it sets (its limits above)."""
     metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
     """What the searcher, ASHA and the best-trial pick optimise (also each trial's early-stopping monitor)."""
     searcher: SearcherConfig = Field(default_factory=SearcherConfig)

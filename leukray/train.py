@@ -66,6 +66,11 @@ class TrainConfig(StrictModel):
     consistency_ce: float = Field(0.0, ge=0.0, le=10.0)
     """Weight of the classification loss on that fully shifted copy too (needs `consistency` > 0): the head learns
     to answer under another lab's shift, not only the features to move less; 0 = the copy is only pulled."""
+    consistency_ce_copy: Literal["shifted", "colour"] = "shifted"
+    """The copy `consistency_ce` classifies: `shifted` = the consistency term's copy (colour and camera part);
+    `colour` = a third copy under the colour part alone (another lab's white balance, exposure and stain batch), so
+    the head learns to answer under another lab's colours but not to answer blurred or noisy fields the guard should
+    flag; a third pass per step."""
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
     optimizer: Literal["adam", "adamw"] = "adamw"
@@ -105,6 +110,9 @@ class TrainConfig(StrictModel):
         if self.consistency_ce > 0 and self.consistency == 0:
             raise ValueError(f"consistency_ce={self.consistency_ce} needs consistency > 0 (the shifted copy it "
                              f"classifies is made only for the consistency term)")
+        if self.consistency_ce_copy != "shifted" and self.consistency_ce == 0:
+            raise ValueError(f"consistency_ce_copy={self.consistency_ce_copy!r} needs consistency_ce > 0 (it names "
+                             f"the copy that loss classifies)")
         check_tta(self.tta)
         check_colour_norm(self.model.colour_norm)
 
@@ -354,8 +362,12 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             if cfg.consistency > 0:  # one geometry, two colour/camera draws: as trained, and shifted in full
                 x = flips_and_rotation(x, g, zoom=cfg.augment_zoom)
                 shifted = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False)
-                x = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=cfg.augment_p, geometry=False)
-                x = torch.cat([x, shifted])
+                copies = [augment_batch(x, cfg.augment, g, cfg.augment_strength, p=cfg.augment_p, geometry=False),
+                          shifted]
+                if cfg.consistency_ce > 0 and cfg.consistency_ce_copy == "colour":  # a third: colours only
+                    copies.append(augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False,
+                                                camera=False))
+                x = torch.cat(copies)
             else:
                 x = augment_batch(x, cfg.augment, g, cfg.augment_strength, cfg.augment_zoom, cfg.augment_p)
             if cfg.channels_last:
@@ -365,11 +377,11 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
                 all_logits = model.head(pooled)
                 logits = all_logits[:len(y)]
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if cfg.consistency_ce > 0:
-                    loss = loss + cfg.consistency_ce * F.cross_entropy(all_logits[len(y):].float(), y,
+                if cfg.consistency_ce > 0:  # the last copy: shifted in full, or colours only
+                    loss = loss + cfg.consistency_ce * F.cross_entropy(all_logits[-len(y):].float(), y,
                                                                        label_smoothing=cfg.label_smoothing)
-                if cfg.consistency > 0:  # the shifted half pulled toward the batch as trained
-                    own, shifted = pooled[:len(y)].float().detach(), pooled[len(y):].float()
+                if cfg.consistency > 0:  # the shifted copy pulled toward the batch as trained
+                    own, shifted = pooled[:len(y)].float().detach(), pooled[len(y):2 * len(y)].float()
                     loss = loss + cfg.consistency * (1 - F.cosine_similarity(shifted, own, dim=1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -130,6 +130,20 @@ def test_lab_sensor_is_lab_then_the_sensor_defects_and_never_brightens():
     assert torch.equal(sensor_defects(field, torch.Generator().manual_seed(0), p=0.0), field)
 
 
+@pytest.mark.parametrize("policy", ["robust", "lab", "lab_defects", "lab_sensor"])
+def test_camera_false_is_the_colour_part_alone(policy):
+    """camera=False draws the policy's colours (per image, the same for every pixel of a flat field) and nothing of
+    its blur, noise, JPEG or sensor: a flat field stays flat, where the whole policy leaves texture on it."""
+    field = torch.zeros(32, 3, 16, 16)
+    field[:, 0], field[:, 1], field[:, 2] = 200.0, 80.0, 160.0
+    colour = augment_batch(field.clone(), policy, torch.Generator().manual_seed(1), geometry=False, camera=False)
+    assert float((colour - field).abs().mean()) > 5  # the colours moved
+    spread = colour.flatten(2).std(2)  # per image and channel, over the pixels
+    assert float(spread.max()) < 1.0
+    whole = augment_batch(field.clone(), policy, torch.Generator().manual_seed(1), geometry=False)
+    assert float(whole.flatten(2).std(2).max()) > 5
+
+
 def test_optics_defects_each_hit_a_fifth_of_the_images():
     from leukray.augment import optics_defects
 

@@ -260,6 +260,37 @@ def test_consistency_ce_trains_the_head_on_the_shifted_copy(synth_data, tmp_path
     assert classified > pulled + 0.5
 
 
+def test_consistency_ce_copy_colour_classifies_a_third_copy_in_other_colours(synth_data, tmp_path, monkeypatch):
+    """consistency_ce_copy='colour': each step also draws a copy under the policy's colour part alone (no camera
+    part) and that copy, not the fully shifted one, carries the classification loss; 'shifted' draws no third."""
+    import leukray.train as train_mod
+
+    calls = []
+    real = train_mod.augment_batch
+
+    def spy(x, policy, g=None, strength=1.0, zoom=1.0, p=1.0, geometry=True, camera=True):
+        calls.append(camera)
+        return real(x, policy, g, strength, zoom, p, geometry, camera)
+
+    monkeypatch.setattr(train_mod, "augment_batch", spy)
+    kw = {"augment": "lab_sensor", "augment_p": 0.25, "consistency": 1.0, "consistency_ce": 1.0, "epochs": 1,
+          "early_stopping_patience": 0, "model.weights": "none", "data.limit_per_class": 10}
+    data = prepare_data(_cfg(synth_data, **kw), manifest_uri=str(tmp_path / "split.parquet"))
+    shifted = fit(_cfg(synth_data, **kw), data, verbose=False).history[0]["train_loss"]
+    assert calls and all(calls) and len(calls) % 2 == 0  # two draws a step, both with the camera part
+    calls.clear()
+    colour = fit(_cfg(synth_data, consistency_ce_copy="colour", **kw), data, verbose=False).history[0]["train_loss"]
+    assert len(calls) % 3 == 0 and calls[2::3] == [False] * (len(calls) // 3) and all(calls[0::3] + calls[1::3])
+    assert colour != shifted
+    with pytest.raises(ValueError, match="consistency_ce_copy' = 'camera'.*'shifted' or 'colour'"):
+        _cfg(synth_data, consistency_ce_copy="camera", **kw)
+
+
+def test_consistency_ce_copy_needs_consistency_ce(synth_data):
+    with pytest.raises(ValueError, match="consistency_ce_copy='colour' needs consistency_ce > 0"):
+        _cfg(synth_data, augment="lab", consistency=1.0, consistency_ce_copy="colour")
+
+
 def test_consistency_ce_needs_consistency(synth_data):
     with pytest.raises(ValueError, match="consistency_ce=0.5 needs consistency > 0"):
         _cfg(synth_data, augment="lab", consistency_ce=0.5)

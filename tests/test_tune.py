@@ -136,6 +136,8 @@ def test_consistency_is_searchable(tmp_path):
     assert (both.consistency, both.consistency_ce) == (1.0, 0.5)
     with pytest.raises(ValueError, match="consistency_ce=0.5 needs consistency > 0"):
         trial_config(cfg.trial_base(), {"consistency": 0.0, "consistency_ce": 0.5})
+    colour = trial_config(cfg.trial_base(), {"consistency": 1.0, "consistency_ce": 0.5, "consistency_ce_copy": "colour"})
+    assert colour.consistency_ce_copy == "colour"
 
 
 def test_shipped_configs_validate():
