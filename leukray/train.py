@@ -359,7 +359,7 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             x = train_images[idx.to(train_images.device)].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
             y = train_labels[idx.to(train_labels.device)]
             g = gen if device.type == "cpu" else None
-            if cfg.consistency > 0:  # one geometry, two colour/camera draws: as trained, and shifted in full
+            if cfg.consistency > 0:  # one geometry; as trained, shifted in full (and in colours only, for that loss)
                 x = flips_and_rotation(x, g, zoom=cfg.augment_zoom)
                 shifted = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False)
                 copies = [augment_batch(x, cfg.augment, g, cfg.augment_strength, p=cfg.augment_p, geometry=False),
