@@ -45,6 +45,19 @@ strongest 2 % less its median; smears ≈ 0.25 and more, an empty field ≈ 0). 
 other cameras' and stain batches' colours; below it the image is out of distribution, and the row's `ood_score` is
 at least knn's threshold × (structure threshold / structure)² (at most 10 × knn's threshold).
 
+Optics check (joins `knn`): the features are trained to hold an answer through ±20 % of magnification and a
+camera's blur, so a field through the wrong objective or out of focus can land as near the training images as a
+sharp field from another lab does, and knn's distance alone flags only some. The reference also holds the
+training images as such optics make them (`leukray.train.optics_images`: through a ×2 weaker objective, each
+image at half size beside three others; a ×2 stronger one; a camera's defocus well past the robustness suite's
+blur, a disc of radius 10–14 px at 224 px in linear light, then sensor noise). An image nearer those than the
+training images — its knn distance over its distance to the k-th nearest of them above the check's ratio
+threshold — is out of distribution. By default knn's own threshold stays the `in_fraction` quantile and the ratio
+threshold is the largest ratio among the validation images, so the check only adds flags; `far_fraction` moves
+knn's threshold out to that quantile and lowers the ratio threshold until `in_fraction` of the validation images
+pass both. The row's `ood_score` is at least knn's threshold × ratio / ratio threshold. Measured on the default
+recipe: docs/results.md.
+
 Model outputs: inference backends return one float32 array per batch, (N, K + D): K logits, then D features —
 1280 pooled features, 7 colour-signature values and the structure (D = 1287 for packages exported before the
 structure check, 1280 before the colour check, 0 before the guard existed). `split_outputs` cuts it; test-time
@@ -75,6 +88,10 @@ STRUCTURE_STATISTIC = ("leukray.colour.structure (band-passed optical density: s
 whose card names another (its thresholds stay valid: the two agree on every lit field)."""
 REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
+OPTICS_REFERENCE_FILE = "ood_optics_reference.npy"
+OPTICS_MADE = ("the training images through a ×2 weaker objective (each at half size beside three others), a ×2 "
+               "stronger one (centre enlarged ×2) and out of focus (disc of radius 10–14 px at 224 px in linear light, "
+               "shot and read noise, JPEG q 85), one copy each (leukray.train.optics_images)")
 FEATURE_DESCRIPTION = ("pooled MobileNetV2 features (global average pool of features[-1], 1280-d), mean over the "
                        "package's test-time views, L2-normalised; reference = the training split, float16")
 _QUERY_CHUNK = 2048
@@ -112,6 +129,13 @@ class OODConfig(StrictModel):
     structure_margin: float = 0.5
     """The structure check's threshold: this fraction of the weakest structure (the `1 - colour_in_fraction`
     quantile) among validation images under other cameras' and stain batches' colours."""
+    optics_check: bool = True
+    """Flag images nearer the training images seen out of focus or at half or double magnification than the training
+    images themselves: joins knn."""
+    far_fraction: float | None = None
+    """With the optics check: knn's own threshold is this quantile of the validation images' distances (None: at
+    `in_fraction`, as without the check), and the optics check's ratio threshold is set so that `in_fraction` of them
+    pass both — by default the largest ratio among them, so the check adds flags and keeps every validation image."""
 
     def model_post_init(self, _: Any) -> None:
         check_method(self.method)
@@ -131,6 +155,8 @@ class OODConfig(StrictModel):
             raise ValueError(f"ood.colour_copies={self.colour_copies} must be in [0, 16]")
         if not 0 < self.structure_margin <= 1.0:
             raise ValueError(f"ood.structure_margin={self.structure_margin} must be in (0, 1]")
+        if self.far_fraction is not None and not self.in_fraction <= self.far_fraction <= 1.0:
+            raise ValueError(f"ood.far_fraction={self.far_fraction} must be in [ood.in_fraction={self.in_fraction}, 1]")
 
 
 def check_method(name: str) -> str:
@@ -202,8 +228,13 @@ class Guard:
     colour_threshold: float | None = None
     structure_threshold: float | None = None
     """An image whose `leukray.colour.structure` is below this is an empty field; None = no structure check."""
+    optics_reference: np.ndarray | None = field(default=None, repr=False)
+    """(M, D) float16, L2-normalised features of the training images under the wrong optics; None = no optics check."""
+    optics_threshold: float | None = None
+    """An image whose knn distance over its distance to `optics_reference` exceeds this is out of distribution."""
     _reference32: np.ndarray | None = field(default=None, init=False, repr=False)
     """The reference in float32, converted once for the knn search (not per batch)."""
+    _optics32: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def threshold(self) -> float:
@@ -216,7 +247,8 @@ class Guard:
     def check_scores(self, logits: np.ndarray, features: np.ndarray | None,
                      method: str | None = None) -> dict[str, np.ndarray]:
         """Each check's score on the method's threshold's scale, by name: the method's own (`knn`, `energy` or
-        `msp`), and with knn the `colour` and `structure` checks the package has, each knn's threshold × the
+        `msp`), and with knn the `optics` check (knn's threshold × ratio / its threshold) and the `colour` and
+        `structure` checks the package has, each knn's threshold × the
         square of how far past its own threshold the image is (colour distance / its threshold; structure
         threshold / structure, capped at 10 × knn's threshold for a field with none at all). The score is their
         maximum, so an image is flagged by every check whose score is over the threshold (`flagged_by`). Why the
@@ -236,6 +268,9 @@ class Guard:
             self._reference32 = self.reference.astype(np.float32)
         pooled_dim = self.reference.shape[1]
         checks = {"knn": knn_scores(features[:, :pooled_dim], self._reference32, self.k)}
+        if self.optics_threshold is not None:
+            ratio = self.optics_ratio(features[:, :pooled_dim], checks["knn"])
+            checks["optics"] = self.thresholds["knn"] * ratio / self.optics_threshold
         if self.colour_threshold is not None and features.shape[1] > pooled_dim:
             ratio = self.colour_scores(features) / self.colour_threshold
             checks["colour"] = self.thresholds["knn"] * ratio ** 2
@@ -251,6 +286,13 @@ class Guard:
         any check flags it."""
         checks = self.check_scores(logits, features)
         return np.maximum.reduce(list(checks.values())), {name: s > self.threshold for name, s in checks.items()}
+
+    def optics_ratio(self, pooled: np.ndarray, knn: np.ndarray) -> np.ndarray:
+        """knn's distance over the distance to the k-th nearest training image under the wrong optics: above 1 an
+        image is nearer those than the training images as they are."""
+        if self._optics32 is None:
+            self._optics32 = self.optics_reference.astype(np.float32)
+        return knn / np.maximum(knn_scores(pooled, self._optics32, self.k), 1e-9)
 
     def colour_scores(self, features: np.ndarray) -> np.ndarray:
         """Distance of each image's colour signature (the features after the pooled ones) to its k-th nearest
@@ -274,15 +316,22 @@ class Guard:
                                             "dim": int(self.colour_reference.shape[1]), "dtype": "float16"}}
         if self.structure_threshold is not None:
             card["structure"] = {**card.get("structure", {}), "threshold": self.structure_threshold}
+        if self.optics_threshold is not None:
+            card["optics"] = {**card.get("optics", {}), "threshold": self.optics_threshold,
+                              "reference": {"file": OPTICS_REFERENCE_FILE, "n": int(len(self.optics_reference)),
+                                            "dim": int(self.optics_reference.shape[1]), "dtype": "float16"}}
         return card
 
 
 def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: np.ndarray, temperature: float,
               cfg: OODConfig | None = None, fitted: dict[str, Any] | None = None,
               colour_reference: np.ndarray | None = None, colour_val: np.ndarray | None = None,
-              pooled_dim: int = 1280) -> Guard:
+              pooled_dim: int = 1280, optics_features: np.ndarray | None = None) -> Guard:
     """Reference = the normalised training features; each method's threshold = the `in_fraction` quantile of its
-    validation scores. With `colour_reference` and `colour_val` (`leukray.colour.signature_envelope` of the
+    validation scores. With `optics_features` (the training images under the wrong optics,
+    `leukray.train.optics_images`) and `cfg.optics_check`, the optics check joins knn: knn's threshold moves to the
+    `far_fraction` quantile and the ratio threshold takes the validation images that knn no longer flags, down to
+    `in_fraction` passing both. With `colour_reference` and `colour_val` (`leukray.colour.signature_envelope` of the
     training and validation images) and `cfg.colour_check`, the colour check joins knn, its threshold the
     `colour_in_fraction` quantile of `colour_val`'s distances. `fitted` (split names, counts, tta) goes into the
     card as it is."""
@@ -295,6 +344,9 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
     for method in METHODS:
         s = guard.scores(val_logits, val_features, method)
         guard.thresholds[method] = float(np.quantile(s, cfg.in_fraction, method="higher"))
+    if cfg.optics_check and optics_features is not None and len(optics_features):
+        fit_optics(guard, l2_normalise(np.asarray(optics_features)[:, :pooled_dim]).astype(np.float16),
+                   np.asarray(val_features)[:, :pooled_dim], cfg)
     if cfg.colour_check and colour_reference is not None and colour_val is not None and len(colour_val):
         guard.colour_reference = np.asarray(colour_reference, dtype=np.float16)[:, :SIGNATURE_DIM]
         d = kth_distance(colour_val[:, :SIGNATURE_DIM], guard.colour_reference, guard.k)
@@ -314,6 +366,24 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
     return guard
 
 
+def fit_optics(guard: Guard, optics_reference: np.ndarray, val_pooled: np.ndarray, cfg: OODConfig) -> None:
+    """The optics check's thresholds on the validation images: knn's at the `far_fraction` quantile of their
+    distances; the ratio's so that as many validation images as knn flagged alone at `in_fraction` are flagged by
+    the two together (the larger ratios among those knn's new threshold lets pass)."""
+    knn = knn_scores(val_pooled, guard.reference.astype(np.float32), guard.k)
+    allowed = int((knn > guard.thresholds["knn"]).sum())  # what knn alone flags at in_fraction
+    far_fraction = cfg.in_fraction if cfg.far_fraction is None else cfg.far_fraction
+    far = float(np.quantile(knn, far_fraction, method="higher"))
+    guard.optics_reference = optics_reference
+    ratio = np.sort(guard.optics_ratio(val_pooled, knn)[knn <= far])[::-1]
+    room = allowed - int((knn > far).sum())
+    guard.thresholds["knn"] = far
+    # ratio is never empty (far is a quantile of knn); a floor keeps the score finite when the validation images
+    # duplicate training images (knn distance 0)
+    guard.optics_threshold = max(float(ratio[min(max(room, 0), len(ratio) - 1)]), 1e-6)
+    guard.fitted["optics"] = {"far_fraction": far_fraction, "made": OPTICS_MADE, "n_val": int(len(knn))}
+
+
 def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: dict[str, Any]) -> Guard:
     """The package's guard with a lab's own labelled images added to its references (their pooled features to
     knn's, their colour signatures to the colour check's) and every threshold kept: what the package's validation
@@ -326,7 +396,7 @@ def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: 
     widened = Guard(guard.method, guard.k, guard.in_fraction, float(temperature), dict(guard.thresholds),
                     np.concatenate([guard.reference, l2_normalise(f[:, :pooled]).astype(np.float16)]),
                     {**guard.fitted, **fitted}, guard.colour_reference, guard.colour_threshold,
-                    guard.structure_threshold)
+                    guard.structure_threshold, guard.optics_reference, guard.optics_threshold)
     if guard.colour_reference is not None and f.shape[1] >= pooled + SIGNATURE_DIM:
         widened.colour_reference = np.concatenate([guard.colour_reference,
                                                    f[:, pooled:pooled + SIGNATURE_DIM].astype(np.float16)])
@@ -339,6 +409,8 @@ def save_reference(guard: Guard, local_dir: str) -> None:
     np.save(os.path.join(local_dir, REFERENCE_FILE), guard.reference)
     if guard.colour_reference is not None:
         np.save(os.path.join(local_dir, COLOUR_REFERENCE_FILE), guard.colour_reference)
+    if guard.optics_reference is not None:
+        np.save(os.path.join(local_dir, OPTICS_REFERENCE_FILE), guard.optics_reference)
 
 
 def structure_outdated(card: dict[str, Any]) -> bool:
@@ -378,6 +450,12 @@ def load_guard(package_uri: str, card: dict[str, Any], opts: StorageOptions | No
     if (spec.get("structure") or {}).get("threshold") is not None:
         guard.structure_threshold = float(spec["structure"]["threshold"])
         guard.fitted["structure"] = {k: v for k, v in spec["structure"].items() if k != "threshold"}
+    optics = spec.get("optics") or {}
+    if optics.get("reference"):
+        optics_uri = storage.join(package_uri, optics["reference"]["file"])
+        guard.optics_reference = np.load(io.BytesIO(storage.read_bytes(optics_uri, opts)), allow_pickle=False)
+        guard.optics_threshold = float(optics["threshold"])
+        guard.fitted["optics"] = {k: v for k, v in optics.items() if k not in ("reference", "threshold")}
     return guard
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from .config import StorageOptions
 from .evaluate import load_eval_data, log
 from .inference import package_backend
-from .ood import COLOUR_REFERENCE_FILE, REFERENCE_FILE
+from .ood import COLOUR_REFERENCE_FILE, OPTICS_REFERENCE_FILE, REFERENCE_FILE
 from .tta import package_tta, resolve_tta
 
 def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", storage: StorageOptions | None = None,
@@ -72,6 +72,9 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                         **({"colour_in_fraction": pkg.card["ood"]["colour"]["in_fraction"],
                                             "colour_copies": pkg.card["ood"]["colour"]["copies"]}
                                            if (pkg.card.get("ood") or {}).get("colour") else {}),
+                                        **({"far_fraction": pkg.card["ood"]["optics"]["far_fraction"]}
+                                           if ((pkg.card.get("ood") or {}).get("optics") or {}).get("far_fraction")
+                                           not in (None, (pkg.card.get("ood") or {}).get("in_fraction")) else {}),
                                         **(ood or {})})
     data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +133,19 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             reference, ref_source, made = None, None, None
             log(f"calibrate: warning: {data_uri} is not covered by the package's split manifest and the package has "
                 "no guard yet: no out-of-distribution guard (calibrate on the training data to add one)")
+        optics = None
+        if reference is not None and not widen and ood_cfg.optics_check:
+            from .train import optics_reference
+
+            if reuse_reference and old_guard.optics_reference is not None:
+                optics = old_guard.optics_reference
+            elif data.manifest_uri is not None and data.split != "train":
+                if train_images is None:
+                    train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
+                                                  data.manifest_uri, storage).images
+                ids = view_ids(tta_mode)
+                optics = optics_reference(lambda images: split_outputs(model.mean_views(images, ids), k)[1],
+                                          train_images, ood_cfg, int((pkg.card.get("config") or {}).get("seed", 0)))
         colour_ref = colour_val = None
         old_colour = old_guard.colour_reference if old_guard is not None else None
         if reference is not None and not widen and (ood_cfg.colour_check or ood_cfg.structure_check):
@@ -164,13 +180,13 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             guard = fit_guard(reference, logits, features, temperature, ood_cfg,
                               fitted={"split": data.split, "n_val": len(data.paths), "data": data_uri,
                                       "reference_split": ref_source, "reference_made": made, "tta": tta_mode},
-                              colour_reference=colour_ref, colour_val=colour_val)
+                              colour_reference=colour_ref, colour_val=colour_val, optics_features=optics)
             card["ood"] = guard.card()
             summary["ood"] = {"method": guard.method, "threshold": guard.threshold,
                               "threshold_before": old_guard.threshold if old_guard is not None else None}
         fs, path = st.filesystem(pkg.uri, storage)
         copied = ({CARD} | ({ONNX} if reexported else set())
-                  | ({REFERENCE_FILE, COLOUR_REFERENCE_FILE} if guard is not None else set()))
+                  | ({REFERENCE_FILE, COLOUR_REFERENCE_FILE, OPTICS_REFERENCE_FILE} if guard is not None else set()))
         for entry in fs.ls(path, detail=True):
             name = os.path.basename(entry["name"].rstrip("/"))
             if entry["type"] == "file" and name not in copied:
@@ -184,6 +200,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         + (f"; adaptive: one-view T {ad['temperature_one_view']:.4g}, threshold {ad['threshold']:.4f}, "
            f"{ad['rescored_fraction']:.1%} re-scored" if ad else "") + f" on {summary['n']} image(s) of {data_uri} "
         f"({data.split}, {summary['errors']} error(s)); NLL {summary['nll_before']:.4f} → {summary['nll']:.4f}"
-        + (f"; guard {guard.method} threshold {guard.threshold:.4g} (reference: {ref_source})" if guard else "")
+        + (f"; guard {guard.method} threshold {guard.threshold:.4g}" + (
+            f", optics ratio threshold {guard.optics_threshold:.4g}" if guard.optics_threshold is not None else "")
+           + f" (reference: {ref_source})" if guard else "")
         + f"  → {out_dir}")
     return {"out": out_dir, **summary}

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 REVIEW_REASONS = ("low_confidence", "out_of_distribution")
 """What `review_reason` holds, comma-separated when both apply."""
-OOD_CHECKS = ("knn", "colour", "structure")
+OOD_CHECKS = ("knn", "optics", "colour", "structure")
 """What `ood_check` holds for the default guard (leukray.ood.Guard.check_scores), comma-separated when several
 checks flag a row; a package whose guard method is energy or msp names that method instead."""
 REASONS = REVIEW_REASONS + OOD_CHECKS + ("energy", "msp")

@@ -63,7 +63,7 @@ RESULTS_SCHEMA = pa.schema(
         ("ood_score", pa.float64()),
         ("in_distribution", pa.bool_()),
         ("review_reason", pa.string()),
-        ("ood_check", pa.string()),  # which of the guard's checks flagged the row (knn, colour, structure)
+        ("ood_check", pa.string()),  # which of the guard's checks flagged the row (knn, optics, colour, structure)
         ("views", pa.int32()),  # forward passes (test-time views) the row's image took; null on error
         ("model_name", pa.string()),
         ("model_version", pa.string()),

@@ -145,9 +145,10 @@ def _screen(rng: np.random.Generator, size: int) -> Image.Image:
     return img
 
 
-def _defocus(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+def defocus_field(arr: np.ndarray, rng: np.random.Generator, size: int,
+                  radius: tuple[float, float] = (5.0, 12.0)) -> Image.Image:
     """A field out of focus as a camera records it: blurred in linear light (`leukray.colour.GAMMA`) by a disc, an
-    out-of-focus lens' point spread, of radius 5–12 px at 224 px; then the robustness suite's shot noise (600–2000
+    out-of-focus lens' point spread, of a radius drawn from `radius` (px at 224 px; default 5–12); then the robustness suite's shot noise (600–2000
     photons at white), read noise (σ 1–3 of 255 levels) and JPEG (quality 85). Noise matters: it is fine structure,
     so a field blurred without it is easier to tell from a sharp one than a real camera's defocus is."""
     from scipy.signal import fftconvolve
@@ -155,7 +156,7 @@ def _defocus(arr: np.ndarray, rng: np.random.Generator, size: int) -> Image.Imag
     from .colour import GAMMA
     from .perturb import apply_perturbation
 
-    r = float(rng.uniform(5, 12)) * size / 224
+    r = float(rng.uniform(*radius)) * size / 224
     pad = int(np.ceil(r))
     yy, xx = np.mgrid[-pad:pad + 1, -pad:pad + 1]
     disc = (yy ** 2 + xx ** 2 <= r * r).astype(np.float64)
@@ -237,7 +238,7 @@ def make_ood_folders(out_dir: str | Path, source: str | Path | None = None, per_
     makers = {
         "texture": lambda i: _texture(rng, size),
         "blank": lambda i: _blank(rng, size),
-        "defocus": lambda i: _defocus(smears[i % len(smears)], rng, size),
+        "defocus": lambda i: defocus_field(smears[i % len(smears)], rng, size),
         "natural": lambda i: _crop_resize(photos[i % len(photos)], rng, size),
         "other_stain": lambda i: _other_stain(smears[i % len(smears)], rng),
         "screen": lambda i: _screen(rng, size),

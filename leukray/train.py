@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -243,6 +243,46 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
                                    "augment": augment, "augment_strength": strength, "augment_zoom": zoom}
 
 
+OPTICS_DEFOCUS_RADIUS = (10.0, 14.0)
+"""The optics check's out-of-focus copies: disc radius in px at 224 px, well past the robustness suite's strongest
+blur (Gaussian σ 3 px, about a disc of radius 6)."""
+
+
+def optics_images(images: np.ndarray, seed: int) -> Iterator[np.ndarray]:
+    """The training images as the wrong optics show them, one batch per kind, for the guard's optics check
+    (`leukray.ood`): a ×2 weaker objective (each image at half size beside three other training images at half size,
+    the field such an objective shows), a ×2 stronger one (the centre enlarged ×2), and a camera's defocus well past
+    what the network is trained and tested to answer through."""
+    from PIL import Image
+
+    from .perturb import apply_perturbation
+    from .synth import defocus_field
+
+    rng = np.random.default_rng(seed + 6000)
+    n, size = len(images), images.shape[1]
+    half = size // 2
+
+    def wide(i: int) -> np.ndarray:
+        canvas = Image.new("RGB", (2 * half, 2 * half))
+        for k, j in enumerate([i, *rng.integers(n, size=3)]):
+            tile = Image.fromarray(images[j]).resize((half, half), Image.Resampling.BILINEAR)
+            canvas.paste(tile, ((k % 2) * half, (k // 2) * half))
+        return np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR))
+
+    yield np.stack([wide(i) for i in range(n)])
+    yield np.concatenate([apply_perturbation(images[i:i + 256], "magnification", 2.0, seed=seed)
+                          for i in range(0, n, 256)])
+    yield np.stack([np.asarray(defocus_field(a, rng, size, OPTICS_DEFOCUS_RADIUS)) for a in images])
+
+
+def optics_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ood: OODConfig,
+                     seed: int) -> np.ndarray | None:
+    """The optics check's reference features (`optics_images`), or None when the check is off."""
+    if not ood.optics_check or ood.method != "knn":
+        return None
+    return np.concatenate([features_of(batch) for batch in optics_images(images, seed + 7000)])
+
+
 def colour_envelopes(train_images: np.ndarray | None, val_images: np.ndarray, ood: OODConfig, seed: int,
                      reference: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The colour check's reference (training images, or an existing `reference`; None when the colour check is
@@ -465,10 +505,12 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
         cfg.seed)
     colour_ref, colour_val = colour_envelopes(np.asarray(data.images[data.indices("train")]),
                                               np.asarray(data.images[val_idx]), cfg.ood, cfg.seed)
+    optics = optics_reference(lambda images: split_outputs(model.mean_views(images, ids), k)[1],
+                              np.asarray(data.images[data.indices("train")]), cfg.ood, cfg.seed)
     guard = fit_guard(reference, val_logits, val_features, temperature, cfg.ood,
                       fitted={"split": "val", "n_val": int(len(val_idx)), "reference_split": "train",
                               "reference_made": made, "tta": cfg.tta},
-                      colour_reference=colour_ref, colour_val=colour_val)
+                      colour_reference=colour_ref, colour_val=colour_val, optics_features=optics)
     test_metrics = None
     if len(test_idx):
         card_views = {"tta": cfg.tta, "temperature": temperature, **fitted}

@@ -57,6 +57,50 @@ def test_fit_sets_each_threshold_at_the_validation_quantile_and_flags_far_points
     np.testing.assert_allclose(np.linalg.norm(guard.reference.astype(np.float64), axis=1), 1.0, atol=1e-3)
 
 
+def test_optics_check_flags_what_lies_nearer_the_wrong_optics_and_keeps_in_fraction(tmp_path):
+    """The optics check: validation images pass at `in_fraction` as before (knn's own threshold moves out to
+    `far_fraction`); an image between the training cloud and the cloud of its wrong-optics copies, nearer the latter
+    but within knn's new threshold, is flagged by `optics` alone; one nearer the training images passes; the check
+    survives the package round trip and a lab's images widening the references."""
+    from leukray.ood import widen_guard
+
+    rng = np.random.default_rng(3)
+    centre, off = rng.normal(size=32), rng.normal(size=32)
+    centre, off = 10 * centre / np.linalg.norm(centre), 10 * off / np.linalg.norm(off)
+    blurred = centre + 0.2 * off  # where the training images land under the wrong optics
+    train, val, optics = _cloud(rng, 400, centre, 0.4), _cloud(rng, 300, centre, 0.4), _cloud(rng, 400, blurred, 0.4)
+    val_logits = rng.normal(size=(300, 4))
+    plain = fit_guard(train, val_logits, val, 1.0, OODConfig(k=5, in_fraction=0.97), pooled_dim=32)
+    guard = fit_guard(train, val_logits, val, 1.0, OODConfig(k=5, in_fraction=0.97, far_fraction=0.995),
+                      pooled_dim=32, optics_features=optics)
+    # default: knn's threshold as without the check, which passes every validation image and only adds flags
+    added = fit_guard(train, val_logits, val, 1.0, OODConfig(k=5, in_fraction=0.97), pooled_dim=32,
+                      optics_features=optics)
+    assert added.thresholds == plain.thresholds and added.fitted["optics"]["far_fraction"] == 0.97
+    assert added.fitted["val_flagged_fraction"] == plain.fitted["val_flagged_fraction"]
+    # validation images that duplicate training images (knn distance 0): a finite threshold, finite scores
+    dup = fit_guard(train, val_logits[:50], train[:50], 1.0, OODConfig(k=5), pooled_dim=32, optics_features=optics)
+    assert 0 < dup.optics_threshold < np.inf and np.isfinite(dup.scores(val_logits[:50], train[:50])).all()
+    assert guard.threshold > plain.threshold  # knn's own threshold at far_fraction
+    assert guard.fitted["val_flagged_fraction"] == pytest.approx(plain.fitted["val_flagged_fraction"], abs=0.01)
+    toward = centre + 0.14 * off  # nearer the wrong-optics cloud, not far enough for knn's new threshold
+    queries = {"toward": _cloud(rng, 20, toward, 0.4), "home": _cloud(rng, 20, centre + 0.02 * off, 0.4)}
+    logits = np.zeros((20, 4))
+    _, by = guard.flagged_by(logits, queries["toward"])
+    assert list(by) == ["knn", "optics"] and by["optics"].mean() >= 0.9 and by["knn"].mean() <= 0.1
+    assert plain.in_distribution(plain.scores(logits, queries["toward"])).mean() >= 0.5  # knn alone: most pass
+    assert guard.in_distribution(guard.scores(logits, queries["home"])).mean() >= 0.9
+    save_reference(guard, str(tmp_path))
+    card = json.loads(json.dumps(guard.card()))
+    assert card["optics"]["reference"]["n"] == 400 and card["optics"]["far_fraction"] == 0.995
+    back = load_guard(str(tmp_path), {"ood": card})
+    np.testing.assert_array_equal(back.scores(logits, queries["toward"]), guard.scores(logits, queries["toward"]))
+    wide = widen_guard(back, _cloud(rng, 50, -centre, 0.4), 1.0, {})
+    assert wide.optics_threshold == guard.optics_threshold and len(wide.optics_reference) == 400
+    with pytest.raises(ValueError, match=r"ood.far_fraction=0.9 must be in \[ood.in_fraction=0.97, 1\]"):
+        OODConfig(far_fraction=0.9)
+
+
 def test_card_and_reference_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     centre = rng.normal(size=16)
@@ -128,11 +172,11 @@ def test_synth_ood_defocus_is_a_cameras_defocus():
     camera would record them (a noise-free blur is easier to tell from a sharp field than a real defocus is)."""
     from scipy.ndimage import gaussian_filter
 
-    from leukray.synth import _defocus, smear_image
+    from leukray.synth import defocus_field, smear_image
 
     rng = np.random.default_rng(3)
     smear = np.asarray(smear_image("Pro-B", rng, 224)).astype(np.float64)
-    out = np.asarray(_defocus(smear.astype(np.uint8), rng, 224)).astype(np.float64)
+    out = np.asarray(defocus_field(smear.astype(np.uint8), rng, 224)).astype(np.float64)
     assert out.shape == smear.shape
     grey, grey_out = smear.mean(2), out.mean(2)
 
@@ -172,15 +216,15 @@ def test_evaluate_ood_flags_far_off_folders(imagenet_package, synth_data, tmp_pa
     assert rows["wide_field"]["n"] == 10 and 0.0 <= rows["wide_field"]["knn_auroc"] <= 1.0
     assert (tmp_path / "ev" / "ood_scores.png").stat().st_size > 10_000
     header = (tmp_path / "ev" / "ood.csv").read_text().splitlines()[0].split(",")
-    assert {"knn_auroc", "ood_by_knn", "ood_by_colour", "ood_by_structure"} <= set(header)
+    assert {"knn_auroc", "ood_by_knn", "ood_by_optics", "ood_by_colour", "ood_by_structure"} <= set(header)
     # which check caught what: each check flags part, together every flagged image; blank fields lack structure
     for name in ("blank", "natural", "tissue"):
         by = rows[name]["ood_by_check"]
-        assert set(by) == {"knn", "colour", "structure"}
+        assert set(by) == {"knn", "optics", "colour", "structure"}
         assert max(by.values()) <= rows[name]["knn_flagged_fraction"] <= sum(by.values())  # each, and together all
     assert rows["blank"]["ood_by_check"]["structure"] >= 0.8
-    assert set(report["ood_folders"]["in_distribution"]["ood_by_check"]) == {"knn", "colour", "structure"}
-    assert set(report["ood"]["ood_by_check"]) == {"knn", "colour", "structure"}
+    assert set(report["ood_folders"]["in_distribution"]["ood_by_check"]) == {"knn", "optics", "colour", "structure"}
+    assert set(report["ood"]["ood_by_check"]) == {"knn", "optics", "colour", "structure"}
     assert report["ood"]["method"] == "knn" and 0.0 <= report["ood"]["flagged_fraction"] <= 1.0
     predictions = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
     assert predictions[0].split(",")[4:8] == ["needs_review", "review_reason", "ood_score", "ood_check"]
@@ -209,6 +253,7 @@ def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, 
     trained_guard = card.pop("ood")
     (old / "model_card.json").write_text(json.dumps(card))
     (old / "ood_reference.npy").unlink()
+    (old / "ood_optics_reference.npy").unlink()
     pkg = load_package(str(old))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -227,6 +272,10 @@ def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, 
         assert new_card["ood"]["thresholds"][m] == pytest.approx(trained_guard["thresholds"][m], rel=1e-3, abs=1e-4)
     assert new_card["ood"]["colour"]["threshold"] == pytest.approx(trained_guard["colour"]["threshold"], rel=1e-3)
     assert (tmp_path / "new" / new_card["ood"]["colour"]["reference"]["file"]).exists()
+    # the optics check, rebuilt from the training rows as training built it
+    assert new_card["ood"]["optics"]["threshold"] == pytest.approx(trained_guard["optics"]["threshold"], rel=1e-3)
+    assert new_card["ood"]["optics"]["reference"]["n"] == trained_guard["optics"]["reference"]["n"] > 0
+    assert (tmp_path / "new" / "ood_optics_reference.npy").exists()
     after = evaluate(str(tmp_path / "new"), str(synth_data), str(tmp_path / "ev-new"), plots=False)
     assert after["ood"]["method"] == "knn" and after["accuracy"] == before["accuracy"]
 

@@ -483,7 +483,7 @@ def test_review_queue(loc):
         p for p, s in zip(expected["path"].to_pylist(), expected["ood_score"].to_pylist()) if s > 0.58)
     assert sorted(r.review(limit=None, reason="knn")["path"].to_pylist()) == sorted(ood["path"].to_pylist())
     assert r.review(limit=None, reason="colour").num_rows == 0
-    with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution, knn, colour, structure"):
+    with pytest.raises(QueryError, match="'blurry'.*low_confidence, out_of_distribution, knn, optics, colour, structure"):
         r.review(reason="blurry")
     top = r.review(limit=5)
     assert top["path"].to_pylist() == flagged["path"].to_pylist()[:5]
@@ -576,7 +576,7 @@ def test_drift_against_model_cards(loc, tmp_path):
             assert x["ood_rate"] == pytest.approx(rate)
             # which check: every flagged row names knn, the farthest ones structure too (as generated)
             checks = [c or "" for c in day["ood_check"].to_pylist()]
-            for name in ("knn", "colour", "structure"):
+            for name in ("knn", "optics", "colour", "structure"):
                 assert x[f"ood_{name}_rate"] == pytest.approx(sum(name in c for c in checks) / day.num_rows)
             assert x["ood_knn_rate"] == pytest.approx(rate) and x["ood_colour_rate"] == 0
             # a fifth of the rows flagged where the guard flags 3 % in distribution: far more than chance

@@ -261,5 +261,5 @@ def test_counts_of_the_page_follow_the_filters(scored, tmp_path):
         by_knn = r.review(limit=None, reason="knn")["path"].to_pylist()
     built = build_page(OUTPUT, str(tmp_path / "k"), opts, reason="knn", limit=0, heatmaps=False)
     assert built["cards"] == len(by_knn)
-    with pytest.raises(ReviewError, match="'blurry'.*out_of_distribution, knn, colour, structure"):
+    with pytest.raises(ReviewError, match="'blurry'.*out_of_distribution, knn, optics, colour, structure"):
         build_page(OUTPUT, str(tmp_path / "b"), opts, reason="blurry", heatmaps=False)
