@@ -89,6 +89,9 @@ whose card names another (its thresholds stay valid: the two agree on every lit 
 REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 OPTICS_REFERENCE_FILE = "ood_optics_reference.npy"
+OPTICS_GATE = 0.9
+"""The optics check looks at images farther from the training images than this fraction of the validation images
+(measured on the default recipe: no image nearer was flagged by it; scoring skips their second knn search)."""
 OPTICS_MADE = ("the training images through a ×2 weaker objective (each at half size beside three others), a ×2 "
                "stronger one (centre enlarged ×2) and out of focus (disc of radius 10–14 px at 224 px in linear light, "
                "shot and read noise, JPEG q 85), one copy each (leukray.train.optics_images)")
@@ -232,6 +235,9 @@ class Guard:
     """(M, D) float16, L2-normalised features of the training images under the wrong optics; None = no optics check."""
     optics_threshold: float | None = None
     """An image whose knn distance over its distance to `optics_reference` exceeds this is out of distribution."""
+    optics_gate: float | None = None
+    """The optics check looks only at images whose knn distance is above this (`OPTICS_GATE` of the validation
+    images'): nearer ones are as typical as most validation images, and scoring skips their second search."""
     _reference32: np.ndarray | None = field(default=None, init=False, repr=False)
     """The reference in float32, converted once for the knn search (not per batch)."""
     _optics32: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -268,9 +274,12 @@ class Guard:
             self._reference32 = self.reference.astype(np.float32)
         pooled_dim = self.reference.shape[1]
         checks = {"knn": knn_scores(features[:, :pooled_dim], self._reference32, self.k)}
-        if self.optics_threshold is not None:
-            ratio = self.optics_ratio(features[:, :pooled_dim], checks["knn"])
-            checks["optics"] = self.thresholds["knn"] * ratio / self.optics_threshold
+        if self.optics_threshold is not None:  # only past the gate: nearer images are typical whatever else is near
+            far = np.flatnonzero(checks["knn"] > (self.optics_gate or 0.0))
+            checks["optics"] = np.zeros(len(features))
+            if len(far):
+                ratio = self.optics_ratio(features[far, :pooled_dim], checks["knn"][far])
+                checks["optics"][far] = self.thresholds["knn"] * ratio / self.optics_threshold
         if self.colour_threshold is not None and features.shape[1] > pooled_dim:
             ratio = self.colour_scores(features) / self.colour_threshold
             checks["colour"] = self.thresholds["knn"] * ratio ** 2
@@ -317,7 +326,7 @@ class Guard:
         if self.structure_threshold is not None:
             card["structure"] = {**card.get("structure", {}), "threshold": self.structure_threshold}
         if self.optics_threshold is not None:
-            card["optics"] = {**card.get("optics", {}), "threshold": self.optics_threshold,
+            card["optics"] = {**card.get("optics", {}), "threshold": self.optics_threshold, "gate": self.optics_gate,
                               "reference": {"file": OPTICS_REFERENCE_FILE, "n": int(len(self.optics_reference)),
                                             "dim": int(self.optics_reference.shape[1]), "dtype": "float16"}}
         return card
@@ -369,19 +378,22 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
 def fit_optics(guard: Guard, optics_reference: np.ndarray, val_pooled: np.ndarray, cfg: OODConfig) -> None:
     """The optics check's thresholds on the validation images: knn's at the `far_fraction` quantile of their
     distances; the ratio's so that as many validation images as knn flagged alone at `in_fraction` are flagged by
-    the two together (the larger ratios among those knn's new threshold lets pass)."""
+    the two together (the larger ratios among those knn's new threshold lets pass); the gate at their `OPTICS_GATE`
+    quantile, below which the check does not look (so at most that many are flagged)."""
     knn = knn_scores(val_pooled, guard.reference.astype(np.float32), guard.k)
     allowed = int((knn > guard.thresholds["knn"]).sum())  # what knn alone flags at in_fraction
     far_fraction = cfg.in_fraction if cfg.far_fraction is None else cfg.far_fraction
     far = float(np.quantile(knn, far_fraction, method="higher"))
     guard.optics_reference = optics_reference
     ratio = np.sort(guard.optics_ratio(val_pooled, knn)[knn <= far])[::-1]
+    guard.optics_gate = float(np.quantile(knn, OPTICS_GATE))
     room = allowed - int((knn > far).sum())
     guard.thresholds["knn"] = far
     # ratio is never empty (far is a quantile of knn); a floor keeps the score finite when the validation images
     # duplicate training images (knn distance 0)
     guard.optics_threshold = max(float(ratio[min(max(room, 0), len(ratio) - 1)]), 1e-6)
-    guard.fitted["optics"] = {"far_fraction": far_fraction, "made": OPTICS_MADE, "n_val": int(len(knn))}
+    guard.fitted["optics"] = {"far_fraction": far_fraction, "gate_fraction": OPTICS_GATE, "made": OPTICS_MADE,
+                              "n_val": int(len(knn))}
 
 
 def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: dict[str, Any]) -> Guard:
@@ -396,7 +408,7 @@ def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: 
     widened = Guard(guard.method, guard.k, guard.in_fraction, float(temperature), dict(guard.thresholds),
                     np.concatenate([guard.reference, l2_normalise(f[:, :pooled]).astype(np.float16)]),
                     {**guard.fitted, **fitted}, guard.colour_reference, guard.colour_threshold,
-                    guard.structure_threshold, guard.optics_reference, guard.optics_threshold)
+                    guard.structure_threshold, guard.optics_reference, guard.optics_threshold, guard.optics_gate)
     if guard.colour_reference is not None and f.shape[1] >= pooled + SIGNATURE_DIM:
         widened.colour_reference = np.concatenate([guard.colour_reference,
                                                    f[:, pooled:pooled + SIGNATURE_DIM].astype(np.float16)])
@@ -455,7 +467,8 @@ def load_guard(package_uri: str, card: dict[str, Any], opts: StorageOptions | No
         optics_uri = storage.join(package_uri, optics["reference"]["file"])
         guard.optics_reference = np.load(io.BytesIO(storage.read_bytes(optics_uri, opts)), allow_pickle=False)
         guard.optics_threshold = float(optics["threshold"])
-        guard.fitted["optics"] = {k: v for k, v in optics.items() if k not in ("reference", "threshold")}
+        guard.optics_gate = None if optics.get("gate") is None else float(optics["gate"])
+        guard.fitted["optics"] = {k: v for k, v in optics.items() if k not in ("reference", "threshold", "gate")}
     return guard
 
 
