@@ -62,7 +62,9 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     tta_mode = resolve_tta(tta, pkg.card)
     k = len(pkg.classes)
     old_guard = load_guard(pkg.uri, pkg.card, storage)
-    old_made = (pkg.card.get("ood") or {}).get("reference_made") or {}  # how the package's knn reference was made
+    card_ood = pkg.card.get("ood") or {}
+    old_made = card_ood.get("reference_made") or {}  # how the package's knn reference was made
+    far = (card_ood.get("optics") or {}).get("far_fraction")  # carried over only where it differs from in_fraction
     ood_cfg = OODConfig.model_validate({**({kk: pkg.card["ood"][kk] for kk in ("method", "k", "in_fraction")}
                                            if pkg.card.get("ood") else {}),
                                         **{kk: old_made[key] for kk, key in
@@ -72,9 +74,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                         **({"colour_in_fraction": pkg.card["ood"]["colour"]["in_fraction"],
                                             "colour_copies": pkg.card["ood"]["colour"]["copies"]}
                                            if (pkg.card.get("ood") or {}).get("colour") else {}),
-                                        **({"far_fraction": pkg.card["ood"]["optics"]["far_fraction"]}
-                                           if ((pkg.card.get("ood") or {}).get("optics") or {}).get("far_fraction")
-                                           not in (None, (pkg.card.get("ood") or {}).get("in_fraction")) else {}),
+                                        **({"far_fraction": far} if far not in (None, card_ood.get("in_fraction"))
+                                           else {}),
                                         **(ood or {})})
     data = load_eval_data(data_uri, pkg.classes, pkg.image_size, split, pkg.uri, pkg.card, split_manifest, storage)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +108,10 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
         }
         train_images = None
         widen = False
+
+        def features_of(images: np.ndarray) -> np.ndarray:  # the training rows' features in this package's views
+            return split_outputs(model.mean_views(images, view_ids(tta_mode)), k)[1]
+
         reuse_reference = (old_guard is not None and not ood and data.manifest_uri is not None
                            and view_ids(old_guard.fitted.get("tta") or "none") == view_ids(tta_mode)
                            and old_made.get("colour_copies", 0) == ood_cfg.reference_colour_copies)
@@ -119,10 +124,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
             train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                           data.manifest_uri, storage).images
             tc = pkg.card.get("config") or {}
-            ids = view_ids(tta_mode)
-            reference, made = guard_reference(lambda images: split_outputs(model.mean_views(images, ids), k)[1],
-                                              train_images,
-                                              ood_cfg, tc.get("augment", "none"), float(tc.get("augment_strength", 1.0)),
+            reference, made = guard_reference(features_of, train_images, ood_cfg, tc.get("augment", "none"),
+                                              float(tc.get("augment_strength", 1.0)),
                                               float(tc.get("augment_zoom", 1.0)), int(tc.get("seed", 0)))
             ref_source = f"train rows of {data.manifest_uri}"
         elif old_guard is not None:
@@ -143,9 +146,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                 if train_images is None:
                     train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                                   data.manifest_uri, storage).images
-                ids = view_ids(tta_mode)
-                optics = optics_reference(lambda images: split_outputs(model.mean_views(images, ids), k)[1],
-                                          train_images, ood_cfg, int((pkg.card.get("config") or {}).get("seed", 0)))
+                optics = optics_reference(features_of, train_images, ood_cfg,
+                                          int((pkg.card.get("config") or {}).get("seed", 0)))
         colour_ref = colour_val = None
         old_colour = old_guard.colour_reference if old_guard is not None else None
         if reference is not None and not widen and (ood_cfg.colour_check or ood_cfg.structure_check):

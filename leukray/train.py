@@ -499,14 +499,15 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
     val_logits, val_features = split_outputs(val.values, k)
     val_metrics = classification_metrics(data.labels[val_idx], val.probs(k), CLASSES)
     ids = view_ids(cfg.tta)
-    reference, made = guard_reference(
-        lambda images: split_outputs(model.mean_views(images, ids), k)[1],
-        np.asarray(data.images[data.indices("train")]), cfg.ood, cfg.augment, cfg.augment_strength, cfg.augment_zoom,
-        cfg.seed)
-    colour_ref, colour_val = colour_envelopes(np.asarray(data.images[data.indices("train")]),
-                                              np.asarray(data.images[val_idx]), cfg.ood, cfg.seed)
-    optics = optics_reference(lambda images: split_outputs(model.mean_views(images, ids), k)[1],
-                              np.asarray(data.images[data.indices("train")]), cfg.ood, cfg.seed)
+
+    def features_of(images: np.ndarray) -> np.ndarray:
+        return split_outputs(model.mean_views(images, ids), k)[1]
+
+    train_images = np.asarray(data.images[data.indices("train")])  # one copy for the guard's three references
+    reference, made = guard_reference(features_of, train_images, cfg.ood, cfg.augment, cfg.augment_strength,
+                                      cfg.augment_zoom, cfg.seed)
+    colour_ref, colour_val = colour_envelopes(train_images, np.asarray(data.images[val_idx]), cfg.ood, cfg.seed)
+    optics = optics_reference(features_of, train_images, cfg.ood, cfg.seed)
     guard = fit_guard(reference, val_logits, val_features, temperature, cfg.ood,
                       fitted={"split": "val", "n_val": int(len(val_idx)), "reference_split": "train",
                               "reference_made": made, "tta": cfg.tta},
