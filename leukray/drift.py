@@ -39,7 +39,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     binomial test against the rate the guard flags in distribution) says when a day's rate is more than chance.
     `ood_knn_rate`, `ood_optics_rate`, `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's
     checks flagged (`ood_check`; a row can count in several), which says what changed — the images themselves, the
-    microscope's focus or magnification, their colours, or fields without cells (null for days with rows scored before `ood_check` was recorded).
+    microscope's focus or magnification, their colours, or fields without cells (null for days with rows scored
+    before `ood_check` was recorded).
     """
     since, until = check_date(since, "since"), check_date(until, "until")
     where, params = date_where(since, until)

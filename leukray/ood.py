@@ -95,8 +95,8 @@ OPTICS_GATE = 0.9
 (measured on the default recipe: every folder's and setting's flags the same to within 0.7 points; scoring skips
 their second knn search)."""
 OPTICS_MADE = ("the training images through a ×2 weaker objective (each at half size beside three others), a ×2 "
-               "stronger one (centre enlarged ×2) and out of focus (disc of radius 10–14 px at 224 px in linear light, "
-               "shot and read noise, JPEG q 85), one copy each (leukray.train.optics_images)")
+               "stronger one (centre enlarged ×2) and out of focus (disc of radius 10–14 px at 224 px in linear "
+               "light, shot and read noise, JPEG q 85), one copy each (leukray.train.optics_images)")
 FEATURE_DESCRIPTION = ("pooled MobileNetV2 features (global average pool of features[-1], 1280-d), mean over the "
                        "package's test-time views, L2-normalised; reference = the training split, float16")
 _QUERY_CHUNK = 2048
@@ -256,9 +256,9 @@ class Guard:
                      method: str | None = None) -> dict[str, np.ndarray]:
         """Each check's score on the method's threshold's scale, by name: the method's own (`knn`, `energy` or
         `msp`), and with knn the `optics` check (knn's threshold × ratio / its threshold) and the `colour` and
-        `structure` checks the package has, each knn's threshold × the
-        square of how far past its own threshold the image is (colour distance / its threshold; structure
-        threshold / structure, capped at 10 × knn's threshold for a field with none at all). The score is their
+        `structure` checks the package has, each knn's threshold × the square of how far past its own threshold the
+        image is (colour distance / its threshold; structure threshold / structure, capped at 10 × knn's threshold
+        for a field with none at all). The score is their
         maximum, so an image is flagged by every check whose score is over the threshold (`flagged_by`). Why the
         square: the two checks are fitted to pass 99.5 % of in-distribution images against knn's 97 %, so an image
         they flag is stronger evidence and ranks above the in-distribution images knn flags (measured: the blank
@@ -352,12 +352,12 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
     reference = l2_normalise(np.asarray(train_features)[:, :pooled_dim]).astype(np.float16)
     colour_val = None if colour_val is None else np.asarray(colour_val)
     guard = Guard(cfg.method, cfg.k, cfg.in_fraction, float(temperature), {}, reference, dict(fitted or {}))
-    for method in METHODS:
-        s = guard.scores(val_logits, val_features, method)
+    val_scores = {method: guard.scores(val_logits, val_features, method) for method in METHODS}
+    for method, s in val_scores.items():
         guard.thresholds[method] = float(np.quantile(s, cfg.in_fraction, method="higher"))
     if cfg.optics_check and optics_features is not None and len(optics_features):
         fit_optics(guard, l2_normalise(np.asarray(optics_features)[:, :pooled_dim]).astype(np.float16),
-                   np.asarray(val_features)[:, :pooled_dim], cfg)
+                   np.asarray(val_features)[:, :pooled_dim], val_scores["knn"], cfg)
     if cfg.colour_check and colour_reference is not None and colour_val is not None and len(colour_val):
         guard.colour_reference = np.asarray(colour_reference, dtype=np.float16)[:, :SIGNATURE_DIM]
         d = kth_distance(colour_val[:, :SIGNATURE_DIM], guard.colour_reference, guard.k)
@@ -377,12 +377,13 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
     return guard
 
 
-def fit_optics(guard: Guard, optics_reference: np.ndarray, val_pooled: np.ndarray, cfg: OODConfig) -> None:
-    """The optics check's thresholds on the validation images: knn's at the `far_fraction` quantile of their
-    distances; the ratio's so that as many validation images as knn flagged alone at `in_fraction` are flagged by
-    the two together (the larger ratios among those knn's new threshold lets pass); the gate at their `OPTICS_GATE`
-    quantile, below which the check does not look (so at most that many are flagged)."""
-    knn = knn_scores(val_pooled, guard.reference.astype(np.float32), guard.k)
+def fit_optics(guard: Guard, optics_reference: np.ndarray, val_pooled: np.ndarray, knn: np.ndarray,
+               cfg: OODConfig) -> None:
+    """The optics check's thresholds on the validation images (pooled features `val_pooled`, knn distances `knn`):
+    knn's at the `far_fraction` quantile of their distances; the ratio's so that as many validation images as knn
+    flagged alone at `in_fraction` are flagged by the two together (the larger ratios among those knn's new threshold
+    lets pass); the gate at their `OPTICS_GATE` quantile, below which the check does not look (so at most that many
+    are flagged)."""
     allowed = int((knn > guard.thresholds["knn"]).sum())  # what knn alone flags at in_fraction
     far_fraction = cfg.in_fraction if cfg.far_fraction is None else cfg.far_fraction
     far = float(np.quantile(knn, far_fraction, method="higher"))

@@ -72,7 +72,8 @@ def add_query_commands(subparsers: Any) -> None:
                         description="Images flagged needs_review (low confidence, out of distribution, or both: "
                                     "review_reason), lowest confidence first, with their paths.")
     r.add_argument("--reason", choices=REASONS,
-                   help="only rows flagged for this reason, or by this check of the guard (knn, optics, colour, structure)")
+                   help="only rows flagged for this reason, or by this check of the guard "
+                        "(knn, optics, colour, structure)")
     r.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50; 0 = all)")
     r.add_argument("--max-confidence", type=float, default=None, help="only rows at or below this confidence")
     r.add_argument("--all", action="store_true", dest="include_reviewed",

@@ -55,7 +55,8 @@ def add_review_commands(subparsers: Any) -> None:
     b.add_argument("--since", metavar="YYYY-MM-DD", help="first run_date to include")
     b.add_argument("--until", metavar="YYYY-MM-DD", help="last run_date to include")
     b.add_argument("--reason", choices=REASONS,
-                   help="only rows flagged for this reason, or by this check of the guard (knn, optics, colour, structure)")
+                   help="only rows flagged for this reason, or by this check of the guard "
+                        "(knn, optics, colour, structure)")
     b.add_argument("--limit", type=int, default=200, help="at most this many flagged rows, lowest confidence first "
                                                           "(default 200; 0 = all)")
     b.add_argument("--audit", type=int, default=0, metavar="N",

@@ -149,9 +149,9 @@ def defocus_field(arr: np.ndarray, rng: np.random.Generator, size: int,
                   radius: tuple[float, float] = (5.0, 12.0)) -> Image.Image:
     """A field out of focus as a camera records it: blurred in linear light (`leukray.colour.GAMMA`) by a disc, an
     out-of-focus lens' point spread, of a radius drawn from `radius` (px at 224 px; default 5–12); then the
-    robustness suite's shot noise (600–2000 photons at white), read noise (σ 1–3 of 255 levels) and JPEG (quality 85).
-    Noise matters: it is fine structure, so a field blurred without it is easier to tell from a sharp one than a real
-    camera's defocus is."""
+    robustness suite's shot noise (600–2000 photons at white), read noise (σ 1–3 of 255 levels) and JPEG (quality
+    85). Noise matters: it is fine structure, so a field blurred without it is easier to tell from a sharp one than a
+    real camera's defocus is."""
     from scipy.signal import fftconvolve
 
     from .colour import GAMMA
