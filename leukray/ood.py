@@ -258,12 +258,11 @@ class Guard:
         `msp`), and with knn the `optics` check (knn's threshold × ratio / its threshold) and the `colour` and
         `structure` checks the package has, each knn's threshold × the square of how far past its own threshold the
         image is (colour distance / its threshold; structure threshold / structure, capped at 10 × knn's threshold
-        for a field with none at all). The score is their
-        maximum, so an image is flagged by every check whose score is over the threshold (`flagged_by`). Why the
-        square: the two checks are fitted to pass 99.5 % of in-distribution images against knn's 97 %, so an image
-        they flag is stronger evidence and ranks above the in-distribution images knn flags (measured: the blank
-        fields' AUROC above max-softmax's on all three seeds of the default recipe, docs/results.md); which images
-        are flagged does not change."""
+        for a field with none at all). The score is their maximum, so an image is flagged by every check whose score
+        is over the threshold (`flagged_by`). Why the square: the two checks are fitted to pass 99.5 % of
+        in-distribution images against knn's 97 %, so an image they flag is stronger evidence and ranks above the
+        in-distribution images knn flags (measured: the blank fields' AUROC above max-softmax's on all three seeds
+        of the default recipe, docs/results.md); which images are flagged does not change."""
         method = check_method(method or self.method)
         if method == "energy":
             return {method: energy_scores(logits, self.temperature)}

@@ -64,6 +64,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
     old_guard = load_guard(pkg.uri, pkg.card, storage)
     card_ood = pkg.card.get("ood") or {}
     trained = pkg.card.get("config") or {}  # the package's training config: its seed and augmentation
+    seed = int(trained.get("seed", 0))
     old_made = card_ood.get("reference_made") or {}  # how the package's knn reference was made
     far = (card_ood.get("optics") or {}).get("far_fraction")  # carried over only where it differs from in_fraction
     ood_cfg = OODConfig.model_validate({**({kk: pkg.card["ood"][kk] for kk in ("method", "k", "in_fraction")}
@@ -126,7 +127,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                           data.manifest_uri, storage).images
             reference, made = guard_reference(features_of, train_images, ood_cfg, trained.get("augment", "none"),
                                               float(trained.get("augment_strength", 1.0)),
-                                              float(trained.get("augment_zoom", 1.0)), int(trained.get("seed", 0)))
+                                              float(trained.get("augment_zoom", 1.0)), seed)
             ref_source = f"train rows of {data.manifest_uri}"
         elif old_guard is not None:
             reference, ref_source = old_guard.reference, f"the reference of {pkg.uri}"
@@ -146,8 +147,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                 if train_images is None:
                     train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                                   data.manifest_uri, storage).images
-                optics = optics_reference(features_of, train_images, ood_cfg,
-                                          int(trained.get("seed", 0)))
+                optics = optics_reference(features_of, train_images, ood_cfg, seed)
         colour_ref = colour_val = None
         old_colour = old_guard.colour_reference if old_guard is not None else None
         if reference is not None and not widen and (ood_cfg.colour_check or ood_cfg.structure_check):
@@ -158,8 +158,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                 train_images = load_eval_data(data_uri, pkg.classes, pkg.image_size, "train", pkg.uri, pkg.card,
                                               data.manifest_uri, storage).images
             if not needs_train or train_images is not None:
-                colour_ref, colour_val = colour_envelopes(train_images, data.images, ood_cfg,
-                                                          int(trained.get("seed", 0)),
+                colour_ref, colour_val = colour_envelopes(train_images, data.images, ood_cfg, seed,
                                                           reference=old_colour)
         card = dict(pkg.card, temperature=temperature, tta=tta_mode, calibration=summary)
         card.pop("ood", None)
