@@ -118,7 +118,7 @@ def test_onnx_export_has_features_output_and_leaves_the_model_in_eval_mode(tmp_p
     assert image_stats_width((tmp_path / "m.onnx").read_bytes()) == 8  # what calibrate reads to re-export
 
 
-@pytest.mark.parametrize("norm", ["grey_world", "white_patch"])
+@pytest.mark.parametrize("norm", ["grey_world", "white_patch", "white_patch_stain"])
 def test_colour_normalisation_undoes_channel_gains_and_exports(norm, tmp_path):
     """In-network colour constancy: an image and the same image under per-channel gains (no clipping) give the
     same normalised input; ONNX Runtime computes what torch computes."""
@@ -141,8 +141,24 @@ def test_colour_normalisation_undoes_channel_gains_and_exports(norm, tmp_path):
         np.testing.assert_allclose(got, model(img).numpy(), atol=1e-4)
 
 
+def test_stain_normalisation_undoes_the_amount_of_dye():
+    """white_patch_stain: the same field stained more or less (its optical density scaled, the background white)
+    gives the same normalised input; white_patch alone does not undo it."""
+    from leukray.model import Preprocess
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(120, 240, (2, 3, 20, 20))  # summed density of the darkest 5 %: about 2, inside the clamp
+    x[:, :, :6] = 255.0  # the background: the brightest 30 % of each channel
+    x = torch.from_numpy(x.astype(np.float32))
+    for amount in (0.6, 1.5):
+        stained = 255.0 * (x / 255.0) ** amount
+        torch.testing.assert_close(Preprocess("white_patch_stain")(x), Preprocess("white_patch_stain")(stained),
+                                   atol=1e-3, rtol=1e-3)
+        assert (Preprocess("white_patch")(x) - Preprocess("white_patch")(stained)).abs().max() > 0.1
+
+
 def test_unknown_colour_norm_names_the_allowed_ones():
     from leukray.model import ModelConfig, build_model
 
-    with pytest.raises(ValueError, match="'grey'.*none, grey_world, white_patch"):
+    with pytest.raises(ValueError, match="'grey'.*none, grey_world, white_patch, white_patch_stain"):
         build_model(ModelConfig(weights="none", colour_norm="grey"), verbose=False)
