@@ -59,7 +59,7 @@ STAIN_DARK_FRACTION = 0.05
 """white_patch_stain: the most strongly stained fraction of pixels (summed optical density) whose mean is matched."""
 STAIN_DENSITY = 1.5
 """white_patch_stain: the summed optical density (natural log, over R, G, B) those pixels are scaled to: the median
-of the Taleqani training images (0.6-2.5 from the 1st to the 99th percentile)."""
+of the Taleqani training images (0.6–2.5 from the 1st to the 99th percentile)."""
 STAIN_SCALE_RANGE = (1 / 3, 3.0)
 """white_patch_stain: the density scale is clamped here, so a blank field's noise is not blown up into stain."""
 
