@@ -70,11 +70,11 @@ def stain_concentration(x: torch.Tensor, blue: torch.Tensor | float, eosin: torc
 
 _STAINED_OD = 0.3
 """Pixels whose summed OD is below this are background (unstained)."""
-_DARK_FRACTION = 0.05
+DARK_FRACTION = 0.05
 """The darkest fraction of pixels (by summed OD): the nuclei, the most strongly stained part of the field."""
 
 
-def _optical_density(x: torch.Tensor, white_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def optical_density(x: torch.Tensor, white_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """float [0, 255] NCHW → per-channel optical density (N, C, H, W), each channel scaled so its brightest
     `white_fraction` (the background) is white, and that background level (N, C, 1, 1): what `signature` and
     `structure` both read."""
@@ -92,7 +92,7 @@ def signature(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     the darkest 5 % (the nuclei), and how far from grey the latter are (0 = grey). Exposure, dye amount and channel
     gains move it little; swapped or inverted channels, a grey image or another dye's hue move it far. Part of the
     exported graph, so every backend computes it (`leukray.ood`'s colour check reads it)."""
-    return _signature(_optical_density(x, white_fraction)[0])
+    return _signature(optical_density(x, white_fraction)[0])
 
 
 def _signature(od: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ def _signature(od: torch.Tensor) -> torch.Tensor:
     total = od.sum(1)
     stained = total * (total > _STAINED_OD).float()
     mean = (od * stained[:, None]).sum(2) / stained.sum(1, keepdim=True).clamp_min(1e-6)
-    cut = torch.topk(total, max(1, int(h * w * _DARK_FRACTION)), dim=1).values[:, -1:]
+    cut = torch.topk(total, max(1, int(h * w * DARK_FRACTION)), dim=1).values[:, -1:]
     dark_mask = (total >= cut).float()
     count = dark_mask.sum(1, keepdim=True).clamp_min(1.0)
     dark = (od * dark_mask[:, None]).sum(2) / count
@@ -144,7 +144,7 @@ def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     field (background under `_LIT_LEVEL`). A smear's nuclei give 0.25 or more, about 0.1 under the
     palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0. Part of the exported graph
     (`leukray.ood`'s structure check)."""
-    return _structure(*_optical_density(x, white_fraction))
+    return _structure(*optical_density(x, white_fraction))
 
 
 def _structure(od: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ def _structure(od: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
 def image_stats(x: torch.Tensor) -> torch.Tensor:
     """The guard's image-level inputs, float [0, 255] NCHW → (N, STATS_DIM): `signature` then `structure`, from one
     optical-density map."""
-    od, level = _optical_density(x)
+    od, level = optical_density(x)
     return torch.cat([_signature(od), _structure(od, level)], 1)
 
 

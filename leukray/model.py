@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from . import storage
-from .colour import image_stats
+from .colour import DARK_FRACTION, image_stats, optical_density
 from .config import StorageOptions, StrictModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,11 +55,10 @@ WHITE_PATCH_FRACTION = 0.1
 """white_patch: the brightest fraction of each channel's pixels whose mean is taken as the background's level."""
 GREY_WORLD_LEVEL = 200.0
 """grey_world: the mean level every channel is scaled to (about the Taleqani images' mean)."""
-STAIN_DARK_FRACTION = 0.05
-"""white_patch_stain: the most strongly stained fraction of pixels (summed optical density) whose mean is matched."""
 STAIN_DENSITY = 1.5
-"""white_patch_stain: the summed optical density (natural log, over R, G, B) those pixels are scaled to: the median
-of the Taleqani training images (0.6–2.5 from the 1st to the 99th percentile)."""
+"""white_patch_stain: the mean summed optical density (natural log, over R, G, B) the field's most strongly stained
+pixels (`leukray.colour.DARK_FRACTION`, the nuclei) are scaled to: the median of the Taleqani training images
+(0.6–2.5 from the 1st to the 99th percentile)."""
 STAIN_SCALE_RANGE = (1 / 3, 3.0)
 """white_patch_stain: the density scale is clamped here, so a blank field's noise is not blown up into stain."""
 
@@ -87,17 +86,18 @@ class Preprocess(nn.Module):
         if self.colour_norm == "grey_world":
             level = x.mean(dim=(2, 3), keepdim=True)
             x = (x * (GREY_WORLD_LEVEL / level.clamp_min(1.0))).clamp(0, 255)
-        elif self.colour_norm in ("white_patch", "white_patch_stain"):
+        elif self.colour_norm == "white_patch":
             n, c, h, w = x.shape
             k = max(1, int(h * w * WHITE_PATCH_FRACTION))
             level = torch.topk(x.reshape(n, c, h * w), k, dim=2).values.mean(2).reshape(n, c, 1, 1)
             x = (x * (255.0 / level.clamp_min(1.0))).clamp(0, 255)
-            if self.colour_norm == "white_patch_stain":
-                od = -torch.log((x / 255.0).clamp_min(1.0 / 255.0))
-                total = od.sum(1).reshape(n, h * w)
-                dark = torch.topk(total, max(1, int(h * w * STAIN_DARK_FRACTION)), dim=1).values.mean(1)
-                scale = (STAIN_DENSITY / dark.clamp_min(1e-3)).clamp(*STAIN_SCALE_RANGE).reshape(n, 1, 1, 1)
-                x = 255.0 * torch.exp(-od * scale)
+        elif self.colour_norm == "white_patch_stain":  # the white patch in optical density, then its scale
+            od = optical_density(x, WHITE_PATCH_FRACTION)[0]
+            n, _, h, w = od.shape
+            total = od.sum(1).reshape(n, h * w)
+            dark = torch.topk(total, max(1, int(h * w * DARK_FRACTION)), dim=1).values.mean(1)
+            scale = (STAIN_DENSITY / dark.clamp_min(1e-3)).clamp(*STAIN_SCALE_RANGE).reshape(n, 1, 1, 1)
+            x = 255.0 * torch.exp(-od * scale)
         return (x - self.mean) / self.std
 
 
