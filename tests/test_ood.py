@@ -449,8 +449,8 @@ def test_structure_tells_empty_fields_from_smears_under_other_labs():
     assert empty.max().item() < 0.5 * weakest, (empty.squeeze(1).tolist(), weakest)  # 0.5: ood.structure_margin
     dark = colour.structure(_nchw(_dark_frames(12)))
     assert dark.max().item() < 0.5 * weakest, (dark.squeeze(1).tolist(), weakest)
-    lit = colour._structure(*colour.optical_density(smears["exposure 0.6"]))  # a dim lamp's smear: not scaled
     od, level = colour.optical_density(smears["exposure 0.6"])
+    lit = colour._structure(od, level)  # a dim lamp's smear: not scaled
     np.testing.assert_allclose(lit.numpy(), colour._structure(od, torch.full_like(level, 255.0)).numpy())
     assert colour.image_stats(x).shape == (12, colour.STATS_DIM)
     np.testing.assert_allclose(colour.image_stats(x)[:, colour.SIGNATURE_DIM:].numpy(), colour.structure(x).numpy())
