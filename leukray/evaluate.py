@@ -285,6 +285,8 @@ def evaluate(model_ref: str, data_uri: str, out_dir: str, split: str = "test",
                                   **silent_errors(data.labels, pred, flags["needs_review"])}},
         "ood": None if guard is None else {"method": guard.method, "k": guard.k, "threshold": guard.threshold,
                                            "flagged_fraction": float(flags["ood"].mean()),
+                                           "shift": (None if flags.get("above_median") is None
+                                                     else float(flags["above_median"].mean())),
                                            "ood_by_check": {name: float(v.mean())
                                                             for name, v in flags["ood_by_check"].items()}},
         "seed": int(seed),

@@ -59,6 +59,11 @@ pass both. The check looks only at images farther from the training images than 
 (`OPTICS_GATE`). The row's `ood_score` is at least knn's threshold × ratio / ratio threshold. Measured on the
 default recipe: docs/results.md.
 
+Shift (`score_medians`, `above_median`): the fit also records the validation images' median score per predicted
+class. About half of the images like the training ones lie above it; another camera, lamp or stain moves most images
+a little away from the training images long before the guard flags many of them, so the fraction above it over a
+day's images (`leukray report drift`'s `shift`) says the images changed when the flag rate cannot yet.
+
 Model outputs: inference backends return one float32 array per batch, (N, K + D): K logits, then D features —
 1280 pooled features, 7 colour-signature values and the structure (D = 1287 for packages exported before the
 structure check, 1280 before the colour check, 0 before the guard existed). `split_outputs` cuts it; test-time
@@ -91,6 +96,8 @@ REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 OPTICS_REFERENCE_FILE = "ood_optics_reference.npy"
 OPTICS_GATE = 0.9
+SHIFT_MIN_PER_CLASS = 10
+"""A class predicted for fewer validation images than this has no median of its own (`score_medians`)."""
 """The optics check looks at images farther from the training images than this fraction of the validation images
 (measured on the default recipe: every folder's and setting's flags the same to within 0.7 points; scoring skips
 their second knn search)."""
@@ -310,6 +317,12 @@ class Guard:
         p = self.reference.shape[1]
         return kth_distance(features[:, p:p + SIGNATURE_DIM], self.colour_reference, self.k)
 
+    def above_median(self, scores: np.ndarray, predicted: np.ndarray) -> np.ndarray | None:
+        """`above_median` with the package's validation medians; None for a package fitted before they were
+        recorded."""
+        medians = self.fitted.get("score_median")
+        return None if not medians else above_median(medians, scores, predicted)
+
     def in_distribution(self, scores: np.ndarray, method: str | None = None) -> np.ndarray:
         return np.asarray(scores) <= self.thresholds[check_method(method or self.method)]
 
@@ -372,8 +385,31 @@ def fit_guard(train_features: np.ndarray, val_logits: np.ndarray, val_features: 
                                      "weakest": float(weakest), "n_val": int(len(colour_val)),
                                      "statistic": STRUCTURE_STATISTIC}
     guard.fitted.setdefault("n_val", int(len(val_logits)))
-    guard.fitted["val_flagged_fraction"] = float((~guard.in_distribution(guard.scores(val_logits, val_features))).mean())
+    final = guard.scores(val_logits, val_features)
+    guard.fitted["val_flagged_fraction"] = float((~guard.in_distribution(final)).mean())
+    guard.fitted["score_median"] = score_medians(final, np.asarray(val_logits).argmax(1), np.shape(val_logits)[1])
     return guard
+
+
+def score_medians(scores: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The validation images' median `ood_score`, over all and per predicted class (in the card's class order; None
+    for a class predicted fewer than `SHIFT_MIN_PER_CLASS` times, which then uses the overall one). Per class because
+    the distances differ by class (measured on the default recipe: Benign fields lie about twice as far from their
+    nearest training images as Pre-B ones), so a day of mostly Benign smears is not mistaken for a shift."""
+    scores, predicted = np.asarray(scores, dtype=np.float64), np.asarray(predicted)
+    by_class = [float(np.median(scores[predicted == c])) if (predicted == c).sum() >= SHIFT_MIN_PER_CLASS else None
+                for c in range(num_classes)]
+    return {"all": float(np.median(scores)), "by_class": by_class, "n_val": int(len(scores)),
+            "min_per_class": SHIFT_MIN_PER_CLASS}
+
+
+def above_median(medians: dict[str, Any], scores: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Which images lie farther from the training images than the median validation image of their predicted
+    class (`score_medians`): about half of in-distribution images, by construction. Another camera, lamp or stain
+    moves most images away from the training images long before the guard flags many of them, so this fraction
+    over a day's images (`leukray report drift`'s `shift`) says the images changed when the flag rate cannot yet."""
+    m = np.array([medians["all"] if v is None else v for v in medians["by_class"]], dtype=np.float64)
+    return np.asarray(scores) > m[np.asarray(predicted)]
 
 
 def fit_optics(guard: Guard, optics_reference: np.ndarray, val_pooled: np.ndarray, knn: np.ndarray,
@@ -404,12 +440,15 @@ def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: 
     split set. Why not refit the thresholds on the lab's images: a sample from a lab whose camera differs sits far
     from the training images, and thresholds set at its quantiles move so far out that blank fields, other stains
     and photographs pass (measured: docs/results.md); added to the references, the lab's images count as in
-    distribution and everything far from both stays flagged."""
+    distribution and everything far from both stays flagged. The validation medians (`score_median`) are dropped:
+    what is typical for the lab's images under the widened references is not what the package's validation images
+    measured, and comparing with the old medians would call every day of that lab's images a shift."""
     pooled = guard.reference.shape[1]
     f = np.asarray(features, dtype=np.float32)
+    kept = {k: v for k, v in guard.fitted.items() if k != "score_median"}
     widened = Guard(guard.method, guard.k, guard.in_fraction, float(temperature), dict(guard.thresholds),
                     np.concatenate([guard.reference, l2_normalise(f[:, :pooled]).astype(np.float16)]),
-                    {**guard.fitted, **fitted}, guard.colour_reference, guard.colour_threshold,
+                    {**kept, **fitted}, guard.colour_reference, guard.colour_threshold,
                     guard.structure_threshold, guard.optics_reference, guard.optics_threshold, guard.optics_gate)
     if guard.colour_reference is not None and f.shape[1] >= pooled + SIGNATURE_DIM:
         widened.colour_reference = np.concatenate([guard.colour_reference,

@@ -208,7 +208,8 @@ def plot_ood_scores(scores: Mapping[str, Mapping[str, np.ndarray]], thresholds: 
 
 
 def plot_class_mix(drift_table, path: str, storage_options: StorageOptions | None = None) -> str:
-    """Stacked bars of the class proportions per day (from `Results.drift`), the training mix as the first bar(s).
+    """Stacked bars of the class proportions per day (from `Results.drift`), the training mix as the first bar(s),
+    each day's TV distance and shift above its bar.
     Written as PNG to `path`: a local file (parent folders created) or an s3:// URI (written with `storage_options`).
     """
     names = drift_table.schema.names
@@ -239,11 +240,13 @@ def plot_class_mix(drift_table, path: str, storage_options: StorageOptions | Non
         bottom = [b + v for b, v in zip(bottom, vals)]
     for x, r in zip(xs, rows):
         if r["tv_distance"] is not None:
-            ax.text(x, 1.01, f"TV {r['tv_distance']:.2f}", ha="center", va="bottom", fontsize=7)
+            shift = r.get("shift")
+            ax.text(x, 1.01, f"TV {r['tv_distance']:.2f}" + ("" if shift is None else f"\nshift {shift:.2f}"),
+                    ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs)
     many = len(rows) > 10
     ax.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.15)
     ax.set_ylabel("proportion of ok predictions")
     ax.set_title("Predicted class mix per day vs training distribution")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)

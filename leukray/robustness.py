@@ -61,14 +61,16 @@ class Flagger:
         conf = probs.max(1)
         low = low_confidence(probs, self.classes, self.threshold, self.benign_malignant_threshold)
         by_check: dict[str, np.ndarray] = {}
+        above = None
         if self.guard is not None and features is not None:
             ood_score, by_check = self.guard.flagged_by(logits, features)
             ood = ~self.guard.in_distribution(ood_score)
+            above = self.guard.above_median(ood_score, probs.argmax(1))
         else:
             ood_score, ood = np.full(len(conf), np.nan), np.zeros(len(conf), bool)
         return {"pred": probs.argmax(1), "probs": probs, "confidence": conf, "low_confidence": low,
                 "ood_score": ood_score, "ood": ood, "ood_by_check": by_check, "needs_review": low | ood,
-                "views": outputs.views}
+                "above_median": above, "views": outputs.views}
 
 
 def silent_errors(labels: np.ndarray, pred: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
@@ -141,6 +143,7 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
                 "flagged_fraction": float(f["needs_review"].mean()),
                 "ood_fraction": float(f["ood"].mean()),
                 "ood_by_check": {name: float(v.mean()) for name, v in f["ood_by_check"].items()},
+                "shift": None if f.get("above_median") is None else float(f["above_median"].mean()),
                 **silent_errors(labels, pred, f["needs_review"]),
                 "silent_error_rate_confidence_only": silent_errors(labels, pred, f["low_confidence"])["silent_error_rate"],
                 "mean_views": float(f["views"].mean()) if len(pred) else 0.0}
@@ -153,7 +156,8 @@ def robustness_suite(predict: Callable[[np.ndarray], Outputs], images: np.ndarra
     settings = [(name, severity_index(name, severity), severity) for name, severities in chosen.items()
                 for severity in severities]
     n = len(images)
-    keys = ("pred", "low_confidence", "ood", "needs_review", "views")
+    keys = ("pred", "low_confidence", "ood", "needs_review", "views") + (
+        ("above_median",) if clean_f["above_median"] is not None else ())
     flags = {key: np.empty((len(settings), n), dtype=np.int64 if key in ("pred", "views") else bool) for key in keys}
     by_check = {name: np.empty((len(settings), n), bool) for name in clean_f["ood_by_check"]}
 
@@ -231,7 +235,7 @@ def format_robustness_table(rob: dict[str, Any]) -> str:
 
 
 ROBUSTNESS_COLUMNS = ["perturbation", "severity", "accuracy", "macro_f1", "flagged_fraction", "ood_fraction",
-                      "silent_error_rate", "silent_benign_malignant", "silent_error_rate_confidence_only",
+                      "shift", "silent_error_rate", "silent_benign_malignant", "silent_error_rate_confidence_only",
                       "accuracy_drop", "changed_fraction", "mean_views", "n"]
 OOD_COLUMNS = ["folder", "n", "unreadable", "knn_auroc", "knn_flagged_fraction", "msp_auroc", "msp_flagged_fraction",
                "energy_auroc", "energy_flagged_fraction", "needs_review_fraction"]

@@ -116,7 +116,10 @@ def test_robustness_grid(report):
     with open(out / "robustness.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == len(expected)
-    assert {"perturbation", "severity", "accuracy", "macro_f1"} <= set(table[0])
+    assert {"perturbation", "severity", "accuracy", "macro_f1", "shift"} <= set(table[0])
+    # the shift against the validation medians: about half on the clean split, and in [0, 1] everywhere
+    assert r["ood"]["shift"] is not None and 0.0 <= r["ood"]["shift"] <= 1.0
+    assert all(0.0 <= row["shift"] <= 1.0 for row in rob["results"]) and rob["clean"]["shift"] == r["ood"]["shift"]
 
 
 def test_deterministic_for_a_seed(report, package, synth_data, tmp_path):
@@ -137,11 +140,12 @@ def test_a_subset_of_families_gives_the_full_suites_numbers(report, package, syn
     assert [r["perturbation"] for r in rows] == ["hue"] * len(PERTURBATIONS["hue"]) + \
         ["impulse_noise"] * len(PERTURBATIONS["impulse_noise"])
     same = [r for r in full["robustness"]["results"] if r["perturbation"] in ("hue", "impulse_noise")]
-    guard = ("ood_fraction", "ood_by_check")  # a knn distance right at the threshold may round either way
+    guard = ("ood_fraction", "ood_by_check", "shift")  # a knn distance right at a threshold may round either way
     assert [{k: v for k, v in r.items() if k not in guard} for r in rows] == \
         [{k: v for k, v in r.items() if k not in guard} for r in same]
     for r, s in zip(rows, same):
         assert abs(r["ood_fraction"] - s["ood_fraction"]) <= 1 / r["n"] + 1e-9
+        assert abs(r["shift"] - s["shift"]) <= 2 / r["n"] + 1e-9
     assert set(some["robustness"]["by_perturbation"]) == {"hue", "impulse_noise"}
     with pytest.raises(ValueError, match=r"unknown perturbation family 'fog'; allowed: hue, saturation"):
         evaluate(str(package), str(synth_data), str(tmp_path / "bad"), perturbations=["hue", "fog"])
@@ -158,7 +162,7 @@ def test_severities_past_the_suites(report, package, synth_data, tmp_path):
     rows = past["robustness"]["results"]
     assert [(r["perturbation"], r["severity"]) for r in rows] == [("magnification", 2), ("magnification", 0.8)]
     suite_row = next(r for r in full["robustness"]["results"] if (r["perturbation"], r["severity"]) == ("magnification", 0.8))
-    guard = ("ood_fraction", "ood_by_check")
+    guard = ("ood_fraction", "ood_by_check", "shift")
     assert {k: v for k, v in rows[1].items() if k not in guard} == {k: v for k, v in suite_row.items() if k not in guard}
     assert rows[0]["n"] == suite_row["n"]
     assert past["robustness"]["by_perturbation"]["magnification"]["worst_severity"] in (2, 0.8)

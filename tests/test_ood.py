@@ -57,6 +57,56 @@ def test_fit_sets_each_threshold_at_the_validation_quantile_and_flags_far_points
     np.testing.assert_allclose(np.linalg.norm(guard.reference.astype(np.float64), axis=1), 1.0, atol=1e-3)
 
 
+def test_validation_medians_per_class_tell_a_shift_the_flags_miss(tmp_path):
+    """`score_median`: the validation images' median score per predicted class (a class with fewer than
+    `SHIFT_MIN_PER_CLASS` takes the overall one), recorded on the card; about half of in-distribution images lie
+    above their class's, most images moved a little away from the training images do, while the guard flags few
+    of them. A guard widened on a lab's images drops the medians (they no longer say what is typical)."""
+    from leukray.ood import SHIFT_MIN_PER_CLASS, above_median, widen_guard
+
+    rng = np.random.default_rng(7)
+    centre = 10 * rng.normal(size=32) / np.sqrt(32)
+    spreads = (0.08, 0.04, 0.04, 0.04)  # class 0's images lie farther apart, so farther from their neighbours
+
+    def images(n_per_class, offset=0.0):
+        x = np.concatenate([_cloud(rng, n, centre + 0.5 * c + offset, spreads[c]) for c, n in enumerate(n_per_class)])
+        logits = np.repeat(np.eye(4) * 5, n_per_class, axis=0)
+        return x, logits
+
+    train, _ = images((300, 300, 300, 300))
+    val, val_logits = images((60, 60, 60, SHIFT_MIN_PER_CLASS - 1))
+    guard = fit_guard(train, val_logits, val, 1.0, OODConfig(k=10, in_fraction=0.97))
+    med = guard.fitted["score_median"]
+    assert med["by_class"][3] is None and med["n_val"] == len(val)  # too few class-3 validation images
+    assert med["by_class"][0] > 1.5 * med["by_class"][1]
+    val_scores = guard.scores(val_logits, val)
+    assert med["all"] == pytest.approx(float(np.median(val_scores)))
+    for c in range(3):
+        assert med["by_class"][c] == pytest.approx(float(np.median(val_scores[val_logits.argmax(1) == c])))
+    new, new_logits = images((200, 200, 200, 200))  # more images like the validation ones
+    above = guard.above_median(guard.scores(new_logits, new), new_logits.argmax(1))
+    for c in range(3):
+        assert above[new_logits.argmax(1) == c].mean() == pytest.approx(0.5, abs=0.1)
+    # a day of mostly class-0 images: compared with the overall median nearly all would count as moved
+    day, day_logits = images((200, 10, 10, 10))
+    day_scores = guard.scores(day_logits, day)
+    assert (day_scores > med["all"]).mean() > 0.8
+    assert guard.above_median(day_scores, day_logits.argmax(1)).mean() == pytest.approx(0.5, abs=0.1)
+    # every image moved a little: few flagged, most above their class's median
+    direction = rng.normal(size=32)
+    moved, moved_logits = images((200, 200, 200, 200), offset=0.25 * direction / np.linalg.norm(direction))
+    moved_scores = guard.scores(moved_logits, moved)
+    assert (~guard.in_distribution(moved_scores)).mean() < 0.15
+    assert guard.above_median(moved_scores, moved_logits.argmax(1)).mean() > 0.8
+    np.testing.assert_array_equal(above_median(med, moved_scores, moved_logits.argmax(1)),
+                                  guard.above_median(moved_scores, moved_logits.argmax(1)))
+    save_reference(guard, str(tmp_path))  # through the card
+    back = load_guard(str(tmp_path), {"ood": json.loads(json.dumps(guard.card()))})
+    assert back.fitted["score_median"] == med
+    wide = widen_guard(back, moved[:100], 1.0, {"lab_samples": [{"n": 100}]})
+    assert "score_median" not in wide.card() and wide.above_median(moved_scores, moved_logits.argmax(1)) is None
+
+
 def test_optics_check_flags_what_lies_nearer_the_wrong_optics_and_keeps_in_fraction(tmp_path):
     """The optics check: validation images pass at `in_fraction` as before (knn's own threshold moves out to
     `far_fraction`); an image between the training cloud and the cloud of its wrong-optics copies, nearer the latter
@@ -283,6 +333,9 @@ def test_calibrate_adds_the_guard_to_a_package_from_before_it(imagenet_package, 
     assert new_card["ood"]["optics"]["threshold"] == pytest.approx(trained_guard["optics"]["threshold"], rel=1e-3)
     assert new_card["ood"]["optics"]["reference"]["n"] == trained_guard["optics"]["reference"]["n"] > 0
     assert (tmp_path / "new" / "ood_optics_reference.npy").exists()
+    # the validation medians the drift report's shift compares with, as training recorded them
+    for got, want in zip(new_card["ood"]["score_median"]["by_class"], trained_guard["score_median"]["by_class"]):
+        assert (got is None and want is None) or got == pytest.approx(want, rel=1e-3)
     after = evaluate(str(tmp_path / "new"), str(synth_data), str(tmp_path / "ev-new"), plots=False)
     assert after["ood"]["method"] == "knn" and after["accuracy"] == before["accuracy"]
 

@@ -47,6 +47,8 @@ TRAIN_COUNTS = {
     "v0001": {"Benign": 500, "Early Pre-B": 985, "Pre-B": 963, "Pro-B": 804},
     "v0002": {"Benign": 400, "Early Pre-B": 1000, "Pre-B": 900, "Pro-B": 900},
 }
+SCORE_MEDIAN = {"all": 0.35, "by_class": [0.2, 0.35, None, 0.45], "n_val": 277}
+"""v0002's validation medians (`leukray.ood.score_medians`): Pre-B takes the overall one."""
 ERRORS = ["empty file", "truncated image", "not an image (unrecognised format)", "too large: 60000x60000 pixels"]
 
 # (run_id, run_date, model_version, model reference kind, rows per file)
@@ -143,7 +145,8 @@ def build_outputs(root: str, output_uri: str, registry_uri: str) -> pa.Table:
         with open(os.path.join(reg, version, "model_card.json"), "w") as f:
             card = {"name": MODEL, "version": version, "classes": list(CLASSES), "class_counts": counts}
             if version != "v0001":  # v0001: a package from before the guard
-                card["ood"] = {"method": "knn", "in_fraction": 0.97, "val_flagged_fraction": 0.03}
+                card["ood"] = {"method": "knn", "in_fraction": 0.97, "val_flagged_fraction": 0.03,
+                               "score_median": SCORE_MEDIAN}
             json.dump(card, f)
     with open(os.path.join(reg, "LATEST"), "w") as f:
         f.write("v0002\n")
@@ -556,6 +559,7 @@ def test_drift_against_model_cards(loc, tmp_path):
         for c, q in _training_props(version).items():
             assert x[c] == pytest.approx(q)
         assert x["ood_rate"] == (None if version == "v0001" else 0.03) and x["ood_p_value"] is None
+        assert x["shift"] == (None if version == "v0001" else 0.5) and x["shift_p_value"] is None
     scored = [x for x in rows if x["source"] == "scored"]
     expected = _expected_drift(loc.truth)
     assert [(x["run_date"], x["model"]) for x in scored] == sorted(expected)
@@ -570,6 +574,7 @@ def test_drift_against_model_cards(loc, tmp_path):
         day = day.filter(pc.equal(day["model_version"], x["model"].split(":")[1]))
         if x["model"].endswith("v0001"):
             assert x["ood_rate"] is None and x["ood_p_value"] is None
+            assert x["shift"] is None and x["shift_p_value"] is None  # no medians on the card
             assert x["ood_knn_rate"] is x["ood_colour_rate"] is x["ood_structure_rate"] is None
         else:
             rate = pc.sum(pc.cast(pc.invert(day["in_distribution"]), pa.int64())).as_py() / day.num_rows
@@ -585,9 +590,18 @@ def test_drift_against_model_cards(loc, tmp_path):
             flagged = round(rate * day.num_rows)
             assert x["ood_p_value"] == pytest.approx(binom.sf(flagged - 1, day.num_rows, 0.03), rel=1e-9)
             assert rate > 0.1 and x["ood_p_value"] < 0.01
+            # the shift: rows above their predicted class's validation median, a sign test against one half
+            from scipy.stats import binomtest
+
+            median = {c: SCORE_MEDIAN["all"] if m is None else m for c, m in zip(CLASSES, SCORE_MEDIAN["by_class"])}
+            above = sum(sc > median[c] for sc, c in zip(day["ood_score"].to_pylist(), day["predicted_class"].to_pylist()))
+            assert x["shift"] == pytest.approx(above / day.num_rows)
+            assert x["shift_p_value"] == pytest.approx(binomtest(above, day.num_rows, 0.5, alternative="greater").pvalue)
     # day 3 was generated with a strongly shifted mix
     d3 = next(x for x in scored if x["run_date"] == "2026-11-27")
     assert d3["tv_distance"] > 0.2 and d3["p_value"] < 0.01
+    # and mostly Benign rows, whose validation median (0.2) most of their scores exceed
+    assert d3["shift"] > 0.6 and d3["shift_p_value"] < 0.01
     png = (tmp_path / "plots" / "mix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

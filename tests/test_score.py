@@ -219,6 +219,12 @@ def test_first_run_one_row_per_file(cluster, loc):
     assert ok["review_reason"].to_pylist() == [names[(bool(a), bool(b))] for a, b in zip(low, ood)]
     assert [c is None for c in ok["ood_check"].to_pylist()] == ok["in_distribution"].to_pylist()
     assert m["execution"]["ood"]["method"] == "knn"
+    # the drift report's shift: the day's rows above the validation median of their predicted class (the card's)
+    med = card["ood"]["score_median"]
+    median = {c: med["all"] if v is None else v for c, v in zip(card["classes"], med["by_class"])}
+    above = [sc > median[c] for sc, c in zip(ok["ood_score"].to_pylist(), ok["predicted_class"].to_pylist())]
+    day = [x for x in r.drift().to_pylist() if x["source"] == "scored"]
+    assert len(day) == 1 and day[0]["shift"] == pytest.approx(sum(above) / len(above))
     # schema: the documented one, run_date the table's partition column (not in the data files)
     assert t.schema.equals(RESULTS_SCHEMA), t.schema
     assert r.table.metadata().partition_columns == ["run_date"]
