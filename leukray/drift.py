@@ -41,8 +41,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     predicted class (card "ood.score_median"; training rows 0.5, by construction), with `shift_p_value` (one-sided
     sign test): another camera, lamp or stain moves most images away from the training images before the guard
     flags many of them (measured: red gain ×1.2 moves about two thirds above the median while 4 % are flagged), so
-    the shift says the images changed days and hundreds of images before `ood_rate` can (null for models without
-    the medians: packages fitted before they were recorded, and packages widened on a lab's own images).
+    the shift says the images changed on a day of a hundred or two where `ood_rate` needs thousands (null for models
+    without the medians: packages fitted before they were recorded, and packages widened on a lab's own images).
     `ood_knn_rate`, `ood_optics_rate`, `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's
     checks flagged (`ood_check`; a row can count in several), which says what changed — the images themselves, the
     microscope's focus or magnification, their colours, or fields without cells (null for days with rows scored

@@ -96,11 +96,11 @@ REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 OPTICS_REFERENCE_FILE = "ood_optics_reference.npy"
 OPTICS_GATE = 0.9
-SHIFT_MIN_PER_CLASS = 10
-"""A class predicted for fewer validation images than this has no median of its own (`score_medians`)."""
 """The optics check looks at images farther from the training images than this fraction of the validation images
 (measured on the default recipe: every folder's and setting's flags the same to within 0.7 points; scoring skips
 their second knn search)."""
+SHIFT_MIN_PER_CLASS = 10
+"""A class predicted for fewer validation images than this has no median of its own (`score_medians`)."""
 OPTICS_MADE = ("the training images through a ×2 weaker objective (each at half size beside three others), a ×2 "
                "stronger one (centre enlarged ×2) and out of focus (disc of radius 10–14 px at 224 px in linear "
                "light, shot and read noise, JPEG q 85), one copy each (leukray.train.optics_images)")
