@@ -42,7 +42,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     sign test): another camera, lamp or stain moves most images away from the training images before the guard
     flags many of them (measured: red gain ×1.2 moves about two thirds above the median while 4 % are flagged), so
     the shift says the images changed on a day of a hundred or two where `ood_rate` needs thousands (null for models
-    without the medians: packages fitted before they were recorded, and packages widened on a lab's own images).
+    without the medians: packages fitted before they were recorded).
     `ood_knn_rate`, `ood_optics_rate`, `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's
     checks flagged (`ood_check`; a row can count in several), which says what changed — the images themselves, the
     microscope's focus or magnification, their colours, or fields without cells (null for days with rows scored

@@ -73,7 +73,7 @@ views average both parts at once.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -434,15 +434,18 @@ def fit_optics(guard: Guard, optics_reference: np.ndarray, val_pooled: np.ndarra
                               "n_val": int(len(knn))}
 
 
-def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: dict[str, Any]) -> Guard:
+def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: dict[str, Any],
+                logits: np.ndarray | None = None) -> Guard:
     """The package's guard with a lab's own labelled images added to its references (their pooled features to
     knn's, their colour signatures to the colour check's) and every threshold kept: what the package's validation
     split set. Why not refit the thresholds on the lab's images: a sample from a lab whose camera differs sits far
     from the training images, and thresholds set at its quantiles move so far out that blank fields, other stains
     and photographs pass (measured: docs/results.md); added to the references, the lab's images count as in
-    distribution and everything far from both stays flagged. The validation medians (`score_median`) are dropped:
-    what is typical for the lab's images under the widened references is not what the package's validation images
-    measured, and comparing with the old medians would call every day of that lab's images a shift."""
+    distribution and everything far from both stays flagged. The medians the drift report's shift compares with
+    (`score_median`) are refitted on the lab's images, each scored against the widened references without itself
+    (`logits`: the images' logits, for their predicted classes): what is typical of that lab's images from now on.
+    Without `logits` they are dropped, since the package's validation medians would call every day of that lab's
+    images a shift."""
     pooled = guard.reference.shape[1]
     f = np.asarray(features, dtype=np.float32)
     kept = {k: v for k, v in guard.fitted.items() if k != "score_median"}
@@ -453,6 +456,13 @@ def widen_guard(guard: Guard, features: np.ndarray, temperature: float, fitted: 
     if guard.colour_reference is not None and f.shape[1] >= pooled + SIGNATURE_DIM:
         widened.colour_reference = np.concatenate([guard.colour_reference,
                                                    f[:, pooled:pooled + SIGNATURE_DIM].astype(np.float16)])
+    if logits is not None and len(f):
+        # each image is its own nearest entry in the widened references: one neighbour more leaves it out (the
+        # optics check's reference holds no lab images, so its ratio shifts a little, only past the gate: the
+        # medians lie far below it)
+        without_self = replace(widened, k=widened.k + 1)
+        medians = score_medians(without_self.scores(logits, f), np.asarray(logits).argmax(1), np.shape(logits)[1])
+        widened.fitted["score_median"] = {**medians, "fitted_on": "the lab's sample, each image without itself"}
     return widened
 
 

@@ -171,7 +171,7 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                 {"data": data_uri, "n": len(data.paths), "at": summary["at"]}]
             ref_source = f"{ref_source} + {len(data.paths)} image(s) of {data_uri}"
             guard = widen_guard(old_guard, features, temperature,
-                                {"lab_samples": samples, "reference_split": ref_source})
+                                {"lab_samples": samples, "reference_split": ref_source}, logits=logits)
             card["ood"] = guard.card()
             summary["ood"] = {"method": guard.method, "threshold": guard.threshold,
                               "threshold_before": old_guard.threshold, "reference_added": len(data.paths),

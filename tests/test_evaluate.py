@@ -312,6 +312,10 @@ def test_calibrate_on_a_labs_own_folder_uses_every_image(package, tmp_path):
     assert card["ood"]["colour"]["reference"]["n"] == before["colour"]["reference"]["n"] + 12
     assert [s["n"] for s in card["ood"]["lab_samples"]] == [12] and r["ood"]["reference_added"] == 12
     assert 0.0 <= r["ood"]["flagged_before"] <= 1.0
+    # the drift report's medians now come from the lab's 12 images
+    med = card["ood"]["score_median"]
+    assert med["n_val"] == 12 and len(med["by_class"]) == 4 and med["fitted_on"].startswith("the lab's sample")
+    assert "fitted_on" not in before["score_median"]
     # the lab's own images are no further from the widened reference than from the package's
     ev_before = evaluate(str(package), str(lab), str(tmp_path / "ev-before"), plots=False, backend="torch")
     ev_after = evaluate(str(tmp_path / "lab-cal"), str(lab), str(tmp_path / "ev-after"), plots=False, backend="torch")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from leukray.ood import (METHODS, OODConfig, auroc, check_names, energy_scores, fit_guard, knn_scores, load_guard,
-                         msp_scores, low_confidence, review_reason, save_reference, split_outputs)
+                         msp_scores, low_confidence, review_reason, save_reference, score_medians, split_outputs)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def test_validation_medians_per_class_tell_a_shift_the_flags_miss(tmp_path):
     save_reference(guard, str(tmp_path))  # through the card
     back = load_guard(str(tmp_path), {"ood": json.loads(json.dumps(guard.card()))})
     assert back.fitted["score_median"] == med
-    wide = widen_guard(back, moved[:100], 1.0, {"lab_samples": [{"n": 100}]})
+    wide = widen_guard(back, moved[:100], 1.0, {"lab_samples": [{"n": 100}]})  # no logits: no medians
     assert "score_median" not in wide.card() and wide.above_median(moved_scores, moved_logits.argmax(1)) is None
 
 
@@ -604,6 +604,19 @@ def test_widening_with_a_labs_images_keeps_the_thresholds_and_accepts_only_those
     assert wide.in_distribution(wide.scores(logits, lab_new)).all()  # now in distribution
     assert not wide.in_distribution(wide.scores(logits, far)).any()  # far from both: still flagged
     assert wide.card()["lab_samples"] == [{"n": 200}] and wide.card()["reference"]["n"] == 400
+    # the drift report's medians: the lab's images, each without itself, now say what is typical; more of the lab's
+    # images lie above them about half the time (the package's validation medians would put all of them above)
+    lab_logits = np.repeat(np.eye(4) * 5, 50, axis=0)
+    wide = widen_guard(guard, lab, 0.8, {"lab_samples": [{"n": 200}]}, logits=lab_logits)
+    med = wide.card()["score_median"]
+    assert med["n_val"] == 200 and med["fitted_on"].startswith("the lab's sample")
+    more = np.c_[_cloud(rng, 400, lab_centre, 0.3), sig(400)]
+    more_logits = np.repeat(np.eye(4) * 5, 100, axis=0)
+    assert guard.above_median(guard.scores(more_logits, more), more_logits.argmax(1)).mean() == 1.0
+    assert wide.above_median(wide.scores(more_logits, more), more_logits.argmax(1)).mean() == \
+        pytest.approx(0.5, abs=0.1)
+    with_self = score_medians(wide.scores(lab_logits, lab), lab_logits.argmax(1), 4)  # what leaving out avoids
+    assert with_self["all"] < med["all"]
 
 
 def test_reference_colour_copies_accept_another_labs_camera():
