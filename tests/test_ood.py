@@ -61,7 +61,8 @@ def test_validation_medians_per_class_tell_a_shift_the_flags_miss(tmp_path):
     """`score_median`: the validation images' median score per predicted class (a class with fewer than
     `SHIFT_MIN_PER_CLASS` takes the overall one), recorded on the card; about half of in-distribution images lie
     above their class's, most images moved a little away from the training images do, while the guard flags few
-    of them. A guard widened on a lab's images drops the medians (they no longer say what is typical)."""
+    of them. A guard widened on a lab's images without their logits drops the medians (they would no longer say
+    what is typical there; with the logits they are refitted: the widening test)."""
     from leukray.ood import SHIFT_MIN_PER_CLASS, above_median, widen_guard
 
     rng = np.random.default_rng(7)
