@@ -18,7 +18,7 @@ import pyarrow as pa
 from . import CLASSES, registry, storage
 from .config import StorageOptions
 from .query import RESULTS_VIEW, QueryError, check_date, date_where
-from .report import OOD_CHECKS, sort_classes
+from .report import OOD_CHECK_MEANING, OOD_CHECKS, sort_classes
 
 if TYPE_CHECKING:
     from .query import Results
@@ -170,6 +170,48 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
             raise QueryError("nothing to plot: no scored days in the selected range")
         plot_class_mix(table, plot, results.storage)
     return table
+
+
+ALERT_ALPHA = 0.001
+"""`alerts`' significance level: a day is named when its test's p-value is below it."""
+ALERT_MIN_SHIFT = 0.6
+"""`alerts`' least `shift` worth naming: fields of one smear are not independent, so a large archive's p-value can
+be small for a shift no one would act on (0.5 in distribution; a red gain ×1.2 gives about 0.68)."""
+
+
+def alerts(table: pa.Table, alpha: float = ALERT_ALPHA, min_shift: float = ALERT_MIN_SHIFT,
+           max_tv: float | None = None) -> list[str]:
+    """One line per scored day of a `drift` table and sign that its images are not like the model's training
+    images, for a nightly monitor: more rows out of distribution than the guard flags on its validation images
+    (`ood_p_value` < `alpha`, with the check that flagged most), most rows farther from the training images than
+    usual (`shift_p_value` < `alpha` and `shift` > `min_shift`: another camera, lamp or stain, before the guard
+    flags many) and, with `max_tv`, a class mix unlike the training split's (`tv_distance` > `max_tv` and
+    `p_value` < `alpha`; off by default, since a day's patients set its mix)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    rows = table.to_pylist()
+    expected = {r["model"]: r["ood_rate"] for r in rows if r["source"] == "training"}
+    out = []
+    for r in rows:
+        if r["source"] != "scored":
+            continue
+        day = f"{r['run_date']} {r['model']} ({r['n']} images)"
+        if r["ood_p_value"] is not None and r["ood_p_value"] < alpha:
+            rates = {c: r.get(f"ood_{c}_rate") for c in OOD_CHECKS if r.get(f"ood_{c}_rate")}
+            top = max(rates, key=rates.get) if rates else None
+            why = (f"; most by {top} ({OOD_CHECK_MEANING[top]}): leukray report review --reason {top} "
+                   f"--since {r['run_date']} --until {r['run_date']}" if top else "")
+            out.append(f"{day}: {100 * r['ood_rate']:.1f} % out of distribution where the guard flags "
+                       f"{100 * (expected.get(r['model']) or 0):.1f} % of its validation images "
+                       f"(p = {r['ood_p_value']:.2g}){why}")
+        if r["shift_p_value"] is not None and r["shift_p_value"] < alpha and r["shift"] > min_shift:
+            out.append(f"{day}: {100 * r['shift']:.0f} % of the images lie farther from the training images than "
+                       f"the median validation image of their class (50 % expected, p = {r['shift_p_value']:.2g}): "
+                       f"another camera, lamp or stain? Check labelled images of the day with leukray evaluate")
+        if max_tv is not None and r["p_value"] is not None and r["tv_distance"] > max_tv and r["p_value"] < alpha:
+            out.append(f"{day}: class mix {r['tv_distance']:.2f} from the training split's in total variation "
+                       f"(p = {r['p_value']:.2g})")
+    return out
 
 
 def expected_ood_rate(card: dict[str, Any]) -> float | None:

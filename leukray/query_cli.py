@@ -1,8 +1,8 @@
 """`leukray query` and `leukray report ...`: argparse wiring for `leukray.query`.
 
 `leukray/cli.py` calls `add_query_commands(subparsers)`; every leaf command sets `func` on the namespace, called as
-`args.func(args)` and returning the process exit code (0 ok, 2 for a query/storage error, printed to stderr as
-`error: ...`).
+`args.func(args)` and returning the process exit code (0 ok; 1 when `report drift --alert` names a day, its
+`alert:` lines on stderr; 2 for a query/storage error, printed to stderr as `error: ...`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from .config import StorageOptions
+from .drift import ALERT_ALPHA, ALERT_MIN_SHIFT
 from .report import REASONS
 
 DEFAULT_OUTPUT = "runs/score"
@@ -37,6 +38,20 @@ def _common(since_until: bool) -> argparse.ArgumentParser:
         p.add_argument("--since", metavar="YYYY-MM-DD", default=None, help="first run_date to include")
         p.add_argument("--until", metavar="YYYY-MM-DD", default=None, help="last run_date to include")
     return p
+
+
+def _fraction(text: str, open_interval: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < 1 if open_interval else 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
+    return value
+
+
+def _probability(text: str) -> float:
+    return _fraction(text, open_interval=True)
 
 
 def add_query_commands(subparsers: Any) -> None:
@@ -93,6 +108,16 @@ def add_query_commands(subparsers: Any) -> None:
     d.add_argument("--model", metavar="URI", default=None,
                    help="model package folder or model folder (LATEST); default: each run's recorded model_uri")
     d.add_argument("--plot", metavar="PNG", default=None, help="also write stacked bars of the class mix per day")
+    d.add_argument("--alert", action="store_true",
+                   help="for a nightly monitor: name on stderr each day whose images are not like the training "
+                        "images (out-of-distribution rate or shift above chance) and exit with 1")
+    d.add_argument("--alpha", type=_probability, default=ALERT_ALPHA,
+                   help=f"--alert's significance level (default {ALERT_ALPHA})")
+    d.add_argument("--min-shift", type=_fraction, default=ALERT_MIN_SHIFT,
+                   help=f"--alert names a shift only above this fraction (default {ALERT_MIN_SHIFT}; 0.5 = as usual)")
+    d.add_argument("--max-tv", type=_fraction, default=None,
+                   help="--alert also names a class mix farther than this from the training split's (total "
+                        "variation, 0-1; default: not checked, since a day's patients set its mix)")
     d.set_defaults(func=_run_drift)
 
     u = rsub.add_parser("runs", parents=[dated], help="the scoring runs recorded in the table's history",
@@ -121,6 +146,15 @@ def _results(args: argparse.Namespace):
     return Results(output, opts, as_of=args.as_of)
 
 
+class Report(NamedTuple):
+    """What a command prints: its table, a titled second one (summary's agreement with reviewers), and alert lines
+    (stderr; exit code 1)."""
+
+    table: Any
+    extra: tuple[str, Any] | None = None
+    alerts: list[str] = []
+
+
 def _guard(fn):
     """A command: open the results named by the arguments, run `fn(results, args)`, print its table; a query or
     storage error is one `error: ...` line and exit code 2."""
@@ -139,14 +173,15 @@ def _guard(fn):
             return 2
         from .report import write_table
 
-        extra = None
-        if isinstance(table, tuple):  # a table and a titled second one (summary's agreement with reviewers)
-            table, extra = table
-        write_table(table, args.format, out)
-        if extra is not None:
-            out.write(f"\n{extra[0]}:\n")
-            write_table(extra[1], args.format, out)
-        return 0
+        if not isinstance(table, Report):
+            table = Report(table)
+        write_table(table.table, args.format, out)
+        if table.extra is not None:
+            out.write(f"\n{table.extra[0]}:\n")
+            write_table(table.extra[1], args.format, out)
+        for line in table.alerts:
+            err.write(f"alert: {line}\n")
+        return 1 if table.alerts else 0
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
@@ -167,7 +202,7 @@ def _run_summary(r, args: argparse.Namespace):
     table = r.summary(args.since, args.until, by=args.by)
     agreed = agreement(r, args.since, args.until) if args.format == "table" else None
     if agreed is not None and agreed.num_rows and agreed.column("reviewed")[agreed.num_rows - 1].as_py():
-        return table, ("agreement with reviewers, per predicted class (leukray review import)", agreed)
+        return Report(table, ("agreement with reviewers, per predicted class (leukray review import)", agreed))
     return table
 
 
@@ -184,10 +219,14 @@ def _run_errors(r, args: argparse.Namespace):
 
 @_guard
 def _run_drift(r, args: argparse.Namespace):
+    from .drift import alerts
+
     table = r.drift(args.since, args.until, model=args.model, plot=args.plot)
     if args.plot:
         sys.stderr.write(f"wrote {args.plot}\n")
-    return table
+    if not args.alert:
+        return table
+    return Report(table, alerts=alerts(table, args.alpha, args.min_shift, args.max_tv))
 
 
 @_guard

@@ -27,6 +27,8 @@ REVIEW_REASONS = ("low_confidence", "out_of_distribution")
 OOD_CHECKS = ("knn", "optics", "colour", "structure")
 """What `ood_check` holds for the default guard (leukray.ood.Guard.check_scores), comma-separated when several
 checks flag a row; a package whose guard method is energy or msp names that method instead."""
+OOD_CHECK_MEANING = {"knn": "unlike every training image", "optics": "out of focus or at another magnification",
+                     "colour": "stain colours no lab gives", "structure": "no stained cells: empty or dark fields"}
 REASONS = REVIEW_REASONS + OOD_CHECKS + ("energy", "msp")
 """What the review queue filters on: a review reason, or one of the guard's checks (out-of-distribution rows it
 flagged)."""

@@ -631,6 +631,50 @@ def test_drift_missing_model_card_is_clear(loc):
         loc.results().drift(model=f"{loc.registry}/nowhere")
 
 
+def test_drift_alert_names_the_days_that_moved(loc):
+    """`report drift --alert` for a nightly monitor: the day whose rows the guard flagged far above its validation
+    rate, and whose rows lie mostly above their class's validation median, is named on stderr with exit code 1;
+    days without a guard, or a window without such a day, pass with 0."""
+    from scipy.stats import binomtest
+
+    d3 = loc.truth.filter(pc.and_(pc.equal(loc.truth["run_date"], "2026-11-27"), pc.equal(loc.truth["status"], "ok")))
+    n = d3.num_rows
+    flagged = pc.sum(pc.cast(pc.invert(d3["in_distribution"]), pa.int64())).as_py()
+    assert binomtest(flagged, n, 0.03, alternative="greater").pvalue < 0.001  # as generated: far above 3 %
+
+    rc, out, err = loc.cli("report", "drift", "--alert", "--format", "json")
+    assert rc == 1
+    assert len(json.loads(out)) == loc.results().drift().num_rows  # the table as without --alert
+    lines = err.splitlines()
+    head = f"alert: 2026-11-27 {MODEL}:v0002 ({n} images): "
+    assert len(lines) == 2 and all(x.startswith(head) for x in lines), err
+    assert f"{100 * flagged / n:.1f} % out of distribution where the guard flags 3.0 % of its validation" in lines[0]
+    assert lines[0].endswith("most by knn (unlike every training image): "
+                             "leukray report review --reason knn --since 2026-11-27 --until 2026-11-27")
+    assert "of the images lie farther from the training images than the median validation image" in lines[1]
+
+    # a stricter shift or alpha drops what does not pass it; the class mix only when asked
+    rc, _, err = loc.cli("report", "drift", "--alert", "--min-shift", "0.99")
+    assert rc == 1 and len(err.splitlines()) == 1 and "out of distribution" in err
+    rc, _, err = loc.cli("report", "drift", "--alert", "--max-tv", "0.2")
+    mix = [x for x in err.splitlines() if "class mix" in x]
+    assert rc == 1 and len(mix) == 1 and mix[0].startswith(head), err
+    # the days scored by the package without a guard: nothing to alert on
+    rc, _, err = loc.cli("report", "drift", "--alert", "--until", "2026-11-26")
+    assert rc == 0 and err == ""
+    # without --alert the same day is a table, exit 0
+    assert loc.cli("report", "drift")[0] == 0
+
+
+@pytest.mark.parametrize("option, value", [("--alpha", "5"), ("--alpha", "0"), ("--min-shift", "high"),
+                                           ("--max-tv", "1.5")])
+def test_drift_alert_bad_number_is_named(capsys, option, value):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["report", "drift", "--alert", option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: '{value}' is not a number between 0 and 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # clear errors
 
