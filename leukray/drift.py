@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def drift(results: Results, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
-          model: str | None = None, plot: str | None = None) -> pa.Table:
+          model: str | None = None, plot: str | None = None, group_by: str | None = None) -> pa.Table:
     """Class mix per day (ok rows) against the training distribution (model card "class_counts").
 
     `model`: a package or model folder URI used for every day; by default each run's recorded "model_uri"
@@ -42,7 +43,10 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     sign test): another camera, lamp or stain moves most images away from the training images before the guard
     flags many of them (measured: red gain ×1.2 moves about two thirds above the median while 4 % are flagged), so
     the shift says the images changed on a day of a hundred or two where `ood_rate` needs thousands (null for models
-    without the medians: packages fitted before they were recorded).
+    without the medians: packages fitted before they were recorded). Fields of one smear are not independent: with
+    `group_by`, a regular expression whose first group takes the slide (or patient) out of a row's path (a path it
+    does not match is a group of its own), `shift_p_value` is the sign test over the day's groups instead — a group
+    counts as above when most of its rows are — and `shift_groups` says how many took part.
     `ood_knn_rate`, `ood_optics_rate`, `ood_colour_rate`, `ood_structure_rate`: the fraction each of the guard's
     checks flagged (`ood_check`; a row can count in several), which says what changed — the images themselves, the
     microscope's focus or magnification, their colours, or fields without cells (null for days with rows scored
@@ -86,21 +90,28 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
 
     # the shift: each day's rows farther from the training images than the median validation image of their
     # predicted class (the card's ood.score_median), about half in distribution
+    # (and with group_by, per slide: {group: [above, compared]})
     shifted: dict[tuple[str, tuple[str, str | None]], list[int]] = {}
+    grouped: dict[tuple[str, tuple[str, str | None]], dict[str, list[int]]] = {}
     medians = [(rid, cls, m) for rid, key in run_card.items() for cls, m in class_medians(card_for(key)).items()]
     if medians:
         values = ", ".join(["(?, ?, ?)"] * len(medians))
+        group = "CASE WHEN regexp_matches(path, ?) THEN regexp_extract(path, ?, 1) ELSE path END" if group_by else "''"
         above = results.sql(
             f"WITH med(run_id, predicted_class, median) AS (VALUES {values}) "
-            f"SELECT run_id, run_date, count(*) FILTER (WHERE ood_score > median) AS above, "
+            f"SELECT run_id, run_date, {group} AS grp, count(*) FILTER (WHERE ood_score > median) AS above, "
             f"count(ood_score) AS compared FROM {RESULTS_VIEW} JOIN med USING (run_id, predicted_class) "
             f"WHERE status = 'ok' AND {where} GROUP BY ALL",
-            [x for m in medians for x in m] + params,
+            [x for m in medians for x in m] + ([check_group_by(group_by)] * 2 if group_by else []) + params,
         ).to_pylist()
         for row in above:
-            tally = shifted.setdefault((row["run_date"], run_card[row["run_id"]]), [0, 0])
+            key = (row["run_date"], run_card[row["run_id"]])
+            tally = shifted.setdefault(key, [0, 0])
             tally[0] += int(row["above"])
             tally[1] += int(row["compared"])
+            g = grouped.setdefault(key, {}).setdefault(row["grp"], [0, 0])
+            g[0] += int(row["above"])
+            g[1] += int(row["compared"])
 
     # observed counts per (day, card)
     observed: dict[tuple[str, tuple[str, str | None]], dict[str, int]] = {}
@@ -132,7 +143,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         row = {"source": "training", "run_date": None, "model": _card_label(card), "n": total}
         row.update({c: (train.get(c, 0) / total if total else None) for c in classes})
         row.update(tv_distance=None, chi2=None, p_value=None, ood_rate=expected_ood_rate(card), ood_p_value=None,
-                   shift=0.5 if class_medians(card) else None, shift_p_value=None,
+                   shift=0.5 if class_medians(card) else None, shift_p_value=None, shift_groups=None,
                    **{f"ood_{c}_rate": None for c in OOD_CHECKS})
         rows.append(row)
     for (day, key), obs in sorted(observed.items(), key=lambda kv: (kv[0][0], _card_label(card_for(kv[0][1])))):
@@ -151,7 +162,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         row.update(tv_distance=tv, chi2=chi2, p_value=pval,
                    ood_rate=g["ood"] / g["guarded"] if g["guarded"] else None,
                    ood_p_value=ood_excess(g["ood"], g["guarded"], expected_ood_rate(card)),
-                   **shift_test(*shifted.get((day, key), (0, 0))),
+                   **shift_test(*shifted.get((day, key), (0, 0)),
+                                groups=list(grouped.get((day, key), {}).values()) if group_by else None),
                    **{f"ood_{c}_rate": g[f"ood_{c}"] / g["guarded"] if named else None for c in OOD_CHECKS})
         rows.append(row)
     schema = pa.schema(
@@ -159,7 +171,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         + [(c, pa.float64()) for c in classes]
         + [("tv_distance", pa.float64()), ("chi2", pa.float64()), ("p_value", pa.float64()),
            ("ood_rate", pa.float64()), ("ood_p_value", pa.float64()),
-           ("shift", pa.float64()), ("shift_p_value", pa.float64())]
+           ("shift", pa.float64()), ("shift_p_value", pa.float64()), ("shift_groups", pa.int64())]
         + [(f"ood_{c}_rate", pa.float64()) for c in OOD_CHECKS]
     )
     table = pa.Table.from_pylist(rows, schema=schema)
@@ -205,9 +217,11 @@ def alerts(table: pa.Table, alpha: float = ALERT_ALPHA, min_shift: float = ALERT
                        f"{100 * (expected.get(r['model']) or 0):.1f} % of its validation images "
                        f"(p = {r['ood_p_value']:.2g}){why}")
         if r["shift_p_value"] is not None and r["shift_p_value"] < alpha and r["shift"] > min_shift:
+            over = "" if r.get("shift_groups") is None else f" over {r['shift_groups']} groups"
             out.append(f"{day}: {100 * r['shift']:.0f} % of the images lie farther from the training images than "
-                       f"the median validation image of their class (50 % expected, p = {r['shift_p_value']:.2g}): "
-                       f"another camera, lamp or stain? Check labelled images of the day with leukray evaluate")
+                       f"the median validation image of their class (50 % expected, "
+                       f"p = {r['shift_p_value']:.2g}{over}): another camera, lamp or stain? Check labelled images "
+                       f"of the day with leukray evaluate")
         if max_tv is not None and r["p_value"] is not None and r["tv_distance"] > max_tv and r["p_value"] < alpha:
             out.append(f"{day}: class mix {r['tv_distance']:.2f} from the training split's in total variation "
                        f"(p = {r['p_value']:.2g})")
@@ -245,17 +259,35 @@ def class_medians(card: dict[str, Any]) -> dict[str, float]:
             for i, c in enumerate(classes)}
 
 
-def shift_test(above: int, compared: int) -> dict[str, float | None]:
+def shift_test(above: int, compared: int, groups: list[list[int]] | None = None) -> dict[str, float | int | None]:
     """`shift`: the fraction of `compared` rows above their class's validation median (0.5 in distribution);
     `shift_p_value`: one-sided sign test (scipy binomial, p = 0.5), small = the day's images lie farther from the
     training images than the validation images did. Rows scored together are not independent (fields of the same
-    smears), so read the p-value with the fraction, not alone."""
+    smears): with `groups` ([above, compared] per slide) the sign test counts slides instead — above when more than
+    half of its rows are, below when fewer, left out at exactly half — and `shift_groups` says how many there were."""
     if not compared:
-        return {"shift": None, "shift_p_value": None}
+        return {"shift": None, "shift_p_value": None, "shift_groups": None}
     from scipy.stats import binomtest
 
-    return {"shift": above / compared,
-            "shift_p_value": float(binomtest(int(above), int(compared), 0.5, alternative="greater").pvalue)}
+    if groups is None:
+        k, n = int(above), int(compared)
+    else:
+        k = sum(2 * a > c for a, c in groups)
+        n = k + sum(2 * a < c for a, c in groups)
+    return {"shift": above / compared, "shift_groups": None if groups is None else len(groups),
+            "shift_p_value": float(binomtest(k, n, 0.5, alternative="greater").pvalue) if n else 1.0}
+
+
+def check_group_by(pattern: str) -> str:
+    """A `group_by` expression with exactly one group (Python's `re` checks it; DuckDB's RE2 runs it)."""
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as err:
+        raise QueryError(f"--group-by {pattern!r} is not a regular expression: {err}") from None
+    if groups != 1:
+        raise QueryError(f"--group-by {pattern!r} must have exactly one group (…) that takes the slide out of a "
+                         f"path, e.g. '/([^/]+)/[^/]+$' for the folder of each file; it has {groups}")
+    return pattern
 
 
 def _card_label(card: dict[str, Any]) -> str:

@@ -318,11 +318,11 @@ class Results:
         return run_table(self, since, until)
 
     def drift(self, since: str | _dt.date | None = None, until: str | _dt.date | None = None,
-              model: str | None = None, plot: str | None = None) -> pa.Table:
-        """Class mix per day against the training distribution of the model card."""
+              model: str | None = None, plot: str | None = None, group_by: str | None = None) -> pa.Table:
+        """Class mix per day against the training distribution of the model card (`leukray.drift.drift`)."""
         from .drift import drift
 
-        return drift(self, since, until, model, plot)
+        return drift(self, since, until, model, plot, group_by)
 
     def model_card(self, model_uri: str, version: str | None = None) -> dict[str, Any]:
         """The model card of a package folder or a model folder (`version`, else LATEST)."""

@@ -108,6 +108,9 @@ def add_query_commands(subparsers: Any) -> None:
     d.add_argument("--model", metavar="URI", default=None,
                    help="model package folder or model folder (LATEST); default: each run's recorded model_uri")
     d.add_argument("--plot", metavar="PNG", default=None, help="also write stacked bars of the class mix per day")
+    d.add_argument("--group-by", metavar="REGEX", default=None,
+                   help="the shift's sign test over slides, not images: a regular expression whose one group takes "
+                        "the slide or patient out of a path, e.g. '/([^/]+)/[^/]+$' (each file's folder)")
     d.add_argument("--alert", action="store_true",
                    help="for a nightly monitor: name on stderr each day whose images are not like the training "
                         "images (out-of-distribution rate or shift above chance) and exit with 1")
@@ -221,7 +224,7 @@ def _run_errors(r, args: argparse.Namespace):
 def _run_drift(r, args: argparse.Namespace):
     from .drift import alerts
 
-    table = r.drift(args.since, args.until, model=args.model, plot=args.plot)
+    table = r.drift(args.since, args.until, model=args.model, plot=args.plot, group_by=args.group_by)
     if args.plot:
         sys.stderr.write(f"wrote {args.plot}\n")
     if not args.alert:

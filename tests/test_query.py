@@ -666,6 +666,54 @@ def test_drift_alert_names_the_days_that_moved(loc):
     assert loc.cli("report", "drift")[0] == 0
 
 
+@pytest.mark.parametrize("pattern", [r"-0-\d(\d)\d\.jpg$", r"-0-0(0)\d\.jpg$"])
+def test_drift_shift_grouped_by_slide(loc, pattern):
+    """`--group-by`: the shift's sign test counts groups (here: the tens of each file's number, five of 7-9 rows;
+    or only the first ten files as one group, every other row a group of its own), a group above when most of its
+    rows are; the fraction itself stays the rows'."""
+    import re
+
+    from scipy.stats import binomtest
+
+    d3 = loc.truth.filter(pc.and_(pc.equal(loc.truth["run_date"], "2026-11-27"), pc.equal(loc.truth["status"], "ok")))
+    median = {c: SCORE_MEDIAN["all"] if m is None else m for c, m in zip(CLASSES, SCORE_MEDIAN["by_class"])}
+    groups: dict[str, list[int]] = {}
+    for path, score, cls in zip(d3["path"].to_pylist(), d3["ood_score"].to_pylist(), d3["predicted_class"].to_pylist()):
+        m = re.search(pattern, path)
+        g = groups.setdefault(m.group(1) if m else path, [0, 0])
+        g[0] += score > median[cls]
+        g[1] += 1
+    k = sum(2 * a > c for a, c in groups.values())
+    n = k + sum(2 * a < c for a, c in groups.values())
+    rc, out, err = loc.cli("report", "drift", "--since", "2026-11-27", f"--group-by={pattern}", "--alert",
+                           "--format", "json")
+    day = json.loads(out)[1]
+    assert day["shift_groups"] == len(groups) and day["shift_groups"] < d3.num_rows
+    assert day["shift_p_value"] == pytest.approx(binomtest(k, n, 0.5, alternative="greater").pvalue)
+    assert day["shift"] == pytest.approx(sum(a for a, _ in groups.values()) / d3.num_rows)
+    # the five groups: p ≥ 1/32, no shift alert (the images alone gave p < 0.001); the out-of-distribution one stays
+    shift_alerts = [x for x in err.splitlines() if "farther from the training images" in x]
+    if len(groups) == 5:
+        assert not shift_alerts and day["shift_p_value"] >= 1 / 32
+    else:
+        assert (day["shift_p_value"] < 0.001) == bool(shift_alerts)
+        assert all(f"groups): another camera" in x for x in shift_alerts)
+    assert rc == 1 and "out of distribution" in err
+    # without it: images, no group count
+    ungrouped = loc.results().drift(since="2026-11-27").to_pylist()[1]
+    assert ungrouped["shift_groups"] is None and ungrouped["shift_p_value"] < day["shift_p_value"]
+
+
+@pytest.mark.parametrize("pattern, message", [("(", "is not a regular expression"),
+                                              (r"\.jpg$", "must have exactly one group .* it has 0"),
+                                              (r"(\d)-(\d)", "it has 2")])
+def test_drift_group_by_bad_pattern_is_named(loc, pattern, message):
+    with pytest.raises(QueryError, match=message):
+        loc.results().drift(group_by=pattern)
+    rc, _, err = loc.cli("report", "drift", f"--group-by={pattern}")
+    assert rc == 2 and err.startswith(f"error: --group-by {pattern!r}")
+
+
 @pytest.mark.parametrize("option, value", [("--alpha", "5"), ("--alpha", "0"), ("--min-shift", "high"),
                                            ("--max-tv", "1.5")])
 def test_drift_alert_bad_number_is_named(capsys, option, value):
