@@ -53,6 +53,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
     before `ood_check` was recorded).
     """
     since, until = check_date(since, "since"), check_date(until, "until")
+    if group_by is not None:
+        check_group_by(group_by)
     where, params = date_where(since, until)
     counts = results.sql(
         f"SELECT run_id, run_date, predicted_class, count(*) AS n, "
@@ -102,7 +104,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
             f"SELECT run_id, run_date, {group} AS grp, count(*) FILTER (WHERE ood_score > median) AS above, "
             f"count(ood_score) AS compared FROM {RESULTS_VIEW} JOIN med USING (run_id, predicted_class) "
             f"WHERE status = 'ok' AND {where} GROUP BY ALL",
-            [x for m in medians for x in m] + ([check_group_by(group_by)] * 2 if group_by else []) + params,
+            [x for m in medians for x in m] + ([group_by] * 2 if group_by else []) + params,
         ).to_pylist()
         for row in above:
             key = (row["run_date"], run_card[row["run_id"]])

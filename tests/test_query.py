@@ -710,6 +710,8 @@ def test_drift_shift_grouped_by_slide(loc, pattern):
 def test_drift_group_by_bad_pattern_is_named(loc, pattern, message):
     with pytest.raises(QueryError, match=message):
         loc.results().drift(group_by=pattern)
+    with pytest.raises(QueryError, match=message):  # days of a package without the medians too
+        loc.results().drift(until="2026-11-25", group_by=pattern)
     rc, _, err = loc.cli("report", "drift", f"--group-by={pattern}")
     assert rc == 2 and err.startswith(f"error: --group-by {pattern!r}")
 
