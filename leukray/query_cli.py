@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple, Sequence, TextIO
 
 from .config import StorageOptions
 from .drift import ALERT_ALPHA, ALERT_MIN_SHIFT
@@ -155,12 +155,13 @@ class Report(NamedTuple):
 
     table: Any
     extra: tuple[str, Any] | None = None
-    alerts: list[str] = []
+    alerts: Sequence[str] = ()
 
 
 def _guard(fn):
-    """A command: open the results named by the arguments, run `fn(results, args)`, print its table; a query or
-    storage error is one `error: ...` line and exit code 2."""
+    """A command: open the results named by the arguments, run `fn(results, args)`, print its table (a `Report`:
+    and its second table, and its alert lines on stderr with exit code 1); a query or storage error is one
+    `error: ...` line and exit code 2."""
 
     def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
         from .query import QueryError

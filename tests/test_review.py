@@ -233,6 +233,12 @@ def test_review_page_in_a_browser_and_back(scored, tmp_path, monkeypatch):
     model_of = {page_cards[i]["path"]: page_cards[i]["predicted_class"] for i in order[:3]}
     agreed = sum(by_path[p] == model_of[p] for p in by_path)
     assert agree["all"]["agreed"] == str(agreed) and float(agree["all"]["agreement"]) == pytest.approx(agreed / 2)
+    # the plain summary as a table: the runs, then the agreement under its title
+    out = io.StringIO()
+    ns = build_parser().parse_args(["report", "summary"] + args[:-2])
+    assert ns.func(ns, out) == 0
+    runs, agreement_table = out.getvalue().split("\nagreement with reviewers, per predicted class (leukray review import):\n")
+    assert runs.splitlines()[0].split()[0] == "run_id" and agreement_table.splitlines()[0].split()[0] == "predicted_class"
 
     dest = tmp_path / "labelled"
     summary = export_labelled(OUTPUT, str(dest), opts)
