@@ -91,9 +91,8 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         run_card[rid] = key
 
     # the shift: each day's rows farther from the training images than the median validation image of their
-    # predicted class (the card's ood.score_median), about half in distribution
-    # (and with group_by, per slide: {group: [above, compared]})
-    shifted: dict[tuple[str, tuple[str, str | None]], list[int]] = {}
+    # predicted class (the card's ood.score_median), about half in distribution; per (day, card) and group
+    # ({slide: [above, compared]} with group_by, else one group)
     grouped: dict[tuple[str, tuple[str, str | None]], dict[str, list[int]]] = {}
     medians = [(rid, cls, m) for rid, key in run_card.items() for cls, m in class_medians(card_for(key)).items()]
     if medians:
@@ -107,11 +106,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
             [x for m in medians for x in m] + ([group_by] * 2 if group_by else []) + params,
         ).to_pylist()
         for row in above:
-            key = (row["run_date"], run_card[row["run_id"]])
-            tally = shifted.setdefault(key, [0, 0])
-            tally[0] += int(row["above"])
-            tally[1] += int(row["compared"])
-            g = grouped.setdefault(key, {}).setdefault(row["grp"], [0, 0])
+            g = grouped.setdefault((row["run_date"], run_card[row["run_id"]]), {}).setdefault(row["grp"], [0, 0])
             g[0] += int(row["above"])
             g[1] += int(row["compared"])
 
@@ -164,8 +159,7 @@ def drift(results: Results, since: str | _dt.date | None = None, until: str | _d
         row.update(tv_distance=tv, chi2=chi2, p_value=pval,
                    ood_rate=g["ood"] / g["guarded"] if g["guarded"] else None,
                    ood_p_value=ood_excess(g["ood"], g["guarded"], expected_ood_rate(card)),
-                   **shift_test(*shifted.get((day, key), (0, 0)),
-                                groups=list(grouped.get((day, key), {}).values()) if group_by else None),
+                   **shift_test(list(grouped.get((day, key), {}).values()), by_group=group_by is not None),
                    **{f"ood_{c}_rate": g[f"ood_{c}"] / g["guarded"] if named else None for c in OOD_CHECKS})
         rows.append(row)
     schema = pa.schema(
@@ -261,22 +255,23 @@ def class_medians(card: dict[str, Any]) -> dict[str, float]:
             for i, c in enumerate(classes)}
 
 
-def shift_test(above: int, compared: int, groups: list[list[int]] | None = None) -> dict[str, float | int | None]:
-    """`shift`: the fraction of `compared` rows above their class's validation median (0.5 in distribution);
-    `shift_p_value`: one-sided sign test (scipy binomial, p = 0.5), small = the day's images lie farther from the
-    training images than the validation images did. Rows scored together are not independent (fields of the same
-    smears): with `groups` ([above, compared] per slide) the sign test counts slides instead — above when more than
+def shift_test(groups: list[list[int]], by_group: bool = False) -> dict[str, float | int | None]:
+    """`shift`: the fraction of a day's rows above their class's validation median (0.5 in distribution), from
+    `groups` ([above, compared] per group); `shift_p_value`: one-sided sign test (scipy binomial, p = 0.5), small =
+    the day's images lie farther from the training images than the validation images did. Rows scored together are
+    not independent (fields of the same smears): `by_group` counts groups (slides) instead — above when more than
     half of its rows are, below when fewer, left out at exactly half — and `shift_groups` says how many there were."""
+    above, compared = sum(a for a, _ in groups), sum(c for _, c in groups)
     if not compared:
         return {"shift": None, "shift_p_value": None, "shift_groups": None}
     from scipy.stats import binomtest
 
-    if groups is None:
-        k, n = int(above), int(compared)
-    else:
+    if by_group:
         k = sum(2 * a > c for a, c in groups)
         n = k + sum(2 * a < c for a, c in groups)
-    return {"shift": above / compared, "shift_groups": None if groups is None else len(groups),
+    else:
+        k, n = above, compared
+    return {"shift": above / compared, "shift_groups": len(groups) if by_group else None,
             "shift_p_value": float(binomtest(k, n, 0.5, alternative="greater").pvalue) if n else 1.0}
 
 
