@@ -13,6 +13,8 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
   blur, shot and impulse noise, pixelation, colour planes out of register, veiling glare, a brighter display gain.
 - `lab_sensor` (configs/train.yaml's): lab + the sensor defects alone (`sensor_defects`: shot and impulse noise,
   pixelation, colour planes out of register), without lab_defects' motion blur, glare and display gain.
+- `lab_dust_levels`: lab_sensor + specks of dust or debris on the field and the camera software's automatic levels
+  (`dust_and_levels`).
 
 `p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
 
@@ -31,7 +33,7 @@ from torchcodec.decoders import decode_jpeg
 from torchcodec.encoders import JpegEncoder
 from torchvision.transforms.v2 import functional as TF
 
-POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects", "lab_sensor")
+POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels")
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -63,14 +65,16 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     if policy == "study" or p == 0.0:
         return x.clamp_(0, 255)
     y = colour_jitter(x, generator, strength)
-    if policy in ("lab", "lab_defects", "lab_sensor"):
+    if policy in ("lab", "lab_defects", "lab_sensor", "lab_dust_levels"):
         y = colour_response(y, generator, strength)
-    if camera and policy in ("robust", "lab", "lab_defects", "lab_sensor"):
+    if camera and policy in ("robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels"):
         y = camera_artefacts(y, generator, strength)
     if camera and policy == "lab_defects":
         y = optics_defects(y, generator, strength)
-    if camera and policy == "lab_sensor":
+    if camera and policy in ("lab_sensor", "lab_dust_levels"):
         y = sensor_defects(y, generator, strength)
+    if camera and policy == "lab_dust_levels":
+        y = dust_and_levels(y, generator, strength)
     if p < 1.0:
         y = torch.where((_rand(x.shape[0], x, generator, 0, 1) < p).view(-1, 1, 1, 1), y, x)
     return y.clamp_(0, 255)
@@ -259,6 +263,66 @@ def sensor_defects(x: torch.Tensor, g: torch.Generator | None, strength: float =
     dx, dy = shift * math.cos(angle), shift * math.sin(angle)
     shifted = torch.stack([shift_plane(x[:, 0], dx, dy), x[:, 1], shift_plane(x[:, 2], -dx, -dy)], 1)
     return torch.where(pick(), shifted, x)
+
+
+def dust_light(n: int, h: int, w: int, count: int, g: torch.Generator | None, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32, passed: tuple[float, float] = (0.05, 0.55)) -> torch.Tensor:
+    """(n, 1, h, w) fraction of the light left by `count` specks of dust or debris per image: discs of radius 2-6 px
+    at 224 px (scaled with the field) at random places, each passing a fraction of the light drawn uniformly from
+    `passed`, edges anti-aliased. Dust on the slide, the coverslip or the camera's window is grey; a network that has
+    only seen clean fields may read a small dark disc as a small dark nucleus."""
+    scale = min(h, w) / 224.0
+    centre_y = torch.rand(n, count, 1, 1, generator=g) * h
+    centre_x = torch.rand(n, count, 1, 1, generator=g) * w
+    radius = (2.0 + 4.0 * torch.rand(n, count, 1, 1, generator=g)) * scale
+    passed = passed[0] + (passed[1] - passed[0]) * torch.rand(n, count, 1, 1, generator=g)
+    yy = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1) + 0.5
+    xx = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w) + 0.5
+    light = torch.ones(n, 1, h, w)
+    for i in range(count):
+        sl = slice(i, i + 1)
+        distance = ((yy - centre_y[:, sl]) ** 2 + (xx - centre_x[:, sl]) ** 2).sqrt()
+        cover = (radius[:, sl] - distance + 0.5).clamp(0, 1)
+        light = light * (1 - (1 - passed[:, sl]) * cover)
+    return light.to(device, dtype)
+
+
+def auto_levels(x: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
+    """The camera software's automatic levels: per image, the darkest and the brightest `clip` % of the values (all
+    three channels together) go to black and white and the rest is stretched linearly between them. On a pale smear
+    this is a contrast stretch of ×1.5-4."""
+    n = x.shape[0]
+    if n == 0:
+        return x.clone()
+    flat = x.reshape(n, -1)
+    m = flat.shape[1]
+    q = torch.as_tensor(clip, dtype=torch.float64).reshape(-1).expand(n) / 100.0
+    out = torch.empty_like(flat)
+    for i in range(n):
+        k = int(round(float(q[i]) * (m - 1)))
+        low = flat[i].kthvalue(k + 1).values
+        high = flat[i].kthvalue(m - k).values
+        out[i] = ((flat[i] - low) * (255.0 / (high - low).clamp_min(1.0))).clamp(0, 255)
+    return out.reshape_as(x)
+
+
+def dust_and_levels(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.2) -> torch.Tensor:
+    """Each on a random fifth of the batch: 1-16 specks of dust or debris passing 5-55 % of the light (`dust_light`,
+    in linear light) and the
+    camera software's automatic levels clipping 0-2 % at each end (`auto_levels`)."""
+    from . import colour
+
+    n, _, h, w = x.shape
+    s = strength
+    x = x.clone()
+    dusty = _rand(n, x, g, 0, 1) < p
+    count = int(_rand(1, x, g, 1, 1 + 16 * s)[0])
+    light = dust_light(int(dusty.sum()), h, w, count, g, x.device, x.dtype)
+    x[dusty] = colour.scale_light(x[dusty] / 255.0, light) * 255.0
+    levelled = _rand(n, x, g, 0, 1) < p
+    clip = _rand(n, x, g, 0, 2 * s)
+    x[levelled] = auto_levels(x[levelled], clip[levelled])
+    return x
 
 
 def augment_images(images_nhwc, policy: str, seed: int, strength: float = 1.0, zoom: float = 1.0,

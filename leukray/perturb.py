@@ -3,7 +3,8 @@
 Smear images vary between labs by staining (hue, saturation; the amount and balance of dye), the camera's colour
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
 (brightness, contrast, light falling off toward the corners), focus (blur), motion, sharpening, colour planes out of
-register, sensor noise (read noise; shot noise of a dim lamp) and defective pixels, JPEG compression, acquisition
+register, sensor noise (read noise; shot noise of a dim lamp) and defective pixels, dust or debris on the field, the
+camera software's automatic levels, JPEG compression, acquisition
 resolution (scale; pixelation) and magnification (objective and camera: the same cell covers more or fewer pixels);
 `other_lab` shifts lamp, exposure and stain together, as another lab differs in all of them at once. The camera and
 stain families follow the colour model of `leukray.colour` (gains in linear light with clipping; dye concentrations
@@ -14,8 +15,8 @@ Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray
 returns when stacked (a single HWC image is accepted too). The result has the same dtype and shape, so it
 goes through `leukray.images.to_chw` and into the model like any decoded batch.
 
-Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise`, `shot_noise` and
-`impulse_noise` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses
+Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise`, `shot_noise`,
+`impulse_noise` and `dust` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses
 the global torch RNG, which cannot be seeded per call without side effects on other code). Noise for an image depends
 on its position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
 """
@@ -31,7 +32,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
 from . import colour
-from .augment import jpeg_round_trip, motion_streak, pixelate, shift_plane
+from .augment import auto_levels, dust_light, jpeg_round_trip, motion_streak, pixelate, shift_plane
 
 __all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
 
@@ -90,6 +91,12 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     # a low-resolution sensor shown without interpolation: means of this many × this many pixel tiles (at the
     # scored size), each repeated over its tile
     "pixelate": (2, 3, 4),
+    # dust or debris on the slide, the coverslip or the camera's window: this many dark grey specks per field, discs
+    # of radius 2-6 px at 224 px passing 2-20 % of the light (`augment.dust_light`), at random places
+    "dust": (4, 8, 16),
+    # the camera software's automatic levels: the darkest and brightest this % of the values clipped to black and
+    # white and the rest stretched between them (all channels together; ImageJ's "Auto" clips 0.35 %)
+    "auto_levels": (0.35, 1.0, 2.0),
 }
 """Graded severities per perturbation, mildest first (for hue: by magnitude on each side of 0)."""
 
@@ -118,8 +125,10 @@ IDENTITY: dict[str, float] = {
     "impulse_noise": 0.0,
     "shot_noise": math.inf,
     "pixelate": 1.0,
+    "dust": 0.0,
 }
-"""The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality."""
+"""The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality; nor
+has `auto_levels`: at 0 % it still stretches the darkest and brightest values to black and white."""
 
 
 def iter_perturbations() -> list[tuple[str, float]]:
@@ -319,6 +328,28 @@ def _pixelate(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     return _rounded(pixelate(_to_tensor(batch).float(), block))
 
 
+DUST_PASSED = (0.02, 0.2)
+"""The fraction of the light each speck of the `dust` family passes: dark debris, which a network reads as nuclei."""
+
+
+def _dust(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    count = int(severity)
+    if count != severity or not 0 <= count <= 1000:
+        raise ValueError(f"dust must be a whole number of specks in [0, 1000], got {severity}")
+    if count == 0:
+        return batch.copy()
+    x = _to_tensor(batch).float() / 255.0
+    light = dust_light(x.shape[0], x.shape[2], x.shape[3], count, torch.Generator().manual_seed(seed), passed=DUST_PASSED)
+    return _rounded(colour.scale_light(x, light) * 255.0)
+
+
+def _auto_levels(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    _check_range("auto_levels", severity, 0.0, 25.0)
+    if len(batch) == 0:
+        return batch.copy()
+    return _rounded(auto_levels(_to_tensor(batch).float(), severity))
+
+
 _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "hue": _hue,
     "saturation": _factor_op("saturation", F.adjust_saturation),
@@ -346,15 +377,17 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "impulse_noise": _impulse_noise,
     "shot_noise": _shot_noise,
     "pixelate": _pixelate,
+    "dust": _dust,
+    "auto_levels": _auto_levels,
 }
-assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg"}
+assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg", "auto_levels"}
 
 
 def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int = 0) -> np.ndarray:
     """Apply perturbation `name` at `severity` to a uint8 RGB NHWC batch (or one HWC image).
 
     Returns a new array with the same dtype and shape; the input is never modified. Deterministic for a given seed
-    (only `noise`, `shot_noise` and `impulse_noise` use it). Raises ValueError for an unknown name (listing the
+    (only `noise`, `shot_noise`, `impulse_noise` and `dust` use it). Raises ValueError for an unknown name (listing the
     allowed ones), an out-of-range severity, or an input that is not uint8 RGB.
     """
     if name not in _OPS:

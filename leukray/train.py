@@ -53,7 +53,8 @@ class TrainConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     image_size: int = Field(224, ge=32, le=1024)
     augment: str = "stain"
-    """Training augmentation policy (`leukray.augment`): none | study | stain | robust | lab | lab_defects | lab_sensor."""
+    """Training augmentation policy (`leukray.augment`): none | study | stain | robust | lab | lab_defects | lab_sensor |
+    lab_dust_levels."""
     augment_strength: float = Field(1.0, ge=0.0, le=4.0)
     augment_zoom: float = Field(1.0, ge=1.0, le=4.0)
     """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""

@@ -27,7 +27,7 @@ def test_stain_changes_colour_not_only_geometry():
 
 
 def test_unknown_policy_lists_allowed():
-    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab, lab_defects, lab_sensor"):
+    with pytest.raises(ValueError, match="augment='heavy'.*none, study, stain, robust, lab, lab_defects, lab_sensor, lab_dust_levels"):
         augment_batch(torch.zeros(1, 3, 8, 8), "heavy")
 
 
@@ -130,7 +130,32 @@ def test_lab_sensor_is_lab_then_the_sensor_defects_and_never_brightens():
     assert torch.equal(sensor_defects(field, torch.Generator().manual_seed(0), p=0.0), field)
 
 
-@pytest.mark.parametrize("policy", ["robust", "lab", "lab_defects", "lab_sensor"])
+def test_lab_dust_levels_is_lab_sensor_then_dust_and_levels():
+    """The policy adds dust and automatic levels to `lab_sensor` with its draws unchanged; each hits about a fifth of
+    the images: dust darkens a few small discs of a field, the levels stretch a pale field to black and white."""
+    from leukray.augment import (camera_artefacts, colour_jitter, colour_response, dust_and_levels,
+                                 flips_and_rotation, sensor_defects)
+
+    x = torch.rand(16, 3, 32, 32) * 255
+    g = torch.Generator().manual_seed(4)
+    sensor = sensor_defects(camera_artefacts(colour_response(colour_jitter(flips_and_rotation(x.clone(), g), g), g), g), g)
+    assert torch.equal(augment_batch(x.clone(), "lab_sensor", torch.Generator().manual_seed(4)), sensor.clamp(0, 255))
+    expected = dust_and_levels(sensor, g).clamp(0, 255)
+    assert torch.equal(augment_batch(x.clone(), "lab_dust_levels", torch.Generator().manual_seed(4)), expected)
+    assert not torch.equal(expected, sensor.clamp(0, 255))
+
+    pale = torch.rand(400, 3, 64, 64) * 80 + 150  # values 150-230: a washed-out field with texture
+    y = dust_and_levels(pale, torch.Generator().manual_seed(0))
+    levelled = (y.flatten(1).amax(1) > 250) & (y.flatten(1).amin(1) < 5)
+    assert 0.12 < float(levelled.float().mean()) < 0.3
+    darkened = ((y < pale - 1).flatten(1).float().mean(1) > 0) & ~levelled
+    assert 0.1 < float(darkened.float().mean()) < 0.3
+    specks = (y < pale - 1).flatten(1).float().mean(1)[darkened]
+    assert float(specks.max()) < 0.2  # at most 16 discs of radius 0.6-1.7 px at 64 px: a small part of the field
+    assert torch.equal(dust_and_levels(pale, torch.Generator().manual_seed(0), p=0.0), pale)
+
+
+@pytest.mark.parametrize("policy", ["robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels"])
 def test_camera_false_is_the_colour_part_alone(policy):
     """camera=False draws the policy's colours (per image, the same for every pixel of a flat field) and nothing of
     its blur, noise, JPEG or sensor: a flat field stays flat, where the whole policy leaves texture on it."""

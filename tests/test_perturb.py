@@ -39,7 +39,7 @@ def test_registry_contains_required_severities() -> None:
                                  "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
                                  "stain_intensity", "stain_balance", "other_lab", "gamma", "vignetting",
                                  "motion_blur", "sharpen", "channel_shift", "impulse_noise", "shot_noise",
-                                 "pixelate"}
+                                 "pixelate", "dust", "auto_levels"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
     assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
@@ -96,6 +96,8 @@ def _graded(name: str) -> list[list[float]]:
     severities = PERTURBATIONS[name]
     if name == "jpeg":
         return [sorted(severities, reverse=True)]
+    if name == "auto_levels":
+        return [sorted(severities)]
     ident = IDENTITY[name]
     below = sorted((s for s in severities if s < ident), reverse=True)
     above = sorted(s for s in severities if s > ident)
@@ -134,7 +136,8 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
     [("hue", 0.6), ("noise", 1.5), ("blur", -1.0), ("jpeg", 0), ("jpeg", 50.5), ("scale", 0.0), ("contrast", -0.1),
      ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2),
      ("motion_blur", 2.5), ("motion_blur", 0), ("sharpen", -1.0), ("channel_shift", 9.0), ("impulse_noise", 0.6),
-     ("shot_noise", 0.5), ("shot_noise", math.nan), ("pixelate", 2.5), ("pixelate", 0)],
+     ("shot_noise", 0.5), ("shot_noise", math.nan), ("pixelate", 2.5), ("pixelate", 0), ("dust", 2.5), ("dust", -1),
+     ("auto_levels", -0.5), ("auto_levels", 30)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
@@ -320,3 +323,28 @@ def test_degraded_copy_draws_one_declared_defect_per_chunk() -> None:
         assert low <= severity <= high
         np.testing.assert_array_equal(copy[start:start + 8], apply_perturbation(
             images[start:start + 8], name, severity, seed=int(draws.integers(2**31))))
+
+
+def test_dust_darkens_specks_only_and_differs_between_seeds() -> None:
+    """Dust takes light away (in linear light) from a few small discs: the rest of the field keeps its values to the
+    level, no pixel gets brighter, and another seed puts the specks elsewhere."""
+    field = np.full((4, 224, 224, 3), (230, 200, 210), dtype=np.uint8)
+    out = apply_perturbation(field, "dust", 8, seed=1)
+    darker = (out.astype(int) < field.astype(int)).any(-1)
+    assert (out <= field).all()
+    # 8 discs of radius 2-6 px each (edges anti-aliased): 100-900 px of the 50 176, fewer where two overlap
+    assert 0.001 < darker.mean() < 0.02
+    assert int(out.min()) < 0.55 * 200  # a speck passes 2-20 % of the light: far darker than the field
+    assert not np.array_equal(out, apply_perturbation(field, "dust", 8, seed=2))
+    np.testing.assert_array_equal(apply_perturbation(field, "dust", 0, seed=1), field)
+
+
+def test_auto_levels_clips_the_chosen_fraction_at_each_end() -> None:
+    """The darkest and brightest `severity` % of the values end at black and white; the order of values is kept."""
+    ramp = np.broadcast_to(np.arange(100, 200, dtype=np.uint8).reshape(1, 10, 10, 1), (1, 10, 10, 3)).copy()
+    out = apply_perturbation(ramp, "auto_levels", 2.0)
+    assert (out == 0).mean() == pytest.approx(0.03) and (out == 255).mean() == pytest.approx(0.03)
+    flat = out[0, ..., 0].ravel()
+    assert (np.diff(flat.astype(int)) >= 0).all()  # the ramp stays a ramp
+    whole = apply_perturbation(ramp, "auto_levels", 0.0)
+    assert whole.min() == 0 and whole.max() == 255  # 0 %: the darkest value to black, the brightest to white
