@@ -289,8 +289,8 @@ def dust_light(n: int, h: int, w: int, count: int, g: torch.Generator | None, de
 
 def auto_levels(x: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
     """The camera software's automatic levels: per image, the darkest and the brightest `clip` % of the values (all
-    three channels together) go to black and white and the rest is stretched linearly between them. On a pale smear
-    this is a contrast stretch of ×1.5-4."""
+    three channels together) go to black and white and the rest is stretched linearly between them. On the pale
+    Taleqani fields this is a contrast stretch of ×1.3-3.9."""
     n = x.shape[0]
     if n == 0:
         return x.clone()
@@ -308,8 +308,7 @@ def auto_levels(x: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
 
 def dust_and_levels(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.2) -> torch.Tensor:
     """Each on a random fifth of the batch: 1-16 specks of dust or debris passing 5-55 % of the light (`dust_light`,
-    in linear light) and the
-    camera software's automatic levels clipping 0-2 % at each end (`auto_levels`)."""
+    in linear light) and the camera software's automatic levels clipping 0-2 % at each end (`auto_levels`)."""
     from . import colour
 
     n, _, h, w = x.shape

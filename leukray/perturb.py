@@ -4,21 +4,21 @@ Smear images vary between labs by staining (hue, saturation; the amount and bala
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
 (brightness, contrast, light falling off toward the corners), focus (blur), motion, sharpening, colour planes out of
 register, sensor noise (read noise; shot noise of a dim lamp) and defective pixels, dust or debris on the field, the
-camera software's automatic levels, JPEG compression, acquisition
-resolution (scale; pixelation) and magnification (objective and camera: the same cell covers more or fewer pixels);
-`other_lab` shifts lamp, exposure and stain together, as another lab differs in all of them at once. The camera and
-stain families follow the colour model of `leukray.colour` (gains in linear light with clipping; dye concentrations
-in optical density). The evaluator re-scores the test split under each perturbation at graded severities to show
-how accuracy degrades.
+camera software's automatic levels, JPEG compression, acquisition resolution (scale; pixelation) and magnification
+(objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain
+together, as another lab differs in all of them at once. The camera and stain families follow the colour model of
+`leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator
+re-scores the test split under each perturbation at graded severities to show how accuracy degrades.
 
 Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray.images.decode_image`
 returns when stacked (a single HWC image is accepted too). The result has the same dtype and shape, so it
 goes through `leukray.images.to_chw` and into the model like any decoded batch.
 
 Determinism: every perturbation is a pure function of (batch, name, severity, seed). Only `noise`, `shot_noise`,
-`impulse_noise` and `dust` are random; they draw from a numpy Generator seeded with `seed` (torchvision's `gaussian_noise` uses
-the global torch RNG, which cannot be seeded per call without side effects on other code). Noise for an image depends
-on its position in the batch, so evaluate with a fixed batching to reproduce numbers exactly.
+`impulse_noise` and `dust` are random; they draw from a numpy Generator (`dust`: a torch Generator) seeded with
+`seed`, never from a global RNG (torchvision's `gaussian_noise` uses the global torch RNG, which cannot be seeded per
+call without side effects on other code). Noise for an image depends on its position in the batch, so evaluate with a
+fixed batching to reproduce numbers exactly.
 """
 
 from __future__ import annotations
@@ -339,7 +339,8 @@ def _dust(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     if count == 0:
         return batch.copy()
     x = _to_tensor(batch).float() / 255.0
-    light = dust_light(x.shape[0], x.shape[2], x.shape[3], count, torch.Generator().manual_seed(seed), passed=DUST_PASSED)
+    light = dust_light(x.shape[0], x.shape[2], x.shape[3], count, torch.Generator().manual_seed(seed),
+                       passed=DUST_PASSED)
     return _rounded(colour.scale_light(x, light) * 255.0)
 
 
