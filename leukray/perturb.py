@@ -4,10 +4,10 @@ Smear images vary between labs by staining (hue, saturation; the amount and bala
 response (white balance, colour temperature, a tinted lamp) and tone curve (gamma), exposure, illumination
 (brightness, contrast, light falling off toward the corners), focus (blur), motion, sharpening, colour planes out of
 register, sensor noise (read noise; shot noise of a dim lamp) and defective pixels, dust or debris on the field, the
-camera software's automatic levels, JPEG compression, acquisition resolution (scale; pixelation) and magnification
-(objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure and stain
-together, as another lab differs in all of them at once. The camera and stain families follow the colour model of
-`leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator
+camera software's automatic levels, JPEG and WebP compression, acquisition resolution (scale; pixelation) and
+magnification (objective and camera: the same cell covers more or fewer pixels); `other_lab` shifts lamp, exposure
+and stain together, as another lab differs in all of them at once. The camera and stain families follow the colour
+model of `leukray.colour` (gains in linear light with clipping; dye concentrations in optical density). The evaluator
 re-scores the test split under each perturbation at graded severities to show how accuracy degrades.
 
 Layout contract: a batch is a numpy uint8 RGB array, NHWC, exactly what `leukray.images.decode_image`
@@ -23,12 +23,14 @@ fixed batching to reproduce numbers exactly.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from . import colour
@@ -49,6 +51,9 @@ PERTURBATIONS: dict[str, tuple[float, ...]] = {
     "noise": (0.01, 0.02, 0.05, 0.1),
     # JPEG quality (`augment.jpeg_round_trip`, 4:2:0 chroma subsampling as cameras and scanners write it)
     "jpeg": (75, 50, 30, 10),
+    # WebP lossy quality 1-100 (lower = stronger): another codec's artefacts (smoothed blocks, ringing) from a
+    # viewer, a web archive or a cloud store that re-encodes
+    "webp": (50, 30, 20),
     # downscale to this fraction of the side length, then upscale back (lower acquisition resolution)
     "scale": (0.75, 0.5, 0.33, 0.25),
     # magnification factor: > 1 crops the centre and enlarges it (a stronger objective), < 1 shrinks the image and
@@ -127,8 +132,8 @@ IDENTITY: dict[str, float] = {
     "pixelate": 1.0,
     "dust": 0.0,
 }
-"""The severity at which each perturbation leaves the image unchanged. JPEG has none: it is lossy at any quality; nor
-has `auto_levels`: at 0 % it still stretches the darkest and brightest values to black and white."""
+"""The severity at which each perturbation leaves the image unchanged. JPEG and WebP have none: they are lossy at any
+quality; nor has `auto_levels`: at 0 % it still stretches the darkest and brightest values to black and white."""
 
 
 def iter_perturbations() -> list[tuple[str, float]]:
@@ -200,6 +205,18 @@ def _jpeg(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     if len(batch) == 0:
         return batch.copy()
     return _to_numpy(torch.stack(jpeg_round_trip(_to_tensor(batch), quality)))
+
+
+def _webp(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
+    quality = int(severity)
+    if quality != severity or not 1 <= quality <= 100:
+        raise ValueError(f"webp quality must be an integer in [1, 100], got {severity}")
+    out = np.empty_like(batch)
+    for i, image in enumerate(batch):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "WEBP", quality=quality)
+        out[i] = np.asarray(Image.open(buffer).convert("RGB"))
+    return out
 
 
 def _scale(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
@@ -359,6 +376,7 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "blur": _blur,
     "noise": _noise,
     "jpeg": _jpeg,
+    "webp": _webp,
     "scale": _scale,
     "magnification": _magnification,
     "red_gain": _colour_op("red_gain", 0.25, 4.0, lambda x, s: _gains(s, 1.0, 1.0)(x)),
@@ -381,7 +399,7 @@ _OPS: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "dust": _dust,
     "auto_levels": _auto_levels,
 }
-assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg", "auto_levels"}
+assert _OPS.keys() == PERTURBATIONS.keys() == IDENTITY.keys() | {"jpeg", "webp", "auto_levels"}
 
 
 def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int = 0) -> np.ndarray:
@@ -403,7 +421,7 @@ def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int 
         raise ValueError(f"expected uint8 RGB NHWC (N, H, W, 3) or HWC (H, W, 3), got shape {np.asarray(batch).shape}")
     if not (array.flags.c_contiguous and array.flags.writeable):
         array = np.array(array, order="C", copy=True)  # torch.from_numpy needs a writable, contiguous buffer
-    out = _OPS[name](array, float(severity) if name != "jpeg" else severity, int(seed))
+    out = _OPS[name](array, float(severity) if name not in ("jpeg", "webp") else severity, int(seed))
     assert out.dtype == np.uint8 and out.shape == array.shape
     return out[0] if single else out
 

@@ -39,7 +39,7 @@ def test_registry_contains_required_severities() -> None:
                                  "magnification", "red_gain", "blue_gain", "colour_temperature", "tint", "exposure",
                                  "stain_intensity", "stain_balance", "other_lab", "gamma", "vignetting",
                                  "motion_blur", "sharpen", "channel_shift", "impulse_noise", "shot_noise",
-                                 "pixelate", "dust", "auto_levels"}
+                                 "pixelate", "dust", "auto_levels", "webp"}
     assert -0.05 in PERTURBATIONS["hue"]
     assert {0.8, 1.2} <= set(PERTURBATIONS["red_gain"]) and {0.8, 1.2} <= set(PERTURBATIONS["blue_gain"])
     assert {-0.2, 0.2} <= set(PERTURBATIONS["colour_temperature"])
@@ -91,10 +91,28 @@ def test_high_quality_jpeg_is_nearly_unchanged() -> None:
     assert mild < 0.6 * strong
 
 
+def test_webp_is_a_real_webp_round_trip() -> None:
+    """Each image goes through libwebp at the asked quality on its own: the same bytes PIL writes, decoded back; a
+    high quality is close to the original and closer than the strongest setting (per-pixel chroma texture is lost
+    to 4:2:0 subsampling at any quality, as in JPEG)."""
+    import io
+
+    from PIL import Image
+
+    out = apply_perturbation(BATCH, "webp", 30)
+    for image, got in zip(BATCH, out):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "WEBP", quality=30)
+        np.testing.assert_array_equal(got, np.asarray(Image.open(buffer).convert("RGB")))
+    mild = _diff(apply_perturbation(BATCH, "webp", 95), BATCH)
+    assert 0 < mild < 6.0 and mild < 0.7 * _diff(apply_perturbation(BATCH, "webp", 10), BATCH)
+    assert apply_perturbation(BATCH[:0], "webp", 20).shape == BATCH[:0].shape
+
+
 def _graded(name: str) -> list[list[float]]:
     """Severities ordered from mild to strong, on each side of the identity where both sides exist."""
     severities = PERTURBATIONS[name]
-    if name == "jpeg":
+    if name in ("jpeg", "webp"):
         return [sorted(severities, reverse=True)]
     if name == "auto_levels":
         return [sorted(severities)]
@@ -137,7 +155,7 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
      ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2),
      ("motion_blur", 2.5), ("motion_blur", 0), ("sharpen", -1.0), ("channel_shift", 9.0), ("impulse_noise", 0.6),
      ("shot_noise", 0.5), ("shot_noise", math.nan), ("pixelate", 2.5), ("pixelate", 0), ("dust", 2.5), ("dust", -1),
-     ("auto_levels", -0.5), ("auto_levels", 30)],
+     ("auto_levels", -0.5), ("auto_levels", 30), ("webp", 0), ("webp", 20.5), ("webp", 101)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
