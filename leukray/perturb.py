@@ -198,19 +198,22 @@ def _noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
+def _quality(name: str, severity: float) -> int:
+    """A codec's quality: a whole number in [1, 100] (NaN and infinities named like any other bad value)."""
+    if not (math.isfinite(severity) and severity == int(severity) and 1 <= severity <= 100):
+        raise ValueError(f"{name} quality must be an integer in [1, 100], got {severity}")
+    return int(severity)
+
+
 def _jpeg(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
-    quality = int(severity)
-    if quality != severity or not 1 <= quality <= 100:
-        raise ValueError(f"jpeg quality must be an integer in [1, 100], got {severity}")
+    quality = _quality("jpeg", severity)
     if len(batch) == 0:
         return batch.copy()
     return _to_numpy(torch.stack(jpeg_round_trip(_to_tensor(batch), quality)))
 
 
 def _webp(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
-    quality = int(severity)
-    if quality != severity or not 1 <= quality <= 100:
-        raise ValueError(f"webp quality must be an integer in [1, 100], got {severity}")
+    quality = _quality("webp", severity)
     out = np.empty_like(batch)
     for i, image in enumerate(batch):
         buffer = io.BytesIO()

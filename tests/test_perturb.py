@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from leukray.perturb import IDENTITY, PERTURBATIONS, apply_perturbation, iter_perturbations
 
@@ -92,13 +94,9 @@ def test_high_quality_jpeg_is_nearly_unchanged() -> None:
 
 
 def test_webp_is_a_real_webp_round_trip() -> None:
-    """Each image goes through libwebp at the asked quality on its own: the same bytes PIL writes, decoded back; a
-    high quality is close to the original and closer than the strongest setting (per-pixel chroma texture is lost
-    to 4:2:0 subsampling at any quality, as in JPEG)."""
-    import io
-
-    from PIL import Image
-
+    """Each image goes through libwebp at the asked quality on its own (the pixels of PIL's encode and decode); a
+    high quality is close to the original and closer than a low one (per-pixel chroma texture is lost to 4:2:0
+    subsampling at any quality, as in JPEG)."""
     out = apply_perturbation(BATCH, "webp", 30)
     for image, got in zip(BATCH, out):
         buffer = io.BytesIO()
@@ -155,7 +153,8 @@ def test_unknown_name_names_bad_value_and_allowed() -> None:
      ("magnification", 0.4), ("magnification", 2.5), ("gamma", 0.1), ("vignetting", 1.0), ("vignetting", -0.2),
      ("motion_blur", 2.5), ("motion_blur", 0), ("sharpen", -1.0), ("channel_shift", 9.0), ("impulse_noise", 0.6),
      ("shot_noise", 0.5), ("shot_noise", math.nan), ("pixelate", 2.5), ("pixelate", 0), ("dust", 2.5), ("dust", -1),
-     ("auto_levels", -0.5), ("auto_levels", 30), ("webp", 0), ("webp", 20.5), ("webp", 101)],
+     ("auto_levels", -0.5), ("auto_levels", 30), ("webp", 0), ("webp", 20.5), ("webp", 101),
+     ("webp", math.nan), ("jpeg", math.inf)],
 )
 def test_out_of_range_severity(name: str, severity: float) -> None:
     with pytest.raises(ValueError, match=name):
