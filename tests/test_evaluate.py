@@ -173,6 +173,9 @@ def test_severities_past_the_suites(report, package, synth_data, tmp_path):
         evaluate(str(package), str(synth_data), str(tmp_path / "bad"), perturbations=["magnification=3"])
     with pytest.raises(ValueError, match=r"perturbation 'blur=strong': severities must be numbers"):
         check_families(["blur=strong"])
+    for spec in ("jpeg=inf", "webp=nan", "webp=20.5"):  # a codec's quality is a whole number, named when it is not
+        with pytest.raises(ValueError, match=rf"perturbation '{spec}': {spec[:4]} quality must be an integer"):
+            check_families([spec])
     assert not (tmp_path / "bad").exists()
 
 
