@@ -201,7 +201,7 @@ def _noise(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
 def _quality(name: str, severity: float) -> int:
     """A codec's quality: a whole number in [1, 100] (NaN and infinities named like any other bad value)."""
     if not (math.isfinite(severity) and severity == int(severity) and 1 <= severity <= 100):
-        raise ValueError(f"{name} quality must be an integer in [1, 100], got {severity}")
+        raise ValueError(f"{name} quality must be an integer in [1, 100], got {severity:g}")
     return int(severity)
 
 
@@ -424,7 +424,7 @@ def apply_perturbation(batch: np.ndarray, name: str, severity: float, seed: int 
         raise ValueError(f"expected uint8 RGB NHWC (N, H, W, 3) or HWC (H, W, 3), got shape {np.asarray(batch).shape}")
     if not (array.flags.c_contiguous and array.flags.writeable):
         array = np.array(array, order="C", copy=True)  # torch.from_numpy needs a writable, contiguous buffer
-    out = _OPS[name](array, float(severity) if name not in ("jpeg", "webp") else severity, int(seed))
+    out = _OPS[name](array, float(severity), int(seed))
     assert out.dtype == np.uint8 and out.shape == array.shape
     return out[0] if single else out
 
