@@ -6,7 +6,9 @@ instead of being silently ignored hours into a run.
 
 from __future__ import annotations
 
+import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,22 +38,45 @@ class StorageOptions(StrictModel):
     anon: bool = False
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def _fields_at(cls: type[BaseModel], parents: tuple[Any, ...]) -> list[str]:
+    """The key names allowed under `parents` (a pydantic error location), or [] where the path is not models."""
+    model: Any = cls
+    for part in parents:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        nested = [t for t in (field.annotation, *typing.get_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None,
+                            overrides: dict[str, Any] | None = None) -> str:
+    """One line per error, naming where the key came from: `source`, or `--set KEY` when an override set it. An
+    unknown key gets the nearest allowed one (a typo is the usual cause)."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        where = next((f"--set {o}" for o in overrides or {} if key == o or key.startswith(o + ".")), source)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(cls, e["loc"][:-1]) if cls else [], n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, e['loc'][:-1]), close[0]])}'?)" if close else ""
+            lines.append(f"{where}: unknown key '{key}'{hint}")
         elif e["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
+            lines.append(f"{where}: missing required key '{key}'")
         else:
             value = e.get("input")
-            lines.append(f"{source}: key '{key}' = {value!r}: {e['msg']}")
+            lines.append(f"{where}: key '{key}' = {value!r}: {e['msg']}")
     return "\n".join(lines)
 
 
-def parse_config(cls: type[T], data: dict[str, Any] | None, source: str = "<config>") -> T:
-    """Validate a mapping against `cls`, turning pydantic's errors into one message naming source and keys."""
+def parse_config(cls: type[T], data: dict[str, Any] | None, source: str = "<config>",
+                 overrides: dict[str, Any] | None = None) -> T:
+    """Validate a mapping against `cls`, turning pydantic's errors into one message naming source (or the `--set`
+    override) and keys."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -59,7 +84,7 @@ def parse_config(cls: type[T], data: dict[str, Any] | None, source: str = "<conf
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, cls, overrides)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -107,7 +132,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
 def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
     """Load YAML at `path` (or defaults when None), apply dotted-key `overrides`, validate as `cls`."""
     data = read_yaml(path) if path is not None else {}
-    return parse_config(cls, apply_overrides(data, overrides), str(path) if path is not None else "<defaults>")
+    return parse_config(cls, apply_overrides(data, overrides), str(path) if path is not None else "<defaults>",
+                        overrides)
 
 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:

@@ -279,4 +279,4 @@ def load_search_config(path: str | os.PathLike | None, overrides: dict[str, Any]
         if not isinstance(train, dict):
             raise ConfigError(f"{source}: key 'train' must be a mapping")
         data["train"] = _deep_merge(read_yaml(found), train)
-    return parse_config(SearchConfig, data, source)
+    return parse_config(SearchConfig, data, source, overrides)

@@ -11,6 +11,32 @@ def test_unknown_key_is_named(tmp_path):
         load_config(TrainConfig, p)
 
 
+def test_unknown_key_gets_the_nearest_allowed_one(tmp_path):
+    p = tmp_path / "train.yaml"
+    p.write_text("model:\n  dropuot: 0.3\nbatchsize: 8\nzzz: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, p)
+    lines = str(err.value).splitlines()
+    assert f"{p}: unknown key 'model.dropuot' (did you mean 'model.dropout'?)" in lines
+    assert f"{p}: unknown key 'batchsize' (did you mean 'batch_size'?)" in lines
+    assert f"{p}: unknown key 'zzz'" in lines  # nothing close: no guess
+
+
+def test_a_bad_override_names_the_override_not_the_file(tmp_path):
+    """A typo in `--set` is not the YAML file's fault: the message points at the command line."""
+    p = tmp_path / "train.yaml"
+    p.write_text("epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, p, {"epochz": 3, "model.dropuot": 0.5, "optimizer": "sgd"})
+    lines = str(err.value).splitlines()
+    assert "--set epochz: unknown key 'epochz' (did you mean 'epochs'?)" in lines
+    assert "--set model.dropuot: unknown key 'model.dropuot' (did you mean 'model.dropout'?)" in lines
+    assert any(line.startswith("--set optimizer: key 'optimizer' = 'sgd'") for line in lines)
+    p.write_text("epochs: 2\noptimizer: sgd\n")
+    with pytest.raises(ConfigError, match=f"^{p}: key 'optimizer' = 'sgd'"):  # from the file: the file is named
+        load_config(TrainConfig, p, {"epochs": 3})
+
+
 @pytest.mark.parametrize("text, match", [("optimizer: sgd\n", r"key 'optimizer' = 'sgd'"),
                                          ("augment_zoom: 0.5\n", r"key 'augment_zoom' = 0.5")])
 def test_bad_value_is_named(tmp_path, text, match):

@@ -100,7 +100,7 @@ SPACE = "space:\n  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
 
 @pytest.mark.parametrize("text, expected", [
     (SPACE + "num_sample: 3\n", "unknown key 'num_sample'"),
-    (SPACE + "train:\n  epoch: 3\n", "unknown key 'train.epoch'"),
+    (SPACE + "train:\n  epoch: 3\n", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
     (SPACE + "train:\n  epochs: many\n", "train.epochs"),
     (SPACE + "metric: val_auc\n", "metric"),
     (SPACE + "resources: {cpu: 1, gpu: -0.5}\n", "resources.gpu"),
@@ -125,6 +125,11 @@ def test_config_errors_name_the_key(tmp_path, text, expected):
         load_search_config(_write(tmp_path, text))
     assert expected in str(err.value)
     assert str(tmp_path / "tune.yaml") in str(err.value)
+
+
+def test_a_bad_override_names_the_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--set train.epoch: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)$"):
+        load_search_config(_write(tmp_path, SPACE), {"train.epoch": 3})
 
 
 def test_consistency_is_searchable(tmp_path):
