@@ -16,6 +16,9 @@ per image at training time, `leukray.perturb` applies fixed ones at evaluation t
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from .ood import SIGNATURE_DIM, STATS_DIM  # noqa: F401  (the lengths of `signature` and `image_stats`)
@@ -138,19 +141,39 @@ def _gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     """How much stained structure the field holds: float [0, 255] NCHW → (N, 1). The optical density (each channel
-    scaled so its brightest `white_fraction` is white, summed over channels) on a ~56-cell grid, band-passed at the
-    size of nuclei and cells (difference of Gaussians, σ 1 and 4 grid cells: a lamp's vignetting and a sensor's
-    noise fall outside the band), then the mean of its strongest 2 % less its median, scaled down for an unlit
+    scaled so its brightest `white_fraction` is white, summed over channels) on a ~56-cell grid, less its quadratic
+    trend (a lamp's vignetting), band-passed at the size of nuclei and cells (difference of Gaussians, σ 1 and 4
+    grid cells: what is left of uneven light and a sensor's noise fall outside the band), then the mean of its strongest 2 % less its median, scaled down for an unlit
     field (background under `_LIT_LEVEL`). A smear's nuclei give 0.25 or more, about 0.1 under the
     palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0. Part of the exported graph
     (`leukray.ood`'s structure check)."""
     return _structure(*optical_density(x, white_fraction))
 
 
+@functools.lru_cache(maxsize=8)
+def _quadratic_fit(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares fit of a quadratic surface on an h × w grid as two factors, basis (h·w, 6) and its
+    pseudo-inverse (6, h·w): the trend of a map m is basis @ (pinv @ m). Built in numpy from the grid's size, so the
+    exported graph holds them as constants (two small matmuls, no h·w × h·w projection)."""
+    yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    basis = np.stack([xx ** a * yy ** b for a in range(3) for b in range(3 - a)], -1).reshape(h * w, 6)
+    return basis.astype(np.float32), np.linalg.pinv(basis).astype(np.float32)
+
+
+def _detrend(m: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) map less its least-squares quadratic surface: a lamp's vignetting or uneven light is smooth, and
+    left in, its slope at the field's edge (where the blur pads by repetition) reads as structure. Cells and
+    nuclei, a few grid cells across, are not quadratic and stay."""
+    n, _, h, w = m.shape
+    basis, pinv = (torch.from_numpy(a).to(m) for a in _quadratic_fit(h, w))
+    flat = m.reshape(n, h * w)
+    return (flat - (flat @ pinv.T) @ basis.T).reshape(n, 1, h, w)
+
+
 def _structure(od: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     n, _, h, w = od.shape
     cell = max(1, min(h, w) // _STRUCTURE_GRID)
-    od = torch.nn.functional.avg_pool2d(od.sum(1, keepdim=True), cell)
+    od = _detrend(torch.nn.functional.avg_pool2d(od.sum(1, keepdim=True), cell))
     band = (_gaussian_blur(od, 1.0) - _gaussian_blur(od, 4.0)).reshape(n, -1)
     top = torch.topk(band, max(1, int(band.shape[1] * _STRUCTURE_TOP)), dim=1).values.mean(1)
     median = torch.topk(band, band.shape[1] // 2 + 1, dim=1).values[:, -1]  # topk: exports to every backend

@@ -88,10 +88,12 @@ SIGNATURE_DIM = 7
 their chroma (1). Defined here, where the guard reads it, so scoring needs no torch."""
 STATS_DIM = SIGNATURE_DIM + 1
 """Length of the exported graph's third output (`leukray.colour.image_stats`): the signature, then `structure`."""
-STRUCTURE_STATISTIC = ("leukray.colour.structure (band-passed optical density: strongest 2 % less the median, "
-                       "× (background / 80)² under 80 of 255), validation images under other labs' colours")
+STRUCTURE_STATISTIC = ("leukray.colour.structure (optical density less its quadratic trend, band-passed: strongest "
+                       "2 % less the median, × (background / 80)² under 80 of 255), validation images under other "
+                       "labs' colours")
 """What the exported graph's structure value is, as the card records it: `leukray calibrate` re-exports a graph
-whose card names another (its thresholds stay valid: the two agree on every lit field)."""
+whose card names another (its thresholds stay valid: on smears the statistics agree to within 2 %; they part on
+dark frames and on empty fields with strong vignetting, which the older ones read as structure)."""
 REFERENCE_FILE = "ood_reference.npy"
 COLOUR_REFERENCE_FILE = "ood_colour_reference.npy"
 OPTICS_REFERENCE_FILE = "ood_optics_reference.npy"
@@ -488,8 +490,9 @@ def guard_notes(card: dict[str, Any], package_uri: str) -> list[str]:
         return [f"warning: {package_uri} has no out-of-distribution guard: ood_score and in_distribution stay empty "
                 f"and only low confidence sets needs_review (add one without retraining: leukray calibrate)"]
     if structure_outdated(card):
-        return [f"note: {package_uri}'s structure check predates its dark-frame scaling: a dark frame is flagged by "
-                f"the knn distance alone (update its graph without retraining: leukray calibrate)"]
+        return [f"note: {package_uri}'s structure check is older than this version's: dark frames and empty fields "
+                f"with strong vignetting are left to the knn distance (update its graph without retraining: leukray "
+                f"calibrate)"]
     return []
 
 

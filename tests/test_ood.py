@@ -372,7 +372,7 @@ def test_scoring_says_what_a_packages_guard_lacks():
     (none,) = guard_notes({}, "s3://m/v1")
     assert none.startswith("warning: s3://m/v1 has no out-of-distribution guard") and "leukray calibrate" in none
     (old,) = guard_notes({"ood": {"structure": {"statistic": "leukray.colour.structure (older)"}}}, "s3://m/v1")
-    assert "predates its dark-frame scaling" in old and "leukray calibrate" in old
+    assert "structure check is older than this version's" in old and "leukray calibrate" in old
 
 
 def _smears(n: int = 24, size: int = 64) -> np.ndarray:
@@ -508,6 +508,29 @@ def test_structure_tells_empty_fields_from_smears_under_other_labs():
     np.testing.assert_allclose(lit.numpy(), colour._structure(od, torch.full_like(level, 255.0)).numpy())
     assert colour.image_stats(x).shape == (12, colour.STATS_DIM)
     np.testing.assert_allclose(colour.image_stats(x)[:, colour.SIGNATURE_DIM:].numpy(), colour.structure(x).numpy())
+
+
+def test_structure_ignores_a_lamps_vignetting():
+    """Vignetting is smooth: the structure map's quadratic trend is removed before the band-pass, so an empty field
+    that loses three fifths to four fifths of its light at the corners reads as empty (its slope at the field's edge
+    read 0.08–0.11 without the removal, above the default's threshold of about 0.06), and a smear keeps its
+    structure under the same vignetting."""
+    import torch
+
+    from leukray import colour
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 56), torch.linspace(-1, 1, 56), indexing="ij")
+    surface = (0.3 + 0.2 * xx - 0.1 * yy + 0.5 * xx ** 2 + 0.4 * xx * yy - 0.3 * yy ** 2)[None, None]
+    assert colour._detrend(surface).abs().max().item() < 1e-5
+    size = 224
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    rng = np.random.default_rng(3)
+    empty = np.stack([240 * (1 - v * (xx ** 2 + yy ** 2))[..., None] + rng.normal(0, 2, (size, size, 3))
+                      for v in (0.6, 0.7, 0.8)])
+    assert colour.structure(_nchw(np.clip(empty, 0, 255).astype(np.uint8))).max().item() < 0.03
+    smears = _nchw(_smears(6, size))
+    vignetted = smears * torch.from_numpy(1 - 0.8 * (xx ** 2 + yy ** 2)).float()
+    np.testing.assert_allclose(colour.structure(vignetted).numpy(), colour.structure(smears).numpy(), rtol=0.02)
 
 
 def test_structure_check_flags_empty_fields_on_the_knn_scale():
