@@ -143,10 +143,10 @@ def structure(x: torch.Tensor, white_fraction: float = 0.1) -> torch.Tensor:
     """How much stained structure the field holds: float [0, 255] NCHW → (N, 1). The optical density (each channel
     scaled so its brightest `white_fraction` is white, summed over channels) on a ~56-cell grid, less its quadratic
     trend (a lamp's vignetting), band-passed at the size of nuclei and cells (difference of Gaussians, σ 1 and 4
-    grid cells: what is left of uneven light and a sensor's noise fall outside the band), then the mean of its strongest 2 % less its median, scaled down for an unlit
-    field (background under `_LIT_LEVEL`). A smear's nuclei give 0.25 or more, about 0.1 under the
-    palest camera, lamp and stain a lab gives; an empty, blank or dark field near 0. Part of the exported graph
-    (`leukray.ood`'s structure check)."""
+    grid cells: what is left of uneven light and a sensor's noise fall outside the band), then the mean of its
+    strongest 2 % less its median, scaled down for an unlit field (background under `_LIT_LEVEL`). A smear's nuclei
+    give 0.25 or more, about 0.1 under the palest camera, lamp and stain a lab gives; an empty, blank or dark field
+    near 0. Part of the exported graph (`leukray.ood`'s structure check)."""
     return _structure(*optical_density(x, white_fraction))
 
 
