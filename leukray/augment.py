@@ -16,6 +16,10 @@ Inputs are float NCHW in [0, 255] (decoded once, cached as uint8). Policies:
 - `lab_dust_levels`: lab_sensor + specks of dust or debris on the field and the camera software's automatic levels
   (`dust_and_levels`).
 
+`codecs` (robust and the lab policies): the camera part re-encodes a random half of each batch at quality 5–60 in
+JPEG by default; with ("jpeg", "webp") each such batch goes through one of the two at even odds, for archives that
+a viewer, a web archive or a cloud store re-encoded as WebP, whose smoothed blocks and ringing JPEG does not show.
+
 `p` (stain, robust): the fraction of images that get the colour/camera part; 1.0 = all.
 
 `zoom` (every policy but `none`): magnification jitter, a factor drawn log-uniformly from [1/zoom, zoom] and
@@ -25,6 +29,7 @@ cell covers a different number of pixels. 1.0 = off.
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
@@ -34,6 +39,8 @@ from torchcodec.encoders import JpegEncoder
 from torchvision.transforms.v2 import functional as TF
 
 POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels")
+CODECS = ("jpeg", "webp")
+"""The codecs the camera part's re-encoding step can draw from (`codecs`)."""
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -44,16 +51,29 @@ def check_policy(name: str) -> str:
     return name
 
 
+def check_codecs(codecs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    for c in codecs:
+        if c not in CODECS:
+            raise ValueError(f"augment_codecs: {c!r} is not a codec; allowed: {', '.join(CODECS)}")
+        if list(codecs).count(c) > 1:
+            raise ValueError(f"augment_codecs names {c!r} twice")
+    if not codecs:
+        raise ValueError(f"augment_codecs is empty; name at least one of {', '.join(CODECS)}")
+    return tuple(codecs)
+
+
 def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | None = None,
                   strength: float = 1.0, zoom: float = 1.0, p: float = 1.0, geometry: bool = True,
-                  camera: bool = True) -> torch.Tensor:
+                  camera: bool = True, codecs: tuple[str, ...] = ("jpeg",)) -> torch.Tensor:
     """Apply `policy` to a float [0,255] NCHW batch; returns a new tensor on the same device.
 
     `p`: the fraction of images that get the colour (stain, robust) and camera (robust) part; flips, rotation and
     zoom apply to every image. Below 1 the others keep their true colour and texture. `geometry=False`: the batch
     is already flipped/rotated (`flips_and_rotation`), only the colour/camera part is drawn. `camera=False`: the
-    colour part alone (stain, white balance, exposure), without the policy's blur, noise, JPEG or sensor defects."""
+    colour part alone (stain, white balance, exposure), without the policy's blur, noise, JPEG or sensor defects.
+    `codecs`: what the camera part's re-encoding step draws from (`CODECS`; one per batch)."""
     check_policy(policy)
+    check_codecs(codecs)
     if zoom < 1.0:
         raise ValueError(f"zoom must be >= 1.0 (the largest magnification factor; 1.0 = off), got {zoom}")
     if not 0.0 <= p <= 1.0:
@@ -68,7 +88,7 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     if policy in ("lab", "lab_defects", "lab_sensor", "lab_dust_levels"):
         y = colour_response(y, generator, strength)
     if camera and policy in ("robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels"):
-        y = camera_artefacts(y, generator, strength)
+        y = camera_artefacts(y, generator, strength, codecs=codecs)
     if camera and policy == "lab_defects":
         y = optics_defects(y, generator, strength)
     if camera and policy in ("lab_sensor", "lab_dust_levels"):
@@ -148,8 +168,10 @@ def colour_response(x: torch.Tensor, g: torch.Generator | None, strength: float 
     return colour.camera_gains(y, gains) * 255.0
 
 
-def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.5) -> torch.Tensor:
-    """Each artefact hits a random half of the batch, so clean images stay in the mix."""
+def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float = 1.0, p: float = 0.5,
+                     codecs: tuple[str, ...] = ("jpeg",)) -> torch.Tensor:
+    """Each artefact hits a random half of the batch, so clean images stay in the mix. The re-encoded images go
+    through one of `codecs` (drawn per batch): an archive another codec wrote has other artefacts than JPEG's."""
     n, _, h, w = x.shape
     pick = lambda: (_rand(n, x, g, 0, 1) < p).view(-1, 1, 1, 1)  # noqa: E731
     # Gaussian blur, sigma up to 2.5 px (one sigma per batch keeps it a single conv)
@@ -168,16 +190,20 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
     noise_sigma = _rand(n, x, g, 0, 0.08 * strength).view(-1, 1, 1, 1) * 255
     noise = _noise(x.shape, x, g) * noise_sigma
     x = torch.where(pick(), x + noise, x)
-    # JPEG re-encoding at quality 5-60
+    # re-encoding at quality 5-60 (JPEG, or a codec drawn from `codecs`)
     jpeg_mask = pick().view(-1)
     if bool(jpeg_mask.any()):
         quality = int(_rand(1, x, g, 5, 60)[0])
+        codec = codecs[int(_rand(1, x, g, 0, len(codecs))[0])] if len(codecs) > 1 else codecs[0]
         idx = torch.nonzero(jpeg_mask).view(-1)
         u8 = x[idx].clamp(0, 255).round().to(torch.uint8)
-        try:
-            out = jpeg_round_trip(u8, quality)
-        except RuntimeError:  # no GPU codec: go through the CPU
-            out = jpeg_round_trip(u8.cpu(), quality)
+        if codec == "webp":
+            out = webp_round_trip(u8, quality)
+        else:
+            try:
+                out = jpeg_round_trip(u8, quality)
+            except RuntimeError:  # no GPU codec: go through the CPU
+                out = jpeg_round_trip(u8.cpu(), quality)
         x = x.clone()
         x[idx] = torch.stack([o.to(x.device) for o in out]).to(x.dtype)
     return x
@@ -188,6 +214,20 @@ def jpeg_round_trip(u8: torch.Tensor, quality: int) -> list[torch.Tensor]:
     takes its bytes from host memory), on the CPU libjpeg-turbo."""
     encoded = [JpegEncoder(im).to_tensor(quality=quality).cpu() for im in u8]
     return decode_jpeg(encoded, device=u8.device)
+
+
+def webp_round_trip(u8: torch.Tensor, quality: int) -> list[torch.Tensor]:
+    """uint8 NCHW images → each after lossy WebP at `quality` (libwebp through Pillow, on the CPU), on their device."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in u8.cpu():
+        buffer = io.BytesIO()
+        Image.fromarray(im.permute(1, 2, 0).contiguous().numpy()).save(buffer, "WEBP", quality=quality)
+        decoded = np.array(Image.open(buffer).convert("RGB"))
+        out.append(torch.from_numpy(decoded).permute(2, 0, 1).to(u8.device))
+    return out
 
 
 def motion_streak(x: torch.Tensor, length: int, along_rows: bool = True) -> torch.Tensor:
@@ -325,7 +365,7 @@ def dust_and_levels(x: torch.Tensor, g: torch.Generator | None, strength: float 
 
 
 def augment_images(images_nhwc, policy: str, seed: int, strength: float = 1.0, zoom: float = 1.0,
-                   batch_size: int = 64):
+                   batch_size: int = 64, codecs: tuple[str, ...] = ("jpeg",)):
     """uint8 NHWC images → the same images under `policy` (every image gets the colour/camera part), uint8 NHWC,
     seeded: what the network saw in training, for the out-of-distribution guard's reference (`leukray.ood`)."""
     import numpy as np
@@ -335,6 +375,6 @@ def augment_images(images_nhwc, policy: str, seed: int, strength: float = 1.0, z
     out = np.empty_like(images_nhwc)
     for i in range(0, len(images_nhwc), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images_nhwc[i:i + batch_size])).permute(0, 3, 1, 2).float()
-        y = augment_batch(x, policy, g, strength, zoom, p=1.0)
+        y = augment_batch(x, policy, g, strength, zoom, p=1.0, codecs=codecs)
         out[i:i + len(y)] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out

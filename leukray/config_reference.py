@@ -37,6 +37,7 @@ def _type(annotation: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
     text = text or str(annotation)
+    text = re.sub(r"\btuple\[(\w+), \.\.\.\]", r"list[\1]", text)  # a YAML list, kept immutable
     return re.sub(r"\b(typing|pydantic\.types|leukray\.\w+)\.", "", text).replace("NoneType", "None").replace("|", "\\|")
 
 
@@ -50,6 +51,8 @@ def _default(field: Any) -> str:
         return "required" if field.default_factory is None else ""
     if field.default is None:
         return "none"
+    if isinstance(field.default, tuple):
+        return f"`[{', '.join(map(str, field.default))}]`"
     return f"`{str(field.default).lower() if isinstance(field.default, bool) else field.default}`"
 
 

@@ -23,18 +23,16 @@ fixed batching to reproduce numbers exactly.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from . import colour
-from .augment import auto_levels, dust_light, jpeg_round_trip, motion_streak, pixelate, shift_plane
+from .augment import auto_levels, dust_light, jpeg_round_trip, motion_streak, pixelate, shift_plane, webp_round_trip
 
 __all__ = ["IDENTITY", "PERTURBATIONS", "apply_perturbation", "iter_perturbations"]
 
@@ -214,12 +212,9 @@ def _jpeg(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
 
 def _webp(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:
     quality = _quality("webp", severity)
-    out = np.empty_like(batch)
-    for i, image in enumerate(batch):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "WEBP", quality=quality)
-        out[i] = np.asarray(Image.open(buffer).convert("RGB"))
-    return out
+    if len(batch) == 0:
+        return batch.copy()
+    return _to_numpy(torch.stack(webp_round_trip(_to_tensor(batch), quality)))
 
 
 def _scale(batch: np.ndarray, severity: float, seed: int) -> np.ndarray:

@@ -127,7 +127,8 @@ def calibrate(model_ref: str, data_uri: str, out_dir: str, split: str = "val", s
                                           data.manifest_uri, storage).images
             reference, made = guard_reference(features_of, train_images, ood_cfg, trained.get("augment", "none"),
                                               float(trained.get("augment_strength", 1.0)),
-                                              float(trained.get("augment_zoom", 1.0)), seed)
+                                              float(trained.get("augment_zoom", 1.0)), seed,
+                                              tuple(trained.get("augment_codecs", ("jpeg",))))
             ref_source = f"train rows of {data.manifest_uri}"
         elif old_guard is not None:
             reference, ref_source = old_guard.reference, f"the reference of {pkg.uri}"

@@ -22,10 +22,10 @@ import pyarrow as pa
 import torch
 import yaml
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from . import CLASSES, storage
-from .augment import POLICIES, augment_batch, augment_images, check_policy, flips_and_rotation
+from .augment import CODECS, POLICIES, augment_batch, augment_images, check_codecs, check_policy, flips_and_rotation
 from .colour import other_labs, signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all, warn_unreadable
@@ -60,6 +60,18 @@ class TrainConfig(StrictModel):
     """Magnification jitter: each training image is zoomed by a factor in [1/zoom, zoom]; 1.0 = off."""
     augment_p: float = Field(1.0, ge=0.0, le=1.0)
     """Fraction of training images that get the policy's colour/camera part (flips, rotation, zoom: all); 1.0 = all."""
+    augment_codecs: tuple[str, ...] = ("jpeg",)
+    """The codecs the policy's re-encoding step draws from, one per batch (`leukray.augment.CODECS`: jpeg | webp);
+    needs a policy with a camera part (robust, lab, …)."""
+
+    @field_validator("augment_codecs", mode="before")
+    @classmethod
+    def _codecs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"augment_codecs: expected a codec or a list of them ({', '.join(CODECS)}), got {value!r}")
+        return check_codecs(value)
     consistency: float = Field(0.0, ge=0.0, le=100.0)
     """Weight of a feature-consistency term: each batch also goes through the policy's colour/camera part in full,
     and its pooled features are pulled (cosine) toward those of the batch as trained, so another lab's image lands
@@ -104,6 +116,10 @@ class TrainConfig(StrictModel):
 
     def model_post_init(self, _: Any) -> None:
         check_policy(self.augment)
+        if self.augment_codecs != ("jpeg",) and self.augment in ("none", "study", "stain"):
+            raise ValueError(f"augment_codecs={list(self.augment_codecs)!r} needs a policy that re-encodes; "
+                             f"augment={self.augment!r} does not (allowed with augment_codecs: "
+                             f"{', '.join(p for p in POLICIES if p not in ('none', 'study', 'stain'))})")
         if self.consistency > 0 and self.augment in ("none", "study"):
             raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
                              f"augment={self.augment!r} has none (allowed with consistency: "
@@ -224,7 +240,8 @@ def predict_logits(model: LeukNet, images: np.ndarray, device: torch.device, bat
 
 
 def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, ood: OODConfig,
-                    augment: str, strength: float, zoom: float, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+                    augment: str, strength: float, zoom: float, seed: int,
+                    codecs: tuple[str, ...] = ("jpeg",)) -> tuple[np.ndarray, dict[str, Any]]:
     """The out-of-distribution guard's reference features: the training images as they are, then
     `ood.reference_colour_copies` copies of each in another lab's colours, `ood.degraded_copies` under one camera
     defect each (`leukray.perturb.degraded_copy`) and `ood.augmented_copies` copies under
@@ -238,10 +255,12 @@ def guard_reference(features_of: Callable[[np.ndarray], np.ndarray], images: np.
     for c in range(ood.degraded_copies):
         parts.append(features_of(degraded_copy(images, seed=seed + 5000 + c)))
     for c in range(copies):
-        parts.append(features_of(augment_images(images, augment, seed=seed + 1000 + c, strength=strength, zoom=zoom)))
+        parts.append(features_of(augment_images(images, augment, seed=seed + 1000 + c, strength=strength, zoom=zoom,
+                                                codecs=codecs)))
     return np.concatenate(parts), {"n_images": int(len(images)), "colour_copies": ood.reference_colour_copies,
                                    "degraded_copies": ood.degraded_copies, "augmented_copies": copies,
-                                   "augment": augment, "augment_strength": strength, "augment_zoom": zoom}
+                                   "augment": augment, "augment_strength": strength, "augment_zoom": zoom,
+                                   "augment_codecs": list(codecs)}
 
 
 OPTICS_DEFOCUS_RADIUS = (10.0, 14.0)
@@ -402,15 +421,17 @@ def fit(cfg: TrainConfig, data: PreparedData, on_epoch: EpochCallback | None = N
             g = gen if device.type == "cpu" else None
             if cfg.consistency > 0:  # one geometry; as trained, shifted in full (and in colours only, for that loss)
                 x = flips_and_rotation(x, g, zoom=cfg.augment_zoom)
-                shifted = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False)
-                copies = [augment_batch(x, cfg.augment, g, cfg.augment_strength, p=cfg.augment_p, geometry=False),
-                          shifted]
+                shifted = augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False,
+                                        codecs=cfg.augment_codecs)
+                copies = [augment_batch(x, cfg.augment, g, cfg.augment_strength, p=cfg.augment_p, geometry=False,
+                                        codecs=cfg.augment_codecs), shifted]
                 if cfg.consistency_ce > 0 and cfg.consistency_ce_copy == "colour":  # a third: colours only
                     copies.append(augment_batch(x, cfg.augment, g, cfg.augment_strength, p=1.0, geometry=False,
                                                 camera=False))
                 x = torch.cat(copies)
             else:
-                x = augment_batch(x, cfg.augment, g, cfg.augment_strength, cfg.augment_zoom, cfg.augment_p)
+                x = augment_batch(x, cfg.augment, g, cfg.augment_strength, cfg.augment_zoom, cfg.augment_p,
+                                  codecs=cfg.augment_codecs)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -506,7 +527,7 @@ def evaluate_and_package(cfg: TrainConfig, data: PreparedData, result: FitResult
 
     train_images = np.asarray(data.images[data.indices("train")])  # one copy for the guard's three references
     reference, made = guard_reference(features_of, train_images, cfg.ood, cfg.augment, cfg.augment_strength,
-                                      cfg.augment_zoom, cfg.seed)
+                                      cfg.augment_zoom, cfg.seed, cfg.augment_codecs)
     colour_ref, colour_val = colour_envelopes(train_images, np.asarray(data.images[val_idx]), cfg.ood, cfg.seed)
     optics = optics_reference(features_of, train_images, cfg.ood, cfg.seed)
     guard = fit_guard(reference, val_logits, val_features, temperature, cfg.ood,

@@ -211,3 +211,27 @@ def test_shifted_plane_moves_by_sub_pixels():
     np.testing.assert_allclose(shift_plane(plane, 1.0, 0.0)[0, 0].numpy(), [0, 0, 0, 0, 0, 100, 100, 100], atol=1e-4)
     np.testing.assert_allclose(shift_plane(plane, -0.5, 0.0)[0, 0].numpy(), [0, 0, 0, 50, 100, 100, 100, 100],
                                atol=1e-4)
+
+
+def test_each_batch_is_re_encoded_with_one_of_its_codecs():
+    """codecs=("jpeg", "webp"): the draws before the codec are the same as with one codec, so each batch comes out
+    exactly as the JPEG-only or the WebP-only policy makes it from the same seed, and both turn up."""
+    from leukray.augment import camera_artefacts
+
+    x = torch.rand(8, 3, 32, 32) * 255
+    picked = []
+    for seed in range(16):
+        run = lambda codecs: camera_artefacts(x.clone(), torch.Generator().manual_seed(seed), codecs=codecs)  # noqa: E731
+        both, jpeg, webp = run(("jpeg", "webp")), run(("jpeg",)), run(("webp",))
+        assert not torch.equal(jpeg, webp)
+        assert torch.equal(both, jpeg) or torch.equal(both, webp)
+        picked.append(torch.equal(both, webp))
+    assert 3 <= sum(picked) <= 13
+
+
+@pytest.mark.parametrize("codecs, match", [(("png",), "'png' is not a codec; allowed: jpeg, webp"),
+                                           (("webp", "webp"), "names 'webp' twice"),
+                                           ((), "empty; name at least one of jpeg, webp")])
+def test_bad_codecs_are_named(codecs, match):
+    with pytest.raises(ValueError, match=match):
+        augment_batch(torch.zeros(1, 3, 8, 8), "robust", codecs=codecs)

@@ -268,22 +268,33 @@ def test_consistency_ce_copy_colour_classifies_a_third_copy_in_other_colours(syn
     calls = []
     real = train_mod.augment_batch
 
-    def spy(x, policy, g=None, strength=1.0, zoom=1.0, p=1.0, geometry=True, camera=True):
+    def spy(x, policy, g=None, strength=1.0, zoom=1.0, p=1.0, geometry=True, camera=True, codecs=("jpeg",)):
         calls.append(camera)
-        return real(x, policy, g, strength, zoom, p, geometry, camera)
+        codecs_seen.add(codecs)
+        return real(x, policy, g, strength, zoom, p, geometry, camera, codecs)
 
+    codecs_seen = set()
     monkeypatch.setattr(train_mod, "augment_batch", spy)
     kw = {"augment": "lab_sensor", "augment_p": 0.25, "consistency": 1.0, "consistency_ce": 1.0, "epochs": 1,
           "early_stopping_patience": 0, "model.weights": "none", "data.limit_per_class": 10}
     data = prepare_data(_cfg(synth_data, **kw), manifest_uri=str(tmp_path / "split.parquet"))
-    shifted = fit(_cfg(synth_data, **kw), data, verbose=False).history[0]["train_loss"]
+    shifted = fit(_cfg(synth_data, augment_codecs=["jpeg", "webp"], **kw), data, verbose=False).history[0]["train_loss"]
     assert calls and all(calls) and len(calls) % 2 == 0  # two draws a step, both with the camera part
+    assert codecs_seen == {("jpeg", "webp")}  # every draw re-encodes with the configured codecs
     calls.clear()
     colour = fit(_cfg(synth_data, consistency_ce_copy="colour", **kw), data, verbose=False).history[0]["train_loss"]
     assert len(calls) % 3 == 0 and calls[2::3] == [False] * (len(calls) // 3) and all(calls[0::3] + calls[1::3])
     assert colour != shifted
     with pytest.raises(ValueError, match="consistency_ce_copy' = 'camera'.*'shifted' or 'colour'"):
         _cfg(synth_data, consistency_ce_copy="camera", **kw)
+
+
+def test_augment_codecs_need_a_policy_that_re_encodes(synth_data):
+    assert _cfg(synth_data, augment="lab", augment_codecs="webp").augment_codecs == ("webp",)
+    with pytest.raises(ValueError, match="augment_codecs=\\['webp'\\] needs a policy that re-encodes; augment='stain'"):
+        _cfg(synth_data, augment="stain", augment_codecs=["webp"])
+    with pytest.raises(ValueError, match="augment_codecs: 'avif' is not a codec; allowed: jpeg, webp"):
+        _cfg(synth_data, augment="lab", augment_codecs=["jpeg", "avif"])
 
 
 def test_consistency_ce_copy_needs_consistency_ce(synth_data):
