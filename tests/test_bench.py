@@ -1,4 +1,4 @@
-"""Smoke runs of bench/score_throughput.py and bench/package_views.py: the benchmarks keep working and print the JSON
+"""Smoke runs of the benches in bench/: they keep working and print the JSON their readers use.
 their readers use.
 
 Numbers are not asserted (they belong to the machine); keys, counts and the agreement with PyTorch are."""
@@ -74,3 +74,17 @@ def test_package_views_benchmark_smoke(package):
     assert out["packaging_backend"] == "OpenVINOModel"  # a CPU with OpenVINO installed
     assert out["max_abs_diff"] < 1e-3
     assert out["torch_ips"] > 0 and out["packaging_ips"] > 0
+
+
+def test_augment_cost_benchmark_runs(tmp_path):
+    """bench/augment_cost.py on a few small images: every codec choice of the policy and the network's step timed."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "augment_cost.py"), "--batch-size", "4", "--size", "48",
+                        "--steps", "1", "--policies", "lab,lab_sensor"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["augment_ms_per_step"]) == {"lab/jpeg", "lab/jpeg+webp", "lab_sensor/jpeg", "lab_sensor/jpeg+webp"}
+    assert min(out["augment_ms_per_step"].values()) > 0 and out["network_ms_per_step"] > 0
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "augment_cost.py"), "--policies", "heavy"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "'heavy' is not a policy; allowed: none, study" in r.stderr
