@@ -1,5 +1,4 @@
 """Smoke runs of the benches in bench/: they keep working and print the JSON their readers use.
-their readers use.
 
 Numbers are not asserted (they belong to the machine); keys, counts and the agreement with PyTorch are."""
 
