@@ -191,11 +191,11 @@ def camera_artefacts(x: torch.Tensor, g: torch.Generator | None, strength: float
     noise = _noise(x.shape, x, g) * noise_sigma
     x = torch.where(pick(), x + noise, x)
     # re-encoding at quality 5-60 (JPEG, or a codec drawn from `codecs`)
-    jpeg_mask = pick().view(-1)
-    if bool(jpeg_mask.any()):
+    encode_mask = pick().view(-1)
+    if bool(encode_mask.any()):
         quality = int(_rand(1, x, g, 5, 60)[0])
         codec = codecs[int(_rand(1, x, g, 0, len(codecs))[0])] if len(codecs) > 1 else codecs[0]
-        idx = torch.nonzero(jpeg_mask).view(-1)
+        idx = torch.nonzero(encode_mask).view(-1)
         u8 = x[idx].clamp(0, 255).round().to(torch.uint8)
         if codec == "webp":
             out = webp_round_trip(u8, quality)
