@@ -29,7 +29,7 @@ from leukray.synth import smear_image  # noqa: E402
 def step_draws(x: torch.Tensor, policy: str, codecs: tuple[str, ...], g: torch.Generator | None,
                p: float) -> torch.Tensor:
     """The augmentation of one training step with consistency on, as `leukray.train.fit` draws it."""
-    x = flips_and_rotation(x, g, zoom=1.2)
+    x = flips_and_rotation(x, g, zoom=1.2)  # configs/train.yaml's augment_zoom
     shifted = augment_batch(x, policy, g, p=1.0, geometry=False, codecs=codecs)
     return torch.cat([augment_batch(x, policy, g, p=p, geometry=False, codecs=codecs), shifted])
 
@@ -71,7 +71,8 @@ def main() -> int:
             out["augment_ms_per_step"][key] = round(timed(lambda: step_draws(x, policy, codecs, g, a.augment_p),
                                                           a.steps, sync), 1)
 
-    model = build_model(ModelConfig(weights="none"), len(CLASSES), verbose=False).to(device).to(memory_format=torch.channels_last)
+    model = build_model(ModelConfig(weights="none"), len(CLASSES), verbose=False)
+    model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     batch = torch.cat([x, x]).contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(len(batch), dtype=torch.long, device=device)

@@ -37,7 +37,7 @@ def _type(annotation: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
     text = text or str(annotation)
-    text = re.sub(r"\btuple\[(\w+), \.\.\.\]", r"list[\1]", text)  # a YAML list, kept immutable
+    text = re.sub(r"\btuple\[(\w+), \.\.\.\]", r"list[\1]", text)  # a list in YAML
     return re.sub(r"\b(typing|pydantic\.types|leukray\.\w+)\.", "", text).replace("NoneType", "None").replace("|", "\\|")
 
 

@@ -221,7 +221,9 @@ def test_each_batch_is_re_encoded_with_one_of_its_codecs():
     x = torch.rand(8, 3, 32, 32) * 255
     picked = []
     for seed in range(16):
-        run = lambda codecs: camera_artefacts(x.clone(), torch.Generator().manual_seed(seed), codecs=codecs)  # noqa: E731
+        def run(codecs):
+            return camera_artefacts(x.clone(), torch.Generator().manual_seed(seed), codecs=codecs)
+
         both, jpeg, webp = run(("jpeg", "webp")), run(("jpeg",)), run(("webp",))
         assert not torch.equal(jpeg, webp)
         assert torch.equal(both, jpeg) or torch.equal(both, webp)

@@ -75,7 +75,7 @@ def test_package_views_benchmark_smoke(package):
     assert out["torch_ips"] > 0 and out["packaging_ips"] > 0
 
 
-def test_augment_cost_benchmark_runs(tmp_path):
+def test_augment_cost_benchmark_runs():
     """bench/augment_cost.py on a few small images: every codec choice of the policy and the network's step timed."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "augment_cost.py"), "--batch-size", "4", "--size", "48",
                         "--steps", "1", "--policies", "lab,lab_sensor"], cwd=ROOT, capture_output=True, text=True,
