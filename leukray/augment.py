@@ -39,6 +39,8 @@ from torchcodec.encoders import JpegEncoder
 from torchvision.transforms.v2 import functional as TF
 
 POLICIES = ("none", "study", "stain", "robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels")
+CAMERA_POLICIES = ("robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels")
+"""The policies with a camera part (blur, noise, scaling, re-encoding)."""
 CODECS = ("jpeg", "webp")
 """The codecs the camera part's re-encoding step can draw from (`codecs`)."""
 
@@ -87,7 +89,7 @@ def augment_batch(x: torch.Tensor, policy: str, generator: torch.Generator | Non
     y = colour_jitter(x, generator, strength)
     if policy in ("lab", "lab_defects", "lab_sensor", "lab_dust_levels"):
         y = colour_response(y, generator, strength)
-    if camera and policy in ("robust", "lab", "lab_defects", "lab_sensor", "lab_dust_levels"):
+    if camera and policy in CAMERA_POLICIES:
         y = camera_artefacts(y, generator, strength, codecs=codecs)
     if camera and policy == "lab_defects":
         y = optics_defects(y, generator, strength)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from . import CLASSES, storage
-from .augment import CODECS, POLICIES, augment_batch, augment_images, check_codecs, check_policy, flips_and_rotation
+from .augment import CAMERA_POLICIES, CODECS, POLICIES, augment_batch, augment_images, check_codecs, check_policy, flips_and_rotation
 from .colour import other_labs, signature_envelope
 from .config import StorageOptions, StrictModel, dump_config
 from .data import DataError, cached_decode, content_hash, list_labelled_folder, read_all, warn_unreadable
@@ -116,10 +116,10 @@ class TrainConfig(StrictModel):
 
     def model_post_init(self, _: Any) -> None:
         check_policy(self.augment)
-        if self.augment_codecs != ("jpeg",) and self.augment in ("none", "study", "stain"):
+        if self.augment_codecs != ("jpeg",) and self.augment not in CAMERA_POLICIES:
             raise ValueError(f"augment_codecs={list(self.augment_codecs)!r} needs a policy that re-encodes; "
                              f"augment={self.augment!r} does not (allowed with augment_codecs: "
-                             f"{', '.join(p for p in POLICIES if p not in ('none', 'study', 'stain'))})")
+                             f"{', '.join(CAMERA_POLICIES)})")
         if self.consistency > 0 and self.augment in ("none", "study"):
             raise ValueError(f"consistency={self.consistency} needs a colour/camera policy to be consistent under; "
                              f"augment={self.augment!r} has none (allowed with consistency: "
